@@ -1,0 +1,156 @@
+#include "server/src/cache/connection_cache.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/hash/hash.h"
+
+namespace tb::cache {
+
+ConnectionCache::Shard& ConnectionCache::ShardFor(absl::string_view id) {
+  return shards_[absl::HashOf(id) % kShards];
+}
+
+const ConnectionCache::Shard& ConnectionCache::ShardFor(absl::string_view id) const {
+  return shards_[absl::HashOf(id) % kShards];
+}
+
+ConnectionCache::Entry ConnectionCache::Get(const core::ConnectionId& id) const {
+  const Shard& shard = ShardFor(id);
+  ReaderLock lock(&shard.mu);
+  const auto it = shard.entries.find(id);
+  return it == shard.entries.end() ? nullptr : it->second;
+}
+
+std::vector<ConnectionCache::Watcher> ConnectionCache::WatchersOf(const Shard& shard,
+                                                                  const core::ConnectionId& id) {
+  std::vector<Watcher> out;
+  const auto it = shard.watchers.find(id);
+  if (it != shard.watchers.end()) {
+    out.reserve(it->second.size());
+    for (const auto& [handle, w] : it->second) {
+      out.push_back(w);
+    }
+  }
+  return out;
+}
+
+bool ConnectionCache::PublishIf(const Entry& expected, Entry next) {
+  Shard& shard = ShardFor(next->id);
+  std::vector<Watcher> to_notify;
+  {
+    WriterLock lock(&shard.mu);
+    auto it = shard.entries.find(next->id);
+    const Entry current = it == shard.entries.end() ? nullptr : it->second;
+    if (current != expected) {
+      return false;
+    }
+    if (it == shard.entries.end()) {
+      shard.entries.emplace(next->id, next);
+    } else {
+      it->second = next;
+    }
+    to_notify = WatchersOf(shard, next->id);
+  }
+  for (const Watcher& w : to_notify) {
+    w(next);
+  }
+  return true;
+}
+
+void ConnectionCache::Publish(Entry next) {
+  Shard& shard = ShardFor(next->id);
+  std::vector<Watcher> to_notify;
+  {
+    WriterLock lock(&shard.mu);
+    shard.entries.insert_or_assign(next->id, next);
+    to_notify = WatchersOf(shard, next->id);
+  }
+  for (const Watcher& w : to_notify) {
+    w(next);
+  }
+}
+
+bool ConnectionCache::EraseIf(const core::ConnectionId& id, const Entry& expected) {
+  Shard& shard = ShardFor(id);
+  std::vector<Watcher> to_notify;
+  {
+    WriterLock lock(&shard.mu);
+    auto it = shard.entries.find(id);
+    if (it == shard.entries.end() || it->second != expected) {
+      return false;
+    }
+    shard.entries.erase(it);
+    to_notify = WatchersOf(shard, id);
+  }
+  for (const Watcher& w : to_notify) {
+    w(nullptr);
+  }
+  return true;
+}
+
+size_t ConnectionCache::size() const {
+  size_t n = 0;
+  for (const Shard& shard : shards_) {
+    ReaderLock lock(&shard.mu);
+    n += shard.entries.size();
+  }
+  return n;
+}
+
+ConnectionCache::Page ConnectionCache::List(const Filter& filter, size_t page_size,
+                                            absl::string_view after) const {
+  // Shards are hash-ordered, so a page is the page_size smallest matching ids above `after`
+  // across all shards. Each shard is read under its own lock; a page is consistent per entry,
+  // which is all a paged listing of a live map can promise.
+  std::vector<Entry> matches;
+  for (const Shard& shard : shards_) {
+    ReaderLock lock(&shard.mu);
+    for (const auto& [id, entry] : shard.entries) {
+      if (id <= after && !after.empty()) {
+        continue;
+      }
+      if (!filter.provider.empty() && entry->provider != filter.provider) {
+        continue;
+      }
+      if (filter.status && entry->status != *filter.status) {
+        continue;
+      }
+      matches.push_back(entry);
+    }
+  }
+  const auto by_id = [](const Entry& a, const Entry& b) { return a->id < b->id; };
+  Page page;
+  if (matches.size() > page_size) {
+    std::partial_sort(matches.begin(), matches.begin() + page_size, matches.end(), by_id);
+    matches.resize(page_size);
+    page.next_after = matches.back()->id;
+  } else {
+    std::sort(matches.begin(), matches.end(), by_id);
+  }
+  page.entries = std::move(matches);
+  return page;
+}
+
+uint64_t ConnectionCache::Subscribe(const core::ConnectionId& id, Watcher watcher) {
+  const uint64_t handle = next_handle_.fetch_add(1, std::memory_order_relaxed);
+  Shard& shard = ShardFor(id);
+  WriterLock lock(&shard.mu);
+  shard.watchers[id].emplace(handle, std::move(watcher));
+  return handle;
+}
+
+void ConnectionCache::Unsubscribe(const core::ConnectionId& id, uint64_t handle) {
+  Shard& shard = ShardFor(id);
+  WriterLock lock(&shard.mu);
+  auto it = shard.watchers.find(id);
+  if (it == shard.watchers.end()) {
+    return;
+  }
+  it->second.erase(handle);
+  if (it->second.empty()) {
+    shard.watchers.erase(it);
+  }
+}
+
+}  // namespace tb::cache

@@ -1,0 +1,90 @@
+#ifndef TB_CACHE_CONNECTION_CACHE_H_
+#define TB_CACHE_CONNECTION_CACHE_H_
+
+#include <array>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/string_view.h"
+#include "server/src/common/mutex.h"
+#include "server/src/core/connection.h"
+
+namespace tb::cache {
+
+// The published, in-memory view of every connection: the GetToken path reads only this.
+//
+// Thread-safe. Never performs I/O. Entries are immutable snapshots behind shared_ptr, so a
+// reader copies one pointer under a shard's reader lock and works on it lock-free; writers
+// replace whole snapshots. 64 shards keep readers of different connections off each other's
+// cache lines and writers from blocking unrelated readers: there is no global lock.
+class ConnectionCache {
+ public:
+  using Entry = std::shared_ptr<const core::Connection>;
+  // Called with the new snapshot after each change, nullptr when the connection is erased.
+  // Runs on the writer's thread, after the shard lock is released: it must not block.
+  using Watcher = std::function<void(const Entry&)>;
+
+  struct Filter {
+    std::string provider;                           // empty: any
+    std::optional<core::ConnectionStatus> status;  // nullopt: any
+  };
+  struct Page {
+    std::vector<Entry> entries;  // ordered by id
+    std::string next_after;      // id to continue after; empty when this was the last page
+  };
+
+  ConnectionCache() = default;
+  ConnectionCache(const ConnectionCache&) = delete;
+  ConnectionCache& operator=(const ConnectionCache&) = delete;
+
+  // The current snapshot of `id`, nullptr if there is none.
+  Entry Get(const core::ConnectionId& id) const;
+
+  // Publishes `next` only if the current entry of next->id is still `expected` (pointer
+  // identity; nullptr means "absent"). Returns false, publishing nothing, when another writer
+  // got there first. Writers read, decide, persist, then publish with this check, so a slow
+  // writer can never resurrect a deleted connection or hide a newer snapshot.
+  bool PublishIf(const Entry& expected, Entry next);
+  // Publishes unconditionally (loading at start).
+  void Publish(Entry next);
+  // Removes `id` if its entry is still `expected`. Returns false otherwise.
+  bool EraseIf(const core::ConnectionId& id, const Entry& expected);
+
+  size_t size() const;
+
+  // Up to `page_size` entries with id > `after` that match `filter`, in id order.
+  Page List(const Filter& filter, size_t page_size, absl::string_view after) const;
+
+  // Registers `watcher` for changes of `id`; returns a handle for Unsubscribe.
+  uint64_t Subscribe(const core::ConnectionId& id, Watcher watcher);
+  void Unsubscribe(const core::ConnectionId& id, uint64_t handle);
+
+ private:
+  static constexpr size_t kShards = 64;
+  struct Shard {
+    mutable SharedMutex mu;
+    absl::flat_hash_map<core::ConnectionId, Entry> entries ABSL_GUARDED_BY(mu);
+    absl::flat_hash_map<core::ConnectionId, absl::flat_hash_map<uint64_t, Watcher>> watchers
+        ABSL_GUARDED_BY(mu);
+  };
+
+  Shard& ShardFor(absl::string_view id);
+  const Shard& ShardFor(absl::string_view id) const;
+  // Copies of the watchers of `id`, taken under the lock so they can be called outside it.
+  static std::vector<Watcher> WatchersOf(const Shard& shard, const core::ConnectionId& id)
+      ABSL_SHARED_LOCKS_REQUIRED(shard.mu);
+
+  std::array<Shard, kShards> shards_;
+  std::atomic<uint64_t> next_handle_{1};
+};
+
+}  // namespace tb::cache
+
+#endif  // TB_CACHE_CONNECTION_CACHE_H_

@@ -1,0 +1,50 @@
+#include "server/src/core/errors.h"
+
+#include "absl/strings/cord.h"
+#include "absl/strings/str_cat.h"
+
+namespace tb::core {
+
+absl::Status ReasonError(absl::StatusCode code, Reason reason, absl::string_view message) {
+  absl::Status s(code, message);
+  if (reason != Reason::kNone) {
+    s.SetPayload(kReasonPayloadUrl, absl::Cord(ReasonName(reason)));
+  }
+  return s;
+}
+
+std::optional<Reason> ReasonOf(const absl::Status& status) {
+  const absl::optional<absl::Cord> payload = status.GetPayload(kReasonPayloadUrl);
+  if (!payload) {
+    return std::nullopt;
+  }
+  for (Reason r : {Reason::kNotConnected, Reason::kNeedsReauth, Reason::kRotationLost,
+                   Reason::kRevoked, Reason::kNotRefreshable, Reason::kProviderMisconfigured}) {
+    if (*payload == ReasonName(r)) {
+      return r;
+    }
+  }
+  return std::nullopt;
+}
+
+absl::Status StatusErrorFor(const Connection& c) {
+  switch (c.status) {
+    case ConnectionStatus::kActive:
+      return absl::OkStatus();
+    case ConnectionStatus::kPending:
+      return ReasonError(absl::StatusCode::kFailedPrecondition, Reason::kNotConnected,
+                         "connection is not connected yet: open its connect link");
+    case ConnectionStatus::kNeedsReauth: {
+      const Reason r = c.reason == Reason::kRotationLost ? Reason::kRotationLost
+                                                         : Reason::kNeedsReauth;
+      return ReasonError(absl::StatusCode::kFailedPrecondition, r,
+                         "connection needs re-authorization: mint a reconnect link");
+    }
+    case ConnectionStatus::kRevoked:
+      return ReasonError(absl::StatusCode::kFailedPrecondition, Reason::kRevoked,
+                         "connection was revoked");
+  }
+  return absl::InternalError("unknown connection status");
+}
+
+}  // namespace tb::core

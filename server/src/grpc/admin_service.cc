@@ -1,0 +1,106 @@
+#include "server/src/grpc/admin_service.h"
+
+#include <spdlog/spdlog.h>
+
+#include <string>
+
+#include "absl/strings/escaping.h"
+#include "server/src/core/errors.h"
+#include "server/src/grpc/status_mapping.h"
+
+namespace tb::grpc_api {
+
+namespace v1 = tokenbroker::v1;
+
+namespace {
+
+constexpr int kDefaultPageSize = 100;
+
+grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* ctx, const grpc::Status& status) {
+  grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
+  r->Finish(status);
+  return r;
+}
+
+// Page tokens are the last id of the previous page, base64url-encoded so that callers treat
+// them as opaque.
+std::string EncodePageToken(const std::string& after) { return absl::WebSafeBase64Escape(after); }
+
+absl::StatusOr<std::string> DecodePageToken(const std::string& token) {
+  std::string after;
+  if (!absl::WebSafeBase64Unescape(token, &after) || !core::ValidateConnectionId(after).ok()) {
+    return absl::InvalidArgumentError("page_token is not one this server issued");
+  }
+  return after;
+}
+
+}  // namespace
+
+grpc::ServerUnaryReactor* AdminService::CreateConnectLink(grpc::CallbackServerContext* ctx,
+                                                         const v1::CreateConnectLinkRequest*,
+                                                         v1::CreateConnectLinkResponse*) {
+  return Done(ctx, grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
+                                "CreateConnectLink is not available in this version"));
+}
+
+grpc::ServerUnaryReactor* AdminService::GetConnection(grpc::CallbackServerContext* ctx,
+                                                     const v1::GetConnectionRequest* req,
+                                                     v1::Connection* resp) {
+  if (absl::Status s = core::ValidateConnectionId(req->connection_id()); !s.ok()) {
+    return Done(ctx, ToGrpcStatus(s));
+  }
+  absl::StatusOr<std::shared_ptr<const core::Connection>> c =
+      broker_.GetConnection(req->connection_id());
+  if (!c.ok()) {
+    return Done(ctx, ToGrpcStatus(c.status()));
+  }
+  ToProto(**c, resp);
+  return Done(ctx, grpc::Status::OK);
+}
+
+grpc::ServerUnaryReactor* AdminService::ListConnections(grpc::CallbackServerContext* ctx,
+                                                       const v1::ListConnectionsRequest* req,
+                                                       v1::ListConnectionsResponse* resp) {
+  if (req->page_size() < 0) {
+    return Done(ctx, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                  "page_size must not be negative"));
+  }
+  std::string after;
+  if (!req->page_token().empty()) {
+    absl::StatusOr<std::string> decoded = DecodePageToken(req->page_token());
+    if (!decoded.ok()) {
+      return Done(ctx, ToGrpcStatus(decoded.status()));
+    }
+    after = *std::move(decoded);
+  }
+  cache::ConnectionCache::Filter filter;
+  filter.provider = req->provider();
+  filter.status = FromProto(req->status());
+  const size_t page_size = req->page_size() == 0 ? kDefaultPageSize : req->page_size();
+  absl::StatusOr<cache::ConnectionCache::Page> page =
+      broker_.ListConnections(filter, page_size, after);
+  if (!page.ok()) {
+    return Done(ctx, ToGrpcStatus(page.status()));
+  }
+  for (const cache::ConnectionCache::Entry& e : page->entries) {
+    ToProto(*e, resp->add_connections());
+  }
+  if (!page->next_after.empty()) {
+    resp->set_next_page_token(EncodePageToken(page->next_after));
+  }
+  return Done(ctx, grpc::Status::OK);
+}
+
+grpc::ServerUnaryReactor* AdminService::DeleteConnection(grpc::CallbackServerContext* ctx,
+                                                        const v1::DeleteConnectionRequest* req,
+                                                        v1::DeleteConnectionResponse*) {
+  if (absl::Status s = core::ValidateConnectionId(req->connection_id()); !s.ok()) {
+    return Done(ctx, ToGrpcStatus(s));
+  }
+  const absl::Status s = broker_.Delete(req->connection_id());
+  spdlog::info("DeleteConnection connection={} code={}", req->connection_id(),
+               absl::StatusCodeToString(s.code()));
+  return Done(ctx, ToGrpcStatus(s));
+}
+
+}  // namespace tb::grpc_api

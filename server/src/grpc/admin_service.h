@@ -1,0 +1,34 @@
+#ifndef TB_GRPC_ADMIN_SERVICE_H_
+#define TB_GRPC_ADMIN_SERVICE_H_
+
+#include "server/src/oauth/broker.h"
+#include "tokenbroker/v1/token_broker.grpc.pb.h"
+
+namespace tb::grpc_api {
+
+// tokenbroker.v1.ConnectionAdmin on the callback API. Metadata and status only: no method
+// returns a secret. `broker` must outlive the service.
+class AdminService final : public tokenbroker::v1::ConnectionAdmin::CallbackService {
+ public:
+  explicit AdminService(oauth::Broker& broker) : broker_(broker) {}
+
+  grpc::ServerUnaryReactor* CreateConnectLink(
+      grpc::CallbackServerContext* ctx, const tokenbroker::v1::CreateConnectLinkRequest* req,
+      tokenbroker::v1::CreateConnectLinkResponse* resp) override;
+  grpc::ServerUnaryReactor* GetConnection(grpc::CallbackServerContext* ctx,
+                                          const tokenbroker::v1::GetConnectionRequest* req,
+                                          tokenbroker::v1::Connection* resp) override;
+  grpc::ServerUnaryReactor* ListConnections(
+      grpc::CallbackServerContext* ctx, const tokenbroker::v1::ListConnectionsRequest* req,
+      tokenbroker::v1::ListConnectionsResponse* resp) override;
+  grpc::ServerUnaryReactor* DeleteConnection(
+      grpc::CallbackServerContext* ctx, const tokenbroker::v1::DeleteConnectionRequest* req,
+      tokenbroker::v1::DeleteConnectionResponse* resp) override;
+
+ private:
+  oauth::Broker& broker_;
+};
+
+}  // namespace tb::grpc_api
+
+#endif  // TB_GRPC_ADMIN_SERVICE_H_

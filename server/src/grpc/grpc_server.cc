@@ -1,0 +1,163 @@
+#include "server/src/grpc/grpc_server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/impl/server_builder_option.h>
+#include <spdlog/spdlog.h>
+
+#include <atomic>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "server/src/common/mutex.h"
+#include "server/src/grpc/admin_service.h"
+#include "server/src/grpc/health_service.h"
+#include "server/src/grpc/token_service.h"
+
+namespace tb::grpc_api {
+
+namespace {
+
+// Takes server reflection off one builder. gRPC registers its reflection plugin for every
+// server in the process (InitProtoReflectionServerBuilderPlugin, and a static initializer in
+// libgrpc++_reflection); the probe port must serve health alone.
+class WithoutReflection final : public grpc::ServerBuilderOption {
+ public:
+  void UpdateArguments(grpc::ChannelArguments*) override {}
+  void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>* plugins) override {
+    const std::string reflection = grpc::reflection::ProtoServerReflectionPlugin().name();
+    std::erase_if(*plugins, [&](const std::unique_ptr<grpc::ServerBuilderPlugin>& p) {
+      return p->name() == reflection;
+    });
+  }
+};
+
+}  // namespace
+
+class GrpcServer::Impl {
+ public:
+  Impl(const GrpcServerOptions& options, oauth::Broker& broker, cache::ConnectionCache& cache)
+      : options_(options),
+        token_service_(broker, cache,
+                       options.cq_threads > 0
+                           ? options.cq_threads
+                           : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))),
+        admin_service_(broker) {}
+
+  absl::Status Start() {
+    // Our own health service (one status table for both ports) instead of gRPC's built-in one;
+    // server reflection on every server built from here on (the probe port opts out).
+    grpc::EnableDefaultHealthCheckService(false);
+    grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort(options_.listen, grpc::InsecureServerCredentials(), &port_);
+    token_service_.RegisterWith(builder);
+    builder.RegisterService(&admin_service_);
+    builder.RegisterService(&health_);
+    main_ = builder.BuildAndStart();
+    if (main_ == nullptr || port_ == 0) {
+      return absl::UnavailableError(
+          absl::StrCat("cannot listen for gRPC on ", options_.listen, " (address in use?)"));
+    }
+    token_service_.Start();
+    token_service_started_ = true;
+
+    grpc::ServerBuilder probe_builder;
+    probe_builder.SetOption(std::make_unique<WithoutReflection>());
+    probe_builder.RegisterService(&health_);
+    probe_builder.AddListeningPort(options_.probe_listen, grpc::InsecureServerCredentials(),
+                                   &probe_port_);
+    probe_ = probe_builder.BuildAndStart();
+    if (probe_ == nullptr || probe_port_ == 0) {
+      return absl::UnavailableError(absl::StrCat("cannot listen for gRPC probes on ",
+                                                 options_.probe_listen, " (address in use?)"));
+    }
+    health_.SetServing(kLivenessService, true);
+    health_.SetServing("", false);
+    health_.SetServing(kTokenBrokerService, false);
+    spdlog::info("gRPC listening on {} (port {}), probes on {} (port {})", options_.listen, port_,
+                 options_.probe_listen, probe_port_);
+    return absl::OkStatus();
+  }
+
+  void SetReady(bool ready) {
+    MutexLock lock(&mu_);
+    if (shut_down_) {
+      return;
+    }
+    ready_ = ready;
+    health_.SetServing("", ready);
+    health_.SetServing(kTokenBrokerService, ready);
+  }
+
+  bool ready() const {
+    MutexLock lock(&mu_);
+    return ready_;
+  }
+
+  void Shutdown(absl::Time deadline) {
+    {
+      MutexLock lock(&mu_);
+      if (shut_down_) {
+        return;
+      }
+      shut_down_ = true;
+      ready_ = false;
+    }
+    health_.SetServing("", false);
+    health_.SetServing(kTokenBrokerService, false);
+    health_.Shutdown();
+    const auto d = absl::ToChronoTime(deadline);
+    if (main_ != nullptr) {
+      main_->Shutdown(d);
+    }
+    if (token_service_started_) {
+      token_service_.Shutdown();
+    }
+    if (probe_ != nullptr) {
+      probe_->Shutdown(d);
+    }
+  }
+
+  int port() const { return port_; }
+  int probe_port() const { return probe_port_; }
+
+ private:
+  const GrpcServerOptions options_;
+  HealthService health_;
+  TokenService token_service_;
+  AdminService admin_service_;
+  std::unique_ptr<grpc::Server> main_;
+  std::unique_ptr<grpc::Server> probe_;
+  int port_ = 0;
+  int probe_port_ = 0;
+  bool token_service_started_ = false;
+
+  mutable Mutex mu_;
+  bool ready_ ABSL_GUARDED_BY(mu_) = false;
+  bool shut_down_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+absl::StatusOr<std::unique_ptr<GrpcServer>> GrpcServer::Start(const GrpcServerOptions& options,
+                                                              oauth::Broker& broker,
+                                                              cache::ConnectionCache& cache) {
+  auto impl = std::make_unique<Impl>(options, broker, cache);
+  if (absl::Status s = impl->Start(); !s.ok()) {
+    impl->Shutdown(absl::Now());
+    return s;
+  }
+  return std::unique_ptr<GrpcServer>(new GrpcServer(std::move(impl)));
+}
+
+GrpcServer::GrpcServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+GrpcServer::~GrpcServer() { impl_->Shutdown(absl::Now()); }
+int GrpcServer::port() const { return impl_->port(); }
+int GrpcServer::probe_port() const { return impl_->probe_port(); }
+void GrpcServer::SetReady(bool ready) { impl_->SetReady(ready); }
+bool GrpcServer::ready() const { return impl_->ready(); }
+void GrpcServer::Shutdown(absl::Time deadline) { impl_->Shutdown(deadline); }
+
+}  // namespace tb::grpc_api

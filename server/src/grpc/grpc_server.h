@@ -1,0 +1,58 @@
+#ifndef TB_GRPC_GRPC_SERVER_H_
+#define TB_GRPC_GRPC_SERVER_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "server/src/cache/connection_cache.h"
+#include "server/src/oauth/broker.h"
+
+namespace tb::grpc_api {
+
+struct GrpcServerOptions {
+  std::string listen = "127.0.0.1:0";        // main port: every service
+  std::string probe_listen = "127.0.0.1:0";  // plaintext probe port: grpc.health.v1 only
+  int cq_threads = 0;                        // 0: one per core
+};
+
+// Health service names.
+inline constexpr char kLivenessService[] = "liveness";
+inline constexpr char kTokenBrokerService[] = "tokenbroker.v1.TokenBroker";
+
+// The two gRPC listeners. The main port serves TokenBroker, ConnectionAdmin, grpc.health.v1 and
+// server reflection. The probe port serves only grpc.health.v1, without TLS or credentials,
+// because Kubernetes' native gRPC probes carry neither: service "liveness" says the process
+// works; "" and "tokenbroker.v1.TokenBroker" say it is ready (connections loaded, not draining).
+//
+// Thread-safe. `broker` and `cache` must outlive the server.
+class GrpcServer {
+ public:
+  // Binds both ports and starts serving; readiness starts NOT_SERVING.
+  // Errors: UNAVAILABLE (a port could not be bound).
+  static absl::StatusOr<std::unique_ptr<GrpcServer>> Start(const GrpcServerOptions& options,
+                                                           oauth::Broker& broker,
+                                                           cache::ConnectionCache& cache);
+  ~GrpcServer();
+
+  int port() const;
+  int probe_port() const;
+
+  // Readiness on both ports ("" and tokenbroker.v1.TokenBroker).
+  void SetReady(bool ready);
+  bool ready() const;
+
+  // Stops accepting, lets in-flight calls finish until `deadline`, then cancels the rest.
+  // Idempotent.
+  void Shutdown(absl::Time deadline);
+
+ private:
+  class Impl;
+  explicit GrpcServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace tb::grpc_api
+
+#endif  // TB_GRPC_GRPC_SERVER_H_

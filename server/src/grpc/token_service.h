@@ -1,0 +1,50 @@
+#ifndef TB_GRPC_TOKEN_SERVICE_H_
+#define TB_GRPC_TOKEN_SERVICE_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "server/src/cache/connection_cache.h"
+#include "server/src/oauth/broker.h"
+#include "tokenbroker/v1/token_broker.grpc.pb.h"
+
+namespace tb::grpc_api {
+
+// tokenbroker.v1.TokenBroker.
+//
+// GetToken, the hot path, runs on the completion-queue async model (one CQ and one thread per
+// core): it answers from the broker's in-memory cache and completes inline, never blocking a CQ
+// thread. WatchToken, Refresh and Revoke use the callback API, which costs more per call but
+// is simpler for streams and for calls that wait on the domain.
+//
+// Lifecycle: construct, RegisterWith(builder) before BuildAndStart, Start() after, and
+// Shutdown() after the server's Shutdown(). `broker` and `cache` must outlive it.
+class TokenService {
+ public:
+  using Service = tokenbroker::v1::TokenBroker::WithAsyncMethod_GetToken<
+      tokenbroker::v1::TokenBroker::WithCallbackMethod_Refresh<
+          tokenbroker::v1::TokenBroker::WithCallbackMethod_Revoke<
+              tokenbroker::v1::TokenBroker::WithCallbackMethod_WatchToken<
+                  tokenbroker::v1::TokenBroker::Service>>>>;
+
+  TokenService(oauth::Broker& broker, cache::ConnectionCache& cache, int cq_threads);
+  ~TokenService();
+
+  // Registers the service and creates its completion queues.
+  void RegisterWith(grpc::ServerBuilder& builder);
+  // Starts the CQ threads. Call after the server is built.
+  void Start();
+  // Drains and joins the CQ threads. Call after grpc::Server::Shutdown().
+  void Shutdown();
+
+ private:
+  class Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace tb::grpc_api
+
+#endif  // TB_GRPC_TOKEN_SERVICE_H_

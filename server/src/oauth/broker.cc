@@ -1,0 +1,169 @@
+#include "server/src/oauth/broker.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "server/src/common/status_macros.h"
+#include "server/src/core/errors.h"
+
+namespace tb::oauth {
+
+namespace {
+constexpr size_t kMaxPageSize = 1000;
+}  // namespace
+
+Broker::Broker(const Clock& clock, core::TokenStore& store, cache::ConnectionCache& cache)
+    : clock_(clock), store_(store), cache_(cache) {}
+
+absl::Status Broker::Load() {
+  TB_ASSIGN_OR_RETURN(std::vector<core::Connection> all, store_.LoadAll());
+  for (core::Connection& c : all) {
+    cache_.Publish(std::make_shared<const core::Connection>(std::move(c)));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<TokenView> Broker::GetToken(const core::ConnectionId& id,
+                                           absl::Duration min_ttl) const {
+  std::shared_ptr<const core::Connection> c = cache_.Get(id);
+  if (c == nullptr) {
+    return absl::NotFoundError("unknown connection");
+  }
+  TB_RETURN_IF_ERROR(core::StatusErrorFor(*c));
+  if (!c->grant) {
+    return absl::InternalError("active connection without a grant");
+  }
+  const absl::Time now = clock_.Now();
+  const absl::Time valid_until = c->grant->ValidUntil();
+  const absl::Duration valid_for =
+      valid_until == absl::InfiniteFuture() ? absl::InfiniteDuration() : valid_until - now;
+  if (valid_for <= absl::ZeroDuration() || valid_for < min_ttl) {
+    return absl::UnavailableError("no token with the requested lifetime left");
+  }
+  return TokenView{std::move(c), valid_until, valid_for};
+}
+
+absl::StatusOr<std::shared_ptr<const core::Connection>> Broker::GetConnection(
+    const core::ConnectionId& id) const {
+  std::shared_ptr<const core::Connection> c = cache_.Get(id);
+  if (c == nullptr) {
+    return absl::NotFoundError("unknown connection");
+  }
+  return c;
+}
+
+absl::StatusOr<cache::ConnectionCache::Page> Broker::ListConnections(
+    const cache::ConnectionCache::Filter& filter, size_t page_size,
+    absl::string_view after) const {
+  if (page_size == 0 || page_size > kMaxPageSize) {
+    return absl::InvalidArgumentError(absl::StrCat("page_size must be 1 to ", kMaxPageSize));
+  }
+  return cache_.List(filter, page_size, after);
+}
+
+absl::StatusOr<std::shared_ptr<const core::Connection>> Broker::CreatePending(
+    const core::ConnectionId& id, const std::string& provider,
+    std::map<std::string, std::string> params) {
+  TB_RETURN_IF_ERROR(core::ValidateConnectionId(id));
+  if (provider.empty()) {
+    return absl::InvalidArgumentError("provider is required");
+  }
+  if (cache_.Get(id) != nullptr) {
+    return absl::AlreadyExistsError("connection already exists");
+  }
+  auto c = std::make_shared<core::Connection>();
+  c->id = id;
+  c->provider = provider;
+  c->params = std::move(params);
+  c->status = core::ConnectionStatus::kPending;
+  c->reason = core::Reason::kNotConnected;
+  c->created_at = c->updated_at = clock_.Now();
+  TB_RETURN_IF_ERROR(store_.Create(*c));
+  if (!cache_.PublishIf(nullptr, c)) {
+    return absl::AbortedError("connection changed concurrently; retry");
+  }
+  return std::shared_ptr<const core::Connection>(std::move(c));
+}
+
+absl::Status Broker::Replace(const std::shared_ptr<const core::Connection>& current,
+                             std::shared_ptr<const core::Connection> next) {
+  TB_RETURN_IF_ERROR(store_.Update(*next, current->generation(), current->status));
+  if (!cache_.PublishIf(current, std::move(next))) {
+    // The store accepted our write, so the cache can only have moved on through a delete
+    // that came after it; the delete wins in both places.
+    return absl::AbortedError("connection changed concurrently; retry");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<const core::Connection>> Broker::Activate(
+    const core::ConnectionId& id, core::Grant grant) {
+  std::shared_ptr<const core::Connection> current = cache_.Get(id);
+  if (current == nullptr) {
+    return absl::NotFoundError("unknown connection");
+  }
+  auto next = std::make_shared<core::Connection>(*current);
+  grant.generation = current->generation() + 1;
+  next->grant = std::move(grant);
+  next->status = core::ConnectionStatus::kActive;
+  next->reason = core::Reason::kNone;
+  next->last_error.clear();
+  next->updated_at = clock_.Now();
+  std::shared_ptr<const core::Connection> published = next;
+  TB_RETURN_IF_ERROR(Replace(current, std::move(next)));
+  return published;
+}
+
+absl::Status Broker::MarkNeedsReauth(const core::ConnectionId& id, core::Reason reason,
+                                     std::string last_error) {
+  if (reason != core::Reason::kNeedsReauth && reason != core::Reason::kRotationLost) {
+    return absl::InvalidArgumentError("reason must be NEEDS_REAUTH or ROTATION_LOST");
+  }
+  std::shared_ptr<const core::Connection> current = cache_.Get(id);
+  if (current == nullptr) {
+    return absl::NotFoundError("unknown connection");
+  }
+  auto next = std::make_shared<core::Connection>(*current);
+  next->status = core::ConnectionStatus::kNeedsReauth;
+  next->reason = reason;
+  next->last_error = std::move(last_error);
+  next->updated_at = clock_.Now();
+  return Replace(current, std::move(next));
+}
+
+absl::Status Broker::MarkRevoked(const core::ConnectionId& id) {
+  std::shared_ptr<const core::Connection> current = cache_.Get(id);
+  if (current == nullptr) {
+    return absl::NotFoundError("unknown connection");
+  }
+  auto next = std::make_shared<core::Connection>(*current);
+  next->status = core::ConnectionStatus::kRevoked;
+  next->reason = core::Reason::kRevoked;
+  // Keep the generation so that compare-and-set stays monotonic, but drop every secret.
+  if (next->grant) {
+    core::Grant tombstone;
+    tombstone.generation = next->grant->generation;
+    tombstone.scopes = next->grant->scopes;
+    next->grant = std::move(tombstone);
+  }
+  next->updated_at = clock_.Now();
+  return Replace(current, std::move(next));
+}
+
+absl::Status Broker::Delete(const core::ConnectionId& id) {
+  std::shared_ptr<const core::Connection> current = cache_.Get(id);
+  if (current == nullptr) {
+    return absl::NotFoundError("unknown connection");
+  }
+  TB_RETURN_IF_ERROR(store_.Delete(id));
+  // A writer that raced us may have published after our read; the delete wins, so erase
+  // whatever snapshot is there now.
+  for (std::shared_ptr<const core::Connection> c = current; c != nullptr; c = cache_.Get(id)) {
+    if (cache_.EraseIf(id, c)) {
+      break;
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace tb::oauth

@@ -1,0 +1,84 @@
+#include "server/src/store/in_memory_token_store.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace tb::store {
+
+absl::StatusOr<std::vector<core::Connection>> InMemoryTokenStore::LoadAll() {
+  MutexLock lock(&mu_);
+  std::vector<core::Connection> out;
+  out.reserve(rows_.size());
+  for (const auto& [id, c] : rows_) {
+    out.push_back(c);
+  }
+  return out;
+}
+
+absl::StatusOr<core::Connection> InMemoryTokenStore::Load(const core::ConnectionId& id) {
+  MutexLock lock(&mu_);
+  const auto it = rows_.find(id);
+  if (it == rows_.end()) {
+    return absl::NotFoundError("no such connection");
+  }
+  return it->second;
+}
+
+absl::Status InMemoryTokenStore::TakeInjectedFailure() {
+  return std::exchange(next_write_failure_, absl::OkStatus());
+}
+
+absl::Status InMemoryTokenStore::Create(const core::Connection& c) {
+  MutexLock lock(&mu_);
+  if (absl::Status s = TakeInjectedFailure(); !s.ok()) {
+    return s;
+  }
+  if (!rows_.emplace(c.id, c).second) {
+    return absl::AlreadyExistsError("connection already exists");
+  }
+  ++writes_;
+  return absl::OkStatus();
+}
+
+absl::Status InMemoryTokenStore::Update(const core::Connection& c, uint64_t expected_generation,
+                                        core::ConnectionStatus expected_status) {
+  MutexLock lock(&mu_);
+  if (absl::Status s = TakeInjectedFailure(); !s.ok()) {
+    return s;
+  }
+  const auto it = rows_.find(c.id);
+  if (it == rows_.end()) {
+    return absl::NotFoundError("no such connection");
+  }
+  if (it->second.generation() != expected_generation || it->second.status != expected_status) {
+    return absl::AbortedError("connection changed concurrently; reload and retry");
+  }
+  it->second = c;
+  ++writes_;
+  return absl::OkStatus();
+}
+
+absl::Status InMemoryTokenStore::Delete(const core::ConnectionId& id) {
+  MutexLock lock(&mu_);
+  if (absl::Status s = TakeInjectedFailure(); !s.ok()) {
+    return s;
+  }
+  if (rows_.erase(id) == 0) {
+    return absl::NotFoundError("no such connection");
+  }
+  ++writes_;
+  return absl::OkStatus();
+}
+
+void InMemoryTokenStore::FailNextWrite(absl::Status status) {
+  MutexLock lock(&mu_);
+  next_write_failure_ = std::move(status);
+}
+
+size_t InMemoryTokenStore::writes() const {
+  MutexLock lock(&mu_);
+  return writes_;
+}
+
+}  // namespace tb::store

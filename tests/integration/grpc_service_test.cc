@@ -1,0 +1,387 @@
+// TokenBroker, ConnectionAdmin, health and reflection through a real gRPC server on
+// 127.0.0.1:0, with the real broker and cache behind it (in-memory store, fake clock).
+
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+
+#include <memory>
+#include <set>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "google/rpc/error_details.pb.h"
+#include "google/rpc/status.pb.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "gtest/gtest.h"
+#include "server/src/grpc/grpc_server.h"
+#include "server/src/store/in_memory_token_store.h"
+#include "tests/fakes/fake_clock.h"
+#include "tests/support/seed.h"
+#include "tests/support/test_secrets.h"
+#include "tokenbroker/v1/token_broker.grpc.pb.h"
+
+namespace tb {
+namespace {
+
+namespace v1 = tokenbroker::v1;
+using grpc::health::v1::HealthCheckRequest;
+using grpc::health::v1::HealthCheckResponse;
+
+// The ErrorInfo reason in a failed call's details, "" if none.
+std::string ReasonOf(const grpc::Status& s) {
+  google::rpc::Status details;
+  if (s.error_details().empty() || !details.ParseFromString(s.error_details())) {
+    return "";
+  }
+  for (const google::protobuf::Any& any : details.details()) {
+    google::rpc::ErrorInfo info;
+    if (any.UnpackTo(&info)) {
+      EXPECT_EQ(info.domain(), "tokenbroker.v1");
+      return info.reason();
+    }
+  }
+  return "";
+}
+
+class GrpcServiceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(testing::SeedEveryStatus(broker_, clock_.Now()).ok());
+    auto server = grpc_api::GrpcServer::Start({}, broker_, cache_);
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = *std::move(server);
+    server_->SetReady(true);
+    channel_ = grpc::CreateChannel(absl::StrCat("127.0.0.1:", server_->port()),
+                                   grpc::InsecureChannelCredentials());
+    probe_channel_ = grpc::CreateChannel(absl::StrCat("127.0.0.1:", server_->probe_port()),
+                                         grpc::InsecureChannelCredentials());
+    tokens_ = v1::TokenBroker::NewStub(channel_);
+    admin_ = v1::ConnectionAdmin::NewStub(channel_);
+  }
+
+  void TearDown() override { server_->Shutdown(absl::Now() + absl::Seconds(5)); }
+
+  grpc::Status GetToken(const std::string& id, v1::GetTokenResponse* resp,
+                        absl::Duration min_ttl = absl::ZeroDuration()) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    v1::GetTokenRequest req;
+    req.set_connection_id(id);
+    if (min_ttl != absl::ZeroDuration()) {
+      req.mutable_min_ttl()->set_seconds(absl::ToInt64Seconds(min_ttl));
+    }
+    return tokens_->GetToken(&ctx, req, resp);
+  }
+
+  HealthCheckResponse::ServingStatus Health(const std::shared_ptr<grpc::Channel>& ch,
+                                            const std::string& service,
+                                            grpc::StatusCode* code = nullptr) {
+    auto stub = grpc::health::v1::Health::NewStub(ch);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    HealthCheckRequest req;
+    req.set_service(service);
+    HealthCheckResponse resp;
+    const grpc::Status s = stub->Check(&ctx, req, &resp);
+    if (code != nullptr) {
+      *code = s.error_code();
+    }
+    return s.ok() ? resp.status() : HealthCheckResponse::UNKNOWN;
+  }
+
+  testing::FakeClock clock_;
+  store::InMemoryTokenStore store_;
+  cache::ConnectionCache cache_;
+  oauth::Broker broker_{clock_, store_, cache_};
+  std::unique_ptr<grpc_api::GrpcServer> server_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::shared_ptr<grpc::Channel> probe_channel_;
+  std::unique_ptr<v1::TokenBroker::Stub> tokens_;
+  std::unique_ptr<v1::ConnectionAdmin::Stub> admin_;
+};
+
+TEST_F(GrpcServiceTest, GetTokenOnEveryStatusGivesItsCodeAndReason) {
+  struct Case {
+    const char* id;
+    grpc::StatusCode code;
+    const char* reason;
+  };
+  const Case cases[] = {
+      {testing::kActiveId, grpc::StatusCode::OK, ""},
+      {testing::kForeverId, grpc::StatusCode::OK, ""},
+      {testing::kExpiredId, grpc::StatusCode::UNAVAILABLE, ""},
+      {testing::kPendingId, grpc::StatusCode::FAILED_PRECONDITION, "NOT_CONNECTED"},
+      {testing::kNeedsReauthId, grpc::StatusCode::FAILED_PRECONDITION, "NEEDS_REAUTH"},
+      {testing::kRotationLostId, grpc::StatusCode::FAILED_PRECONDITION, "ROTATION_LOST"},
+      {testing::kRevokedId, grpc::StatusCode::FAILED_PRECONDITION, "REVOKED"},
+      {testing::kDeletedId, grpc::StatusCode::NOT_FOUND, ""},
+      {"never-existed", grpc::StatusCode::NOT_FOUND, ""},
+  };
+  for (const Case& c : cases) {
+    v1::GetTokenResponse resp;
+    const grpc::Status s = GetToken(c.id, &resp);
+    EXPECT_EQ(s.error_code(), c.code) << c.id << ": " << s.error_message();
+    EXPECT_EQ(ReasonOf(s), c.reason) << c.id;
+    if (c.code != grpc::StatusCode::OK) {
+      EXPECT_FALSE(resp.has_token()) << c.id;
+    }
+  }
+}
+
+TEST_F(GrpcServiceTest, GetTokenCarriesEveryTokenField) {
+  clock_.Advance(absl::Minutes(10));
+  v1::GetTokenResponse resp;
+  ASSERT_TRUE(GetToken(testing::kActiveId, &resp).ok());
+  const v1::Token& t = resp.token();
+  const core::Grant& stored = *cache_.Get(testing::kActiveId)->grant;
+  EXPECT_EQ(t.connection_id(), testing::kActiveId);
+  EXPECT_EQ(t.access_token(), stored.access_token.Reveal());
+  EXPECT_EQ(t.token_type(), "Bearer");
+  EXPECT_EQ(std::vector<std::string>(t.scopes().begin(), t.scopes().end()),
+            (std::vector<std::string>{"read", "write"}));
+  EXPECT_EQ(t.expires_at().seconds(), absl::ToUnixSeconds(*stored.expires_at));
+  EXPECT_EQ(t.valid_until().seconds(), absl::ToUnixSeconds(*stored.expires_at));
+  EXPECT_EQ(t.valid_for().seconds(), 50 * 60);  // 1 h token, 10 min later
+  EXPECT_EQ(t.generation(), 1u);
+
+  ASSERT_TRUE(GetToken(testing::kForeverId, &resp).ok());
+  EXPECT_FALSE(resp.token().has_expires_at());
+  EXPECT_FALSE(resp.token().has_valid_until());
+  EXPECT_FALSE(resp.token().has_valid_for());
+}
+
+TEST_F(GrpcServiceTest, GetTokenRejectsBadArguments) {
+  v1::GetTokenResponse resp;
+  EXPECT_EQ(GetToken("", &resp).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(GetToken("../etc/passwd", &resp).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(GetToken(testing::kActiveId, &resp, absl::Seconds(-5)).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(GetToken(testing::kActiveId, &resp, absl::Hours(2)).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  EXPECT_TRUE(GetToken(testing::kActiveId, &resp, absl::Minutes(59)).ok());
+}
+
+TEST_F(GrpcServiceTest, ListConnectionsPagesThroughTenThousand) {
+  ASSERT_TRUE(testing::SeedBulk(broker_, clock_.Now(), 10'000).ok());
+  std::set<std::string> seen;
+  std::string last;
+  std::string token;
+  int pages = 0;
+  do {
+    grpc::ClientContext ctx;
+    v1::ListConnectionsRequest req;
+    req.set_page_size(1000);
+    req.set_page_token(token);
+    v1::ListConnectionsResponse resp;
+    ASSERT_TRUE(admin_->ListConnections(&ctx, req, &resp).ok());
+    ASSERT_LE(resp.connections_size(), 1000);
+    for (const v1::Connection& c : resp.connections()) {
+      EXPECT_GT(c.id(), last);
+      last = c.id();
+      seen.insert(c.id());
+    }
+    token = resp.next_page_token();
+    ++pages;
+  } while (!token.empty());
+  EXPECT_EQ(seen.size(), 10'000u + 7u);  // bulk plus the 7 seeded that remain
+  EXPECT_EQ(pages, 11);
+
+  grpc::ClientContext ctx;
+  v1::ListConnectionsRequest req;
+  req.set_page_size(1000);
+  req.set_provider("zendesk-chat");
+  req.set_status(v1::CONNECTION_STATUS_ACTIVE);
+  v1::ListConnectionsResponse resp;
+  ASSERT_TRUE(admin_->ListConnections(&ctx, req, &resp).ok());
+  EXPECT_EQ(resp.connections_size(), 1000);
+  for (const v1::Connection& c : resp.connections()) {
+    EXPECT_EQ(c.provider(), "zendesk-chat");
+    EXPECT_EQ(c.status(), v1::CONNECTION_STATUS_ACTIVE);
+  }
+}
+
+TEST_F(GrpcServiceTest, ListConnectionsFiltersByStatusAndRejectsGarbageTokens) {
+  grpc::ClientContext ctx;
+  v1::ListConnectionsRequest req;
+  req.set_status(v1::CONNECTION_STATUS_NEEDS_REAUTH);
+  v1::ListConnectionsResponse resp;
+  ASSERT_TRUE(admin_->ListConnections(&ctx, req, &resp).ok());
+  ASSERT_EQ(resp.connections_size(), 2);
+  EXPECT_EQ(resp.connections(0).id(), testing::kRotationLostId);
+  EXPECT_EQ(resp.connections(0).reason(), "ROTATION_LOST");
+  EXPECT_EQ(resp.connections(1).id(), testing::kNeedsReauthId);
+  EXPECT_TRUE(resp.next_page_token().empty());
+
+  for (const char* bad : {"%%%", "not-base64!", "YS9i"}) {  // "YS9i" decodes to "a/b"
+    grpc::ClientContext c2;
+    v1::ListConnectionsRequest r2;
+    r2.set_page_token(bad);
+    EXPECT_EQ(admin_->ListConnections(&c2, r2, &resp).error_code(),
+              grpc::StatusCode::INVALID_ARGUMENT)
+        << bad;
+  }
+  grpc::ClientContext c3;
+  v1::ListConnectionsRequest r3;
+  r3.set_page_size(5000);
+  EXPECT_EQ(admin_->ListConnections(&c3, r3, &resp).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+}
+
+TEST_F(GrpcServiceTest, GetConnectionShowsMetadataAndNoSecret) {
+  grpc::ClientContext ctx;
+  v1::GetConnectionRequest req;
+  req.set_connection_id(testing::kActiveId);
+  v1::Connection c;
+  ASSERT_TRUE(admin_->GetConnection(&ctx, req, &c).ok());
+  EXPECT_EQ(c.status(), v1::CONNECTION_STATUS_ACTIVE);
+  EXPECT_EQ(c.params().at("subdomain"), "acme");
+  EXPECT_TRUE(c.refreshable());
+  const std::string wire = c.SerializeAsString();
+  const core::Grant& g = *cache_.Get(testing::kActiveId)->grant;
+  EXPECT_EQ(wire.find(std::string(g.access_token.Reveal())), std::string::npos);
+  EXPECT_EQ(wire.find(std::string(g.refresh_token->Reveal())), std::string::npos);
+}
+
+TEST_F(GrpcServiceTest, DeleteConnectionMakesItNotFound) {
+  grpc::ClientContext ctx;
+  v1::DeleteConnectionRequest req;
+  req.set_connection_id(testing::kActiveId);
+  v1::DeleteConnectionResponse resp;
+  ASSERT_TRUE(admin_->DeleteConnection(&ctx, req, &resp).ok());
+  v1::GetTokenResponse token;
+  EXPECT_EQ(GetToken(testing::kActiveId, &token).error_code(), grpc::StatusCode::NOT_FOUND);
+  grpc::ClientContext ctx2;
+  EXPECT_EQ(admin_->DeleteConnection(&ctx2, req, &resp).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+}
+
+TEST_F(GrpcServiceTest, ProbePortReportsLivenessAndReadinessSeparately) {
+  EXPECT_EQ(Health(probe_channel_, "liveness"), HealthCheckResponse::SERVING);
+  EXPECT_EQ(Health(probe_channel_, ""), HealthCheckResponse::SERVING);
+  EXPECT_EQ(Health(probe_channel_, "tokenbroker.v1.TokenBroker"), HealthCheckResponse::SERVING);
+
+  server_->SetReady(false);  // e.g. draining
+  EXPECT_EQ(Health(probe_channel_, "liveness"), HealthCheckResponse::SERVING);
+  EXPECT_EQ(Health(probe_channel_, ""), HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(Health(probe_channel_, "tokenbroker.v1.TokenBroker"),
+            HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(Health(channel_, ""), HealthCheckResponse::NOT_SERVING);
+
+  grpc::StatusCode code;
+  Health(probe_channel_, "no.such.Service", &code);
+  EXPECT_EQ(code, grpc::StatusCode::NOT_FOUND);
+}
+
+TEST_F(GrpcServiceTest, ProbePortServesHealthOnly) {
+  auto stub = v1::TokenBroker::NewStub(probe_channel_);
+  grpc::ClientContext ctx;
+  v1::GetTokenRequest req;
+  req.set_connection_id(testing::kActiveId);
+  v1::GetTokenResponse resp;
+  EXPECT_EQ(stub->GetToken(&ctx, req, &resp).error_code(), grpc::StatusCode::UNIMPLEMENTED);
+}
+
+// Server reflection (v1alpha, what gRPC 1.51 serves) on the main port lists our services; the
+// probe port has none. The request is hand-encoded (ServerReflectionRequest.list_services = "",
+// field 7) because Debian ships no reflection client stubs.
+std::string ListServicesViaReflection(const std::shared_ptr<grpc::Channel>& ch,
+                                      grpc::StatusCode* code) {
+  grpc::GenericStub stub(ch);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  grpc::CompletionQueue cq;
+  auto call = stub.PrepareCall(&ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                               &cq);
+  void* tag;
+  bool ok;
+  call->StartCall(reinterpret_cast<void*>(1));
+  cq.Next(&tag, &ok);
+  const char request[] = {0x3a, 0x00};
+  grpc::Slice slice(request, sizeof request);
+  grpc::ByteBuffer buf(&slice, 1);
+  call->Write(buf, reinterpret_cast<void*>(2));
+  cq.Next(&tag, &ok);
+  call->WritesDone(reinterpret_cast<void*>(3));
+  cq.Next(&tag, &ok);
+  grpc::ByteBuffer reply;
+  call->Read(&reply, reinterpret_cast<void*>(4));
+  cq.Next(&tag, &ok);
+  std::string out;
+  if (ok) {
+    std::vector<grpc::Slice> slices;
+    (void)reply.Dump(&slices);
+    for (const grpc::Slice& s : slices) {
+      out.append(reinterpret_cast<const char*>(s.begin()), s.size());
+    }
+  }
+  grpc::Status status;
+  call->Finish(&status, reinterpret_cast<void*>(5));
+  while (cq.Next(&tag, &ok) && tag != reinterpret_cast<void*>(5)) {
+  }
+  *code = status.error_code();
+  return out;
+}
+
+TEST_F(GrpcServiceTest, ReflectionOnMainPortOnly) {
+  grpc::StatusCode code;
+  const std::string services = ListServicesViaReflection(channel_, &code);
+  EXPECT_EQ(code, grpc::StatusCode::OK);
+  EXPECT_NE(services.find("tokenbroker.v1.TokenBroker"), std::string::npos);
+  EXPECT_NE(services.find("tokenbroker.v1.ConnectionAdmin"), std::string::npos);
+  EXPECT_NE(services.find("grpc.health.v1.Health"), std::string::npos);
+
+  ListServicesViaReflection(probe_channel_, &code);
+  EXPECT_EQ(code, grpc::StatusCode::UNIMPLEMENTED);
+}
+
+TEST_F(GrpcServiceTest, WatchTokenPushesEachGenerationThenEndsOnRevoke) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  v1::WatchTokenRequest req;
+  req.set_connection_id(testing::kActiveId);
+  auto reader = tokens_->WatchToken(&ctx, req);
+  v1::WatchTokenResponse msg;
+  ASSERT_TRUE(reader->Read(&msg));
+  EXPECT_EQ(msg.token().generation(), 1u);
+
+  core::Grant next;
+  next.access_token = AccessToken(testing::NewTestSecret("access"));
+  next.expires_at = clock_.Now() + absl::Hours(1);
+  ASSERT_TRUE(broker_.Activate(testing::kActiveId, next).ok());
+  ASSERT_TRUE(reader->Read(&msg));
+  EXPECT_EQ(msg.token().generation(), 2u);
+  EXPECT_EQ(msg.token().access_token(), next.access_token.Reveal());
+
+  ASSERT_TRUE(broker_.MarkRevoked(testing::kActiveId).ok());
+  EXPECT_FALSE(reader->Read(&msg));
+  const grpc::Status s = reader->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(ReasonOf(s), "REVOKED");
+}
+
+TEST_F(GrpcServiceTest, WatchTokenOnUnservableConnectionEndsWithItsError) {
+  for (const auto& [id, code] : std::vector<std::pair<std::string, grpc::StatusCode>>{
+           {testing::kPendingId, grpc::StatusCode::FAILED_PRECONDITION},
+           {"never-existed", grpc::StatusCode::NOT_FOUND},
+           {"bad id", grpc::StatusCode::INVALID_ARGUMENT}}) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    v1::WatchTokenRequest req;
+    req.set_connection_id(id);
+    auto reader = tokens_->WatchToken(&ctx, req);
+    v1::WatchTokenResponse msg;
+    EXPECT_FALSE(reader->Read(&msg));
+    EXPECT_EQ(reader->Finish().error_code(), code) << id;
+  }
+}
+
+TEST_F(GrpcServiceTest, RefreshAndRevokeAreNotYetAvailable) {
+  grpc::ClientContext ctx;
+  v1::RefreshRequest req;
+  req.set_connection_id(testing::kActiveId);
+  v1::RefreshResponse resp;
+  EXPECT_EQ(tokens_->Refresh(&ctx, req, &resp).error_code(), grpc::StatusCode::UNIMPLEMENTED);
+}
+
+}  // namespace
+}  // namespace tb

@@ -1,0 +1,71 @@
+#include "server/src/core/connection.h"
+
+#include "gtest/gtest.h"
+#include "server/src/core/errors.h"
+
+namespace tb::core {
+namespace {
+
+TEST(ConnectionTest, ValidUntilIsTheEarlierOfExpiryAndRefreshAt) {
+  Grant g;
+  EXPECT_EQ(g.ValidUntil(), absl::InfiniteFuture());
+  g.expires_at = absl::FromUnixSeconds(2000);
+  EXPECT_EQ(g.ValidUntil(), absl::FromUnixSeconds(2000));
+  g.refresh_at = absl::FromUnixSeconds(1500);
+  EXPECT_EQ(g.ValidUntil(), absl::FromUnixSeconds(1500));
+  g.refresh_at = absl::FromUnixSeconds(2500);
+  EXPECT_EQ(g.ValidUntil(), absl::FromUnixSeconds(2000));
+}
+
+TEST(ConnectionTest, StatusErrorForEachLifecycleState) {
+  Connection c;
+  c.status = ConnectionStatus::kPending;
+  EXPECT_EQ(StatusErrorFor(c).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(ReasonOf(StatusErrorFor(c)), Reason::kNotConnected);
+
+  c.status = ConnectionStatus::kNeedsReauth;
+  c.reason = Reason::kNeedsReauth;
+  EXPECT_EQ(ReasonOf(StatusErrorFor(c)), Reason::kNeedsReauth);
+  c.reason = Reason::kRotationLost;
+  EXPECT_EQ(StatusErrorFor(c).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(ReasonOf(StatusErrorFor(c)), Reason::kRotationLost);
+
+  c.status = ConnectionStatus::kRevoked;
+  EXPECT_EQ(StatusErrorFor(c).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(ReasonOf(StatusErrorFor(c)), Reason::kRevoked);
+
+  c.status = ConnectionStatus::kActive;
+  EXPECT_TRUE(StatusErrorFor(c).ok());
+}
+
+TEST(ConnectionTest, ReasonRoundTripsThroughStatusPayload) {
+  for (Reason r : {Reason::kNotConnected, Reason::kNeedsReauth, Reason::kRotationLost,
+                   Reason::kRevoked, Reason::kNotRefreshable, Reason::kProviderMisconfigured}) {
+    const absl::Status s = ReasonError(absl::StatusCode::kFailedPrecondition, r, "x");
+    EXPECT_EQ(ReasonOf(s), r) << ReasonName(r);
+  }
+  EXPECT_EQ(ReasonOf(absl::NotFoundError("x")), std::nullopt);
+}
+
+TEST(ConnectionTest, StatusNamesRoundTrip) {
+  for (ConnectionStatus s : {ConnectionStatus::kPending, ConnectionStatus::kActive,
+                             ConnectionStatus::kNeedsReauth, ConnectionStatus::kRevoked}) {
+    EXPECT_EQ(ParseConnectionStatus(ConnectionStatusName(s)), s);
+  }
+  EXPECT_EQ(ParseConnectionStatus("gone"), std::nullopt);
+}
+
+TEST(ConnectionTest, ConnectionIdValidation) {
+  EXPECT_TRUE(ValidateConnectionId("acme").ok());
+  EXPECT_TRUE(ValidateConnectionId("acme-eu.support:2_b").ok());
+  EXPECT_EQ(ValidateConnectionId("").code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ValidateConnectionId("-acme").code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ValidateConnectionId("ac me").code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ValidateConnectionId("a/b").code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ValidateConnectionId(std::string(129, 'a')).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(ValidateConnectionId(std::string(128, 'a')).ok());
+}
+
+}  // namespace
+}  // namespace tb::core
