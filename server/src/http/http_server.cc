@@ -1,0 +1,726 @@
+#include "server/src/http/http_server.h"
+
+// The only file that knows Boost.Beast/Asio. Shaped after Beast's "advanced server" example: an
+// acceptor on its own strand, one strand per connection (the tcp_stream's executor), a parser with
+// header and body limits, a timeout on every read and write, and a pure handler that never touches
+// a socket. Every Asio/Beast call uses its error_code overload; what can still throw (allocation,
+// std::thread, the handler) is caught so no exception leaves an io thread or this file.
+
+#include <algorithm>
+#include <cassert>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <limits>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include <spdlog/spdlog.h>
+#include <boost/asio/dispatch.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "server/src/common/mutex.h"
+#include "server/src/common/status_macros.h"
+
+namespace tb::http {
+namespace {
+
+namespace beast = boost::beast;
+namespace bhttp = boost::beast::http;
+namespace net = boost::asio;
+using tcp = net::ip::tcp;
+
+constexpr std::string_view kServerHeader = "token-broker";
+// Read granularity while waiting for the next keep-alive request or discarding input.
+constexpr size_t kReadChunk = 4096;
+// After an error response we keep reading (and discarding) for a bounded time and volume before
+// closing: closing a socket with unread input makes the kernel send RST, which can destroy the
+// error response in the client's receive buffer before the client reads it ("lingering close").
+constexpr absl::Duration kMaxLinger = absl::Seconds(2);
+constexpr size_t kMaxLingerBytes = 1024 * 1024;
+// A failed accept (EMFILE, ENFILE, ENOBUFS) is retried after a pause: retrying at once would spin.
+constexpr std::chrono::milliseconds kAcceptRetryDelay(50);
+// Longest path written to the debug log.
+constexpr size_t kMaxLoggedPath = 200;
+
+std::string ToString(beast::string_view s) { return std::string(s.data(), s.size()); }
+
+std::chrono::steady_clock::duration ToChrono(absl::Duration d) {
+  return std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+      absl::ToChronoNanoseconds(d));
+}
+
+std::string EndpointString(const tcp::endpoint& ep) {
+  const std::string host = ep.address().to_string();
+  if (ep.address().is_v6()) {
+    return absl::StrCat("[", host, "]:", ep.port());
+  }
+  return absl::StrCat(host, ":", ep.port());
+}
+
+// ASCII case-insensitive equality. Not absl::EqualsIgnoreCase: Debian's Abseil has its own
+// absl::string_view, which does not convert from std::string_view.
+bool EqualsIgnoreCase(std::string_view a, std::string_view b) {
+  return beast::iequals(beast::string_view(a.data(), a.size()),
+                        beast::string_view(b.data(), b.size()));
+}
+
+// RFC 9110 5.6.2 token characters: what a header field name may contain.
+bool IsTokenChar(char c) {
+  if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9')) {
+    return true;
+  }
+  return std::string_view("!#$%&'*+-.^_`|~").find(c) != std::string_view::npos;
+}
+
+bool IsValidFieldName(std::string_view name) {
+  return !name.empty() && std::all_of(name.begin(), name.end(), IsTokenChar);
+}
+
+// No control characters other than HTAB: a CR or LF here would let a value inject header lines.
+bool IsValidFieldValue(std::string_view value) {
+  return std::none_of(value.begin(), value.end(), [](char c) {
+    const auto u = static_cast<unsigned char>(c);
+    return (u < 0x20 && c != '\t') || u == 0x7f;
+  });
+}
+
+// Fields the server sets itself; a handler's copy of them is ignored.
+bool IsServerOwnedField(std::string_view name) {
+  for (std::string_view owned : {"Content-Length", "Transfer-Encoding", "Connection", "Keep-Alive",
+                                 "Server", "Content-Type", "X-Content-Type-Options"}) {
+    if (EqualsIgnoreCase(name, owned)) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// Why a handler's response cannot be sent as is, or empty if it can.
+std::string InvalidResponseReason(const HttpResponse& res) {
+  if (res.status < 200 || res.status > 599) {
+    return absl::StrCat("status ", res.status, " out of range");
+  }
+  if (!IsValidFieldValue(res.content_type)) {
+    return "invalid content type";
+  }
+  for (const auto& [name, value] : res.headers) {
+    if (!IsValidFieldName(name) || !IsValidFieldValue(value)) {
+      return "invalid header field";
+    }
+  }
+  return "";
+}
+
+HttpResponse PlainResponse(int status, std::string body) {
+  HttpResponse res;
+  res.status = status;
+  res.body = std::move(body);
+  return res;
+}
+
+// The response to a request the parser rejected, or 0 when `ec` is a transport condition (peer
+// gone, timeout, shutdown) after which nothing can or should be sent.
+int StatusForReadError(const beast::error_code& ec) {
+  static const beast::error_category& kHttpCategory =
+      bhttp::make_error_code(bhttp::error::bad_method).category();
+  if (ec.category() != kHttpCategory || ec == bhttp::error::end_of_stream ||
+      ec == bhttp::error::partial_message) {
+    return 0;
+  }
+  if (ec == bhttp::error::header_limit) {
+    return 431;
+  }
+  if (ec == bhttp::error::body_limit) {
+    return 413;
+  }
+  return 400;
+}
+
+using BeastResponse = bhttp::response<bhttp::string_body>;
+
+// Turns the handler's plain response into the Beast message put on the wire.
+void BuildResponse(HttpResponse in, bool head, unsigned version, bool keep_alive,
+                   BeastResponse* out) {
+  BeastResponse& res = *out;
+  res = BeastResponse();
+  res.version(version);
+  res.result(static_cast<unsigned>(in.status));
+  res.set(bhttp::field::server, kServerHeader);
+  res.set(bhttp::field::content_type, in.content_type);
+  bool has_cache_control = false;
+  for (const auto& [name, value] : in.headers) {
+    if (IsServerOwnedField(name)) {
+      continue;
+    }
+    has_cache_control = has_cache_control || EqualsIgnoreCase(name, "Cache-Control");
+    res.insert(name, value);
+  }
+  res.set("X-Content-Type-Options", "nosniff");
+  if (!has_cache_control) {
+    res.set(bhttp::field::cache_control, "no-store");
+  }
+  // 204 and 304 never carry a body nor (here) a Content-Length. HEAD keeps the Content-Length of
+  // the GET it mirrors but sends no body. prepare_payload() is not used: it would reset the HEAD
+  // Content-Length to 0.
+  if (in.status != 204 && in.status != 304) {
+    res.content_length(in.body.size());
+    if (!head) {
+      res.body() = std::move(in.body);
+    }
+  }
+  res.keep_alive(keep_alive);
+}
+
+class Session;
+
+// What the acceptor and every session share: options, handler and the registry of live sessions
+// that Stop() closes. Outlives them all (each holds a shared_ptr). Thread-safe.
+class ServerCore {
+ public:
+  ServerCore(HttpServerOptions options, Handler handler)
+      : options_(std::move(options)), handler_(std::move(handler)) {}
+
+  const HttpServerOptions& options() const { return options_; }
+
+  // Calls the handler; a throwing handler or an unsendable response becomes a 500. Never throws.
+  HttpResponse Handle(const HttpRequest& req) const {
+    try {
+      HttpResponse res = handler_(req);
+      if (std::string reason = InvalidResponseReason(res); !reason.empty()) {
+        spdlog::error("http server {}: handler returned an invalid response: {}", options_.name,
+                      reason);
+        return PlainResponse(500, "internal server error\n");
+      }
+      return res;
+    } catch (const std::exception& e) {
+      spdlog::error("http server {}: handler threw: {}", options_.name, e.what());
+    } catch (...) {
+      spdlog::error("http server {}: handler threw a non-standard exception", options_.name);
+    }
+    return PlainResponse(500, "internal server error\n");
+  }
+
+  enum class Admission { kAdmitted, kAtCapacity, kStopping };
+
+  // Admits a new connection unless stopping or at max_connections.
+  Admission Register(const std::shared_ptr<Session>& session) ABSL_LOCKS_EXCLUDED(mu_) {
+    tb::MutexLock lock(&mu_);
+    if (stopping_) {
+      return Admission::kStopping;
+    }
+    if (sessions_.size() >= options_.max_connections) {
+      return Admission::kAtCapacity;
+    }
+    sessions_.emplace(session.get(), session);
+    return Admission::kAdmitted;
+  }
+
+  void Unregister(const Session* session) ABSL_LOCKS_EXCLUDED(mu_) {
+    tb::MutexLock lock(&mu_);
+    sessions_.erase(session);
+  }
+
+  bool stopping() const ABSL_LOCKS_EXCLUDED(mu_) {
+    tb::MutexLock lock(&mu_);
+    return stopping_;
+  }
+
+  // Marks the server as stopping. Returns true (with the live sessions) only on the first call,
+  // so exactly one caller performs the shutdown.
+  bool BeginStop(std::vector<std::shared_ptr<Session>>* live) ABSL_LOCKS_EXCLUDED(mu_) {
+    tb::MutexLock lock(&mu_);
+    if (stopping_) {
+      return false;
+    }
+    stopping_ = true;
+    for (const auto& [ptr, weak] : sessions_) {
+      if (std::shared_ptr<Session> session = weak.lock()) {
+        live->push_back(std::move(session));
+      }
+    }
+    return true;
+  }
+
+ private:
+  const HttpServerOptions options_;
+  const Handler handler_;
+  mutable tb::Mutex mu_;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::unordered_map<const Session*, std::weak_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
+};
+
+// One connection: read a request, answer it, repeat while keep-alive. Confined to its strand (the
+// executor of stream_); only Run() and Close() may be called from elsewhere. Kept alive by the
+// shared_ptr bound into its pending operation, so it dies when its last operation completes.
+class Session : public std::enable_shared_from_this<Session> {
+ public:
+  Session(tcp::socket&& socket, std::shared_ptr<ServerCore> core)
+      : stream_(std::move(socket)), core_(std::move(core)) {
+    beast::error_code ec;
+    const tcp::endpoint peer = stream_.socket().remote_endpoint(ec);
+    if (!ec) {
+      remote_address_ = peer.address().to_string();
+    }
+  }
+
+  ~Session() { core_->Unregister(this); }
+
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+
+  void Run() {
+    net::dispatch(stream_.get_executor(),
+                  beast::bind_front_handler(&Session::ReadRequest, shared_from_this()));
+  }
+
+  // Thread-safe: closes the connection on its strand, aborting whatever it is doing.
+  void Close() {
+    net::post(stream_.get_executor(),
+              beast::bind_front_handler(&Session::CloseNow, shared_from_this()));
+  }
+
+ private:
+  const HttpServerOptions& options() const { return core_->options(); }
+
+  // Reads one whole request under read_timeout: a client that trickles bytes cannot hold the
+  // connection longer than that (slowloris).
+  void ReadRequest() {
+    if (core_->stopping()) {
+      CloseNow();
+      return;
+    }
+    parser_.emplace();
+    parser_->header_limit(static_cast<std::uint32_t>(
+        std::min<size_t>(options().max_header_bytes, std::numeric_limits<std::uint32_t>::max())));
+    parser_->body_limit(static_cast<std::uint64_t>(options().max_body_bytes));
+    stream_.expires_after(ToChrono(options().read_timeout));
+    bhttp::async_read(stream_, buffer_, *parser_,
+                      beast::bind_front_handler(&Session::OnRequest, shared_from_this()));
+  }
+
+  void OnRequest(beast::error_code ec, std::size_t /*bytes*/) {
+    if (ec) {
+      const int status = StatusForReadError(ec);
+      if (status == 0) {
+        if (ec != bhttp::error::end_of_stream && ec != net::error::operation_aborted) {
+          spdlog::debug("http server {}: closing connection: {}", options().name, ec.message());
+        }
+        CloseNow();
+        return;
+      }
+      // The request cannot be trusted past this point: answer, then close.
+      log_method_ = "-";
+      log_path_ = "-";
+      if (parser_->is_header_done()) {
+        log_method_ = ToString(parser_->get().method_string());
+        log_path_ = LoggablePath(parser_->get().target());
+      }
+      received_at_ = std::chrono::steady_clock::now();
+      const char* body = status == 431   ? "request header fields too large\n"
+                         : status == 413 ? "payload too large\n"
+                                         : "bad request\n";
+      Write(PlainResponse(status, body), /*head=*/false, /*version=*/11, /*keep_alive=*/false,
+            /*linger=*/true);
+      return;
+    }
+
+    received_at_ = std::chrono::steady_clock::now();
+    bhttp::request<bhttp::string_body> req = parser_->release();
+    HttpRequest request;
+    request.method = ToString(req.method_string());
+    request.target = ToString(req.target());
+    request.remote_address = remote_address_;
+    request.headers.reserve(static_cast<size_t>(std::distance(req.begin(), req.end())));
+    for (const auto& field : req) {
+      request.headers.emplace_back(ToString(field.name_string()), ToString(field.value()));
+    }
+    request.body = std::move(req.body());
+    log_method_ = request.method;
+    log_path_ = LoggablePath(req.target());
+
+    HttpResponse response = core_->Handle(request);
+    const bool keep_alive = req.keep_alive() && !core_->stopping();
+    Write(std::move(response), req.method() == bhttp::verb::head, req.version(), keep_alive,
+          /*linger=*/false);
+  }
+
+  void Write(HttpResponse response, bool head, unsigned version, bool keep_alive, bool linger) {
+    BuildResponse(std::move(response), head, version, keep_alive, &res_);
+    // The write gets the read budget too: a client that stops reading is dropped.
+    stream_.expires_after(ToChrono(options().read_timeout));
+    bhttp::async_write(
+        stream_, res_,
+        beast::bind_front_handler(&Session::OnWrite, shared_from_this(), keep_alive, linger));
+  }
+
+  void OnWrite(bool keep_alive, bool linger, beast::error_code ec, std::size_t /*bytes*/) {
+    const auto latency = std::chrono::duration_cast<std::chrono::microseconds>(
+        std::chrono::steady_clock::now() - received_at_);
+    // Path only: the query string may carry OAuth codes and state.
+    spdlog::debug("http server {}: {} {} {} {}us{}", options().name, log_method_, log_path_,
+                  res_.result_int(), latency.count(), ec ? " (write failed)" : "");
+    res_ = BeastResponse();  // free the body now; the next response rebuilds it
+    if (ec) {
+      CloseNow();
+      return;
+    }
+    if (linger) {
+      StartLingeringClose();
+      return;
+    }
+    if (!keep_alive) {
+      beast::error_code ignored;
+      stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
+      CloseNow();
+      return;
+    }
+    WaitForNextRequest();
+  }
+
+  // Between keep-alive requests the client gets idle_timeout to start the next one; once its
+  // first bytes arrive, ReadRequest() gives the rest read_timeout.
+  void WaitForNextRequest() {
+    if (core_->stopping()) {
+      CloseNow();
+      return;
+    }
+    if (buffer_.size() > 0) {  // a pipelined request is already buffered
+      ReadRequest();
+      return;
+    }
+    stream_.expires_after(ToChrono(options().idle_timeout));
+    stream_.async_read_some(buffer_.prepare(kReadChunk),
+                            beast::bind_front_handler(&Session::OnIdleRead, shared_from_this()));
+  }
+
+  void OnIdleRead(beast::error_code ec, std::size_t bytes) {
+    if (ec) {  // idle timeout, peer closed, or Stop()
+      CloseNow();
+      return;
+    }
+    buffer_.commit(bytes);
+    ReadRequest();
+  }
+
+  void StartLingeringClose() {
+    beast::error_code ec;
+    stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
+    if (ec) {
+      CloseNow();
+      return;
+    }
+    buffer_.clear();
+    stream_.expires_after(ToChrono(std::min(options().read_timeout, kMaxLinger)));
+    Discard();
+  }
+
+  void Discard() {
+    stream_.async_read_some(buffer_.prepare(kReadChunk),
+                            beast::bind_front_handler(&Session::OnDiscard, shared_from_this()));
+  }
+
+  void OnDiscard(beast::error_code ec, std::size_t bytes) {
+    lingered_bytes_ += bytes;
+    if (ec || lingered_bytes_ > kMaxLingerBytes) {  // EOF (the normal end), timeout or Stop()
+      CloseNow();
+      return;
+    }
+    Discard();  // prepare() hands out the same scratch space again: nothing is committed
+  }
+
+  // Cancels any pending operation (it completes with operation_aborted) and closes the socket.
+  void CloseNow() {
+    beast::error_code ignored;
+    stream_.socket().shutdown(tcp::socket::shutdown_both, ignored);
+    stream_.close();
+  }
+
+  static std::string LoggablePath(beast::string_view target) {
+    std::string_view path = RequestPath(std::string_view(target.data(), target.size()));
+    if (path.size() > kMaxLoggedPath) {
+      return std::string(path.substr(0, kMaxLoggedPath)) + "...";
+    }
+    return std::string(path);
+  }
+
+  beast::tcp_stream stream_;
+  beast::flat_buffer buffer_;
+  std::optional<bhttp::request_parser<bhttp::string_body>> parser_;
+  BeastResponse res_;  // lives until its write completes
+  const std::shared_ptr<ServerCore> core_;
+  std::string remote_address_;
+  size_t lingered_bytes_ = 0;
+  // For the per-request log line.
+  std::string log_method_;
+  std::string log_path_;
+  std::chrono::steady_clock::time_point received_at_;
+};
+
+// Accepts connections and starts a Session for each. Confined to the acceptor's strand, except
+// Run() and Close(). Kept alive by its pending accept (or retry timer); Close() ends both.
+class Listener : public std::enable_shared_from_this<Listener> {
+ public:
+  // `acceptor` is open, bound and listening, with a strand executor on `ioc`.
+  Listener(net::io_context& ioc, tcp::acceptor acceptor, std::shared_ptr<ServerCore> core)
+      : ioc_(ioc),
+        acceptor_(std::move(acceptor)),
+        retry_timer_(acceptor_.get_executor()),
+        core_(std::move(core)) {}
+
+  Listener(const Listener&) = delete;
+  Listener& operator=(const Listener&) = delete;
+
+  void Run() {
+    net::dispatch(acceptor_.get_executor(),
+                  beast::bind_front_handler(&Listener::DoAccept, shared_from_this()));
+  }
+
+  // Thread-safe: stops accepting and closes the listening socket, on the acceptor's strand.
+  void Close() {
+    net::post(acceptor_.get_executor(), [self = shared_from_this()] {
+      beast::error_code ignored;
+      self->acceptor_.close(ignored);
+      self->retry_timer_.cancel();
+    });
+  }
+
+ private:
+  void DoAccept() {
+    if (!acceptor_.is_open()) {
+      return;
+    }
+    // Each connection gets its own strand: its handlers never run concurrently, without a lock.
+    acceptor_.async_accept(net::make_strand(ioc_),
+                           beast::bind_front_handler(&Listener::OnAccept, shared_from_this()));
+  }
+
+  void OnAccept(beast::error_code ec, tcp::socket socket) {
+    if (ec) {
+      if (ec == net::error::operation_aborted || !acceptor_.is_open()) {
+        return;
+      }
+      spdlog::warn("http server {}: accept failed: {}", core_->options().name, ec.message());
+      retry_timer_.expires_after(kAcceptRetryDelay);
+      retry_timer_.async_wait(beast::bind_front_handler(&Listener::OnRetry, shared_from_this()));
+      return;
+    }
+    auto session = std::make_shared<Session>(std::move(socket), core_);
+    // A refused session is dropped here: its destructor closes the socket at once.
+    switch (core_->Register(session)) {
+      case ServerCore::Admission::kAdmitted:
+        if (at_capacity_) {
+          at_capacity_ = false;
+          spdlog::info("http server {}: accepting connections again", core_->options().name);
+        }
+        session->Run();
+        break;
+      case ServerCore::Admission::kAtCapacity:
+        // Logged once per episode, not per connection: a flood must not flood the log too.
+        if (!at_capacity_) {
+          at_capacity_ = true;
+          spdlog::warn("http server {}: {} connections open, closing new ones",
+                       core_->options().name, core_->options().max_connections);
+        }
+        break;
+      case ServerCore::Admission::kStopping:
+        break;
+    }
+    DoAccept();
+  }
+
+  void OnRetry(beast::error_code ec) {
+    if (!ec) {
+      DoAccept();
+    }
+  }
+
+  net::io_context& ioc_;
+  tcp::acceptor acceptor_;
+  net::steady_timer retry_timer_;
+  const std::shared_ptr<ServerCore> core_;
+  bool at_capacity_ = false;  // whether the last connection was refused for max_connections
+};
+
+// io threads must outlive any exception a completion handler lets through: log and keep running.
+void RunIoThread(net::io_context& ioc, const std::string& name) {
+  for (;;) {
+    try {
+      ioc.run();
+      return;  // no more work: Stop() released the work guard and everything closed
+    } catch (const std::exception& e) {
+      spdlog::error("http server {}: io thread caught: {}", name, e.what());
+    } catch (...) {
+      spdlog::error("http server {}: io thread caught a non-standard exception", name);
+    }
+  }
+}
+
+absl::Status ValidateOptions(const HttpServerOptions& o) {
+  if (o.port < 0 || o.port > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("http server ", o.name, ": bad port ", o.port));
+  }
+  if (o.threads < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("http server ", o.name, ": threads < 1"));
+  }
+  if (o.max_connections == 0 || o.max_header_bytes == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("http server ", o.name, ": max_connections and max_header_bytes must be > 0"));
+  }
+  for (absl::Duration d : {o.read_timeout, o.idle_timeout}) {
+    if (d <= absl::ZeroDuration() || d == absl::InfiniteDuration()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("http server ", o.name, ": timeouts must be positive and finite"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+class HttpServer::Impl {
+ public:
+  explicit Impl(int threads) : ioc_(threads) {}
+
+  Impl(const Impl&) = delete;
+  Impl& operator=(const Impl&) = delete;
+
+  ~Impl() {
+    // Joining needs another thread: destroying the server from its own handler is a bug.
+    assert(!ioc_.get_executor().running_in_this_thread());
+    Stop();
+  }
+
+  absl::Status Init(HttpServerOptions options, Handler handler) {
+    TB_RETURN_IF_ERROR(ValidateOptions(options));
+    if (!handler) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("http server ", options.name, ": empty handler"));
+    }
+    beast::error_code ec;
+    const net::ip::address address = net::ip::make_address(options.address, ec);
+    if (ec) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "http server ", options.name, ": bad address '", options.address, "': ", ec.message()));
+    }
+    const tcp::endpoint endpoint(address, static_cast<unsigned short>(options.port));
+    const std::string where =
+        absl::StrCat("http server ", options.name, " on ", EndpointString(endpoint));
+
+    tcp::acceptor acceptor(net::make_strand(ioc_));
+    if (acceptor.open(endpoint.protocol(), ec); ec) {
+      return absl::UnavailableError(absl::StrCat(where, ": socket: ", ec.message()));
+    }
+    // Lets a restarted server rebind while old connections sit in TIME_WAIT. On Linux this does
+    // not let two live listeners share the port.
+    if (acceptor.set_option(net::socket_base::reuse_address(true), ec); ec) {
+      return absl::UnavailableError(absl::StrCat(where, ": setsockopt: ", ec.message()));
+    }
+    if (acceptor.bind(endpoint, ec); ec) {
+      return absl::UnavailableError(absl::StrCat(where, ": bind: ", ec.message()));
+    }
+    if (acceptor.listen(net::socket_base::max_listen_connections, ec); ec) {
+      return absl::UnavailableError(absl::StrCat(where, ": listen: ", ec.message()));
+    }
+    const tcp::endpoint local = acceptor.local_endpoint(ec);
+    if (ec) {
+      return absl::UnavailableError(absl::StrCat(where, ": getsockname: ", ec.message()));
+    }
+    port_ = local.port();
+
+    const std::string name = options.name;
+    const int threads = options.threads;
+    core_ = std::make_shared<ServerCore>(std::move(options), std::move(handler));
+    listener_ = std::make_shared<Listener>(ioc_, std::move(acceptor), core_);
+    listener_->Run();
+    work_.emplace(net::make_work_guard(ioc_));
+    {
+      tb::MutexLock lock(&join_mu_);
+      try {
+        for (int i = 0; i < threads; ++i) {
+          threads_.emplace_back([this, name] { RunIoThread(ioc_, name); });
+        }
+      } catch (const std::system_error& e) {
+        // Those already started are joined by Stop() in the destructor.
+        return absl::UnavailableError(absl::StrCat(where, ": cannot start io threads: ", e.what()));
+      }
+    }
+    spdlog::info("http server {} listening on {}", name, EndpointString(local));
+    return absl::OkStatus();
+  }
+
+  int port() const { return port_; }
+
+  void Stop() {
+    std::vector<std::shared_ptr<Session>> live;
+    if (core_ != nullptr && core_->BeginStop(&live)) {
+      listener_->Close();
+      for (const std::shared_ptr<Session>& session : live) {
+        session->Close();
+      }
+      live.clear();
+      // Only the first Stop() gets here. Without the guard, run() returns once the closes above
+      // have drained every pending operation.
+      work_.reset();
+    }
+    if (ioc_.get_executor().running_in_this_thread()) {
+      return;  // a thread cannot join itself; a later Stop() or the destructor joins
+    }
+    // Held across the joins on purpose: a concurrent Stop() must not return before the port is
+    // closed, and two threads must not join the same std::thread. No io thread takes this lock.
+    tb::MutexLock lock(&join_mu_);
+    for (std::thread& t : threads_) {
+      if (t.joinable()) {
+        t.join();
+      }
+    }
+  }
+
+ private:
+  net::io_context ioc_;  // first member: destroyed last, after everything that uses it
+  // Keeps run() from returning while idle. Set in Init(), reset by the first Stop() only.
+  std::optional<net::executor_work_guard<net::io_context::executor_type>> work_;
+  std::shared_ptr<ServerCore> core_;    // set in Init(), then read-only
+  std::shared_ptr<Listener> listener_;  // set in Init(), then read-only
+  int port_ = 0;                        // set in Init(), then read-only
+  tb::Mutex join_mu_;
+  std::vector<std::thread> threads_ ABSL_GUARDED_BY(join_mu_);
+};
+
+absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(HttpServerOptions options,
+                                                              Handler handler) {
+  try {
+    auto impl = std::make_unique<Impl>(options.threads < 1 ? 1 : options.threads);
+    TB_RETURN_IF_ERROR(impl->Init(std::move(options), std::move(handler)));
+    return std::unique_ptr<HttpServer>(new HttpServer(std::move(impl)));
+  } catch (const std::exception& e) {  // allocation or io_context creation failure
+    return absl::UnavailableError(absl::StrCat("http server: start failed: ", e.what()));
+  }
+}
+
+HttpServer::HttpServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+HttpServer::~HttpServer() { Stop(); }
+
+int HttpServer::port() const { return impl_->port(); }
+
+void HttpServer::Stop() { impl_->Stop(); }
+
+}  // namespace tb::http
