@@ -13,9 +13,14 @@ import urllib.parse
 
 
 def forms(secret):
-    out = {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret, safe=""),
-           json.dumps(secret)[1:-1], json.dumps(secret)[1:-1].replace("/", "\\/")}
-    return {f for f in out if f}
+    """The encodings in which a secret could reach a log line, by name."""
+    return {
+        "raw": secret,
+        "url-encoded": urllib.parse.quote(secret, safe=""),
+        "form-encoded": urllib.parse.quote_plus(secret, safe=""),
+        "json-escaped": json.dumps(secret)[1:-1],
+        "json-escaped-slash": json.dumps(secret)[1:-1].replace("/", "\\/"),
+    }
 
 
 def main():
@@ -30,10 +35,9 @@ def main():
         text = log.read_text(errors="replace")
         lines += text.count("\n")
         for s in secrets:
-            for form in forms(s):
+            for name, form in forms(s).items():
                 if form in text:
-                    hits.append(f"{log.name}: contains a secret created as '{s.split('/')[0]}/...' "
-                                f"(form {form!r:.12}...)")
+                    hits.append(f"{log.name}: contains a '{s.split('/')[0]}' test secret, {name}")
     if not secrets or lines == 0:
         print(f"secret scan: nothing to check ({len(secrets)} secrets, {lines} log lines): "
               "the tests must run first, with TB_TEST_LOG_DIR set")

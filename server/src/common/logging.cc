@@ -1,5 +1,6 @@
 #include "server/src/common/logging.h"
 
+#include <spdlog/pattern_formatter.h>
 #include <spdlog/sinks/basic_file_sink.h>
 #include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
@@ -7,6 +8,41 @@
 #include "absl/strings/str_cat.h"
 
 namespace tb {
+
+namespace {
+
+// %j: the message, escaped for a JSON string, so that a quote or a newline in a message can
+// never break the one-object-per-line format log collectors parse.
+class JsonEscapedMessage final : public spdlog::custom_flag_formatter {
+ public:
+  void format(const spdlog::details::log_msg& msg, const std::tm&,
+              spdlog::memory_buf_t& dest) override {
+    for (char c : msg.payload) {
+      switch (c) {
+        case '"':
+          dest.append(std::string_view("\\\""));
+          break;
+        case '\\':
+          dest.append(std::string_view("\\\\"));
+          break;
+        case '\n':
+          dest.append(std::string_view("\\n"));
+          break;
+        default:
+          if (static_cast<unsigned char>(c) < 0x20) {
+            fmt::format_to(std::back_inserter(dest), "\\u{:04x}", static_cast<int>(c));
+          } else {
+            dest.push_back(c);
+          }
+      }
+    }
+  }
+  std::unique_ptr<custom_flag_formatter> clone() const override {
+    return std::make_unique<JsonEscapedMessage>();
+  }
+};
+
+}  // namespace
 
 absl::Status InitLogging(const LogOptions& options) {
   const spdlog::level::level_enum level = spdlog::level::from_str(options.level);
@@ -27,11 +63,10 @@ absl::Status InitLogging(const LogOptions& options) {
     return absl::UnavailableError(absl::StrCat("cannot open log file: ", e.what()));
   }
   if (options.format == "json") {
-    // Messages are built by our own code from redacted values and validated ids; the pattern
-    // keeps one object per line for log collectors.
-    logger->set_pattern(
-        R"({"time":"%Y-%m-%dT%H:%M:%S.%fZ","level":"%l","thread":%t,"msg":"%v"})",
-        spdlog::pattern_time_type::utc);
+    auto formatter = std::make_unique<spdlog::pattern_formatter>(spdlog::pattern_time_type::utc);
+    formatter->add_flag<JsonEscapedMessage>('j').set_pattern(
+        R"({"time":"%Y-%m-%dT%H:%M:%S.%fZ","level":"%l","thread":%t,"msg":"%j"})");
+    logger->set_formatter(std::move(formatter));
   } else if (options.format == "text") {
     logger->set_pattern("%Y-%m-%dT%H:%M:%S.%fZ %L %t %v", spdlog::pattern_time_type::utc);
   } else {

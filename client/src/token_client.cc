@@ -1,0 +1,163 @@
+#include "tb/client/token_client.h"
+
+#include <grpcpp/client_context.h>
+#include <grpcpp/create_channel.h>
+#include <grpcpp/security/credentials.h>
+
+#include <cstdint>
+#include <utility>
+
+#include "absl/strings/cord.h"
+#include "absl/types/optional.h"
+#include "google/rpc/error_details.pb.h"
+#include "google/rpc/status.pb.h"
+
+namespace tb::client {
+
+namespace v1 = tokenbroker::v1;
+namespace health = grpc::health::v1;
+
+namespace {
+
+void SetDuration(absl::Duration d, google::protobuf::Duration* out) {
+  const int64_t seconds = absl::IDivDuration(d, absl::Seconds(1), &d);
+  out->set_seconds(seconds);
+  out->set_nanos(static_cast<int32_t>(absl::ToInt64Nanoseconds(d)));
+}
+
+void SetDeadline(grpc::ClientContext& ctx, absl::Duration timeout) {
+  // An infinite timeout means no deadline; converting it would overflow the chrono time point.
+  if (timeout != absl::InfiniteDuration()) {
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  }
+}
+
+}  // namespace
+
+absl::Status FromGrpcStatus(const grpc::Status& status) {
+  if (status.ok()) {
+    return absl::OkStatus();
+  }
+  // gRPC's codes are Abseil's codes (absl/status/status.h), so the mapping is a cast.
+  absl::Status out(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
+  if (status.error_details().empty()) {
+    return out;
+  }
+  google::rpc::Status details;
+  if (!details.ParseFromString(status.error_details())) {
+    return out;
+  }
+  for (const google::protobuf::Any& any : details.details()) {
+    google::rpc::ErrorInfo info;
+    if (any.Is<google::rpc::ErrorInfo>() && any.UnpackTo(&info) && info.domain() == kErrorDomain &&
+        !info.reason().empty()) {
+      out.SetPayload(kReasonPayloadUrl, absl::Cord(info.reason()));
+      break;
+    }
+  }
+  return out;
+}
+
+std::string ErrorReason(const absl::Status& status) {
+  const absl::optional<absl::Cord> reason = status.GetPayload(kReasonPayloadUrl);
+  return reason ? std::string(*reason) : std::string();
+}
+
+bool IsUnreachable(const absl::Status& status) {
+  return status.code() == absl::StatusCode::kUnavailable &&
+         status.GetPayload(kUnreachablePayloadUrl).has_value();
+}
+
+TokenClient::TokenClient(std::shared_ptr<grpc::Channel> channel)
+    : channel_(std::move(channel)),
+      broker_(v1::TokenBroker::NewStub(channel_)),
+      admin_(v1::ConnectionAdmin::NewStub(channel_)),
+      health_(health::Health::NewStub(channel_)) {}
+
+std::unique_ptr<TokenClient> TokenClient::Insecure(const std::string& target) {
+  return std::make_unique<TokenClient>(
+      grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
+}
+
+absl::Status TokenClient::Finish(const grpc::Status& status) const {
+  absl::Status out = FromGrpcStatus(status);
+  // A call that never reached a server fails UNAVAILABLE like a server that answers
+  // UNAVAILABLE (e.g. the provider is down). Only the first means "check the address", and only
+  // then is the channel not connected once the call is over.
+  if (out.code() == absl::StatusCode::kUnavailable &&
+      channel_->GetState(/*try_to_connect=*/false) != GRPC_CHANNEL_READY) {
+    out.SetPayload(kUnreachablePayloadUrl, absl::Cord("1"));
+  }
+  return out;
+}
+
+absl::StatusOr<v1::Token> TokenClient::GetToken(absl::string_view connection_id,
+                                                absl::Duration min_ttl, absl::Duration timeout) {
+  v1::GetTokenRequest req;
+  req.set_connection_id(std::string(connection_id));
+  if (min_ttl > absl::ZeroDuration()) {
+    SetDuration(min_ttl, req.mutable_min_ttl());
+  }
+  v1::GetTokenResponse resp;
+  grpc::ClientContext ctx;
+  SetDeadline(ctx, timeout);
+  if (absl::Status s = Finish(broker_->GetToken(&ctx, req, &resp)); !s.ok()) {
+    return s;
+  }
+  return std::move(*resp.mutable_token());
+}
+
+absl::StatusOr<v1::Connection> TokenClient::GetConnection(absl::string_view connection_id,
+                                                          absl::Duration timeout) {
+  v1::GetConnectionRequest req;
+  req.set_connection_id(std::string(connection_id));
+  v1::Connection resp;
+  grpc::ClientContext ctx;
+  SetDeadline(ctx, timeout);
+  if (absl::Status s = Finish(admin_->GetConnection(&ctx, req, &resp)); !s.ok()) {
+    return s;
+  }
+  return resp;
+}
+
+absl::StatusOr<v1::ListConnectionsResponse> TokenClient::ListConnections(
+    int page_size, absl::string_view page_token, absl::string_view provider,
+    v1::ConnectionStatus status, absl::Duration timeout) {
+  v1::ListConnectionsRequest req;
+  req.set_page_size(page_size);
+  req.set_page_token(std::string(page_token));
+  req.set_provider(std::string(provider));
+  req.set_status(status);
+  v1::ListConnectionsResponse resp;
+  grpc::ClientContext ctx;
+  SetDeadline(ctx, timeout);
+  if (absl::Status s = Finish(admin_->ListConnections(&ctx, req, &resp)); !s.ok()) {
+    return s;
+  }
+  return resp;
+}
+
+absl::Status TokenClient::DeleteConnection(absl::string_view connection_id,
+                                           absl::Duration timeout) {
+  v1::DeleteConnectionRequest req;
+  req.set_connection_id(std::string(connection_id));
+  v1::DeleteConnectionResponse resp;
+  grpc::ClientContext ctx;
+  SetDeadline(ctx, timeout);
+  return Finish(admin_->DeleteConnection(&ctx, req, &resp));
+}
+
+absl::StatusOr<health::HealthCheckResponse::ServingStatus> TokenClient::Check(
+    absl::string_view service, absl::Duration timeout) {
+  health::HealthCheckRequest req;
+  req.set_service(std::string(service));
+  health::HealthCheckResponse resp;
+  grpc::ClientContext ctx;
+  SetDeadline(ctx, timeout);
+  if (absl::Status s = Finish(health_->Check(&ctx, req, &resp)); !s.ok()) {
+    return s;
+  }
+  return resp.status();
+}
+
+}  // namespace tb::client
