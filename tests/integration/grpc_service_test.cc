@@ -272,6 +272,37 @@ TEST_F(GrpcServiceTest, ProbePortReportsLivenessAndReadinessSeparately) {
   EXPECT_EQ(code, grpc::StatusCode::NOT_FOUND);
 }
 
+TEST_F(GrpcServiceTest, HealthWatchStreamsReadinessChanges) {
+  server_->SetReady(false);
+  auto stub = grpc::health::v1::Health::NewStub(probe_channel_);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  HealthCheckRequest req;
+  auto reader = stub->Watch(&ctx, req);
+  HealthCheckResponse resp;
+  ASSERT_TRUE(reader->Read(&resp));
+  EXPECT_EQ(resp.status(), HealthCheckResponse::NOT_SERVING);
+  server_->SetReady(true);
+  ASSERT_TRUE(reader->Read(&resp));
+  EXPECT_EQ(resp.status(), HealthCheckResponse::SERVING);
+
+  grpc::ClientContext ctx2;
+  ctx2.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  req.set_service("no.such.Service");
+  auto unknown = stub->Watch(&ctx2, req);
+  ASSERT_TRUE(unknown->Read(&resp));
+  EXPECT_EQ(resp.status(), HealthCheckResponse::SERVICE_UNKNOWN);
+  ctx2.TryCancel();
+  ctx.TryCancel();
+}
+
+TEST_F(GrpcServiceTest, TakenPortIsAStartupError) {
+  grpc_api::GrpcServerOptions options;
+  options.listen = absl::StrCat("127.0.0.1:", server_->port());
+  auto second = grpc_api::GrpcServer::Start(options, broker_, cache_);
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kUnavailable);
+}
+
 TEST_F(GrpcServiceTest, ProbePortServesHealthOnly) {
   auto stub = v1::TokenBroker::NewStub(probe_channel_);
   grpc::ClientContext ctx;

@@ -53,6 +53,9 @@ class GrpcServer::Impl {
     grpc::reflection::InitProtoReflectionServerBuilderPlugin();
 
     grpc::ServerBuilder builder;
+    // gRPC sets SO_REUSEPORT by default, which would let a second broker bind the same port
+    // and silently share its traffic; a taken port must be a start-up error instead.
+    builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
     builder.AddListeningPort(options_.listen, grpc::InsecureServerCredentials(), &port_);
     token_service_.RegisterWith(builder);
     builder.RegisterService(&admin_service_);
@@ -66,6 +69,7 @@ class GrpcServer::Impl {
     token_service_started_ = true;
 
     grpc::ServerBuilder probe_builder;
+    probe_builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
     probe_builder.SetOption(std::make_unique<WithoutReflection>());
     probe_builder.RegisterService(&health_);
     probe_builder.AddListeningPort(options_.probe_listen, grpc::InsecureServerCredentials(),

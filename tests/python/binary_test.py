@@ -1,0 +1,176 @@
+#!/usr/bin/python3
+"""The real token-broker binary, as the README's first command starts it.
+
+Starts token-broker on free loopback ports and checks that every listener answers as documented
+(admin HTTP /healthz and /readyz, the public port's 404 with security headers, gRPC health on the
+probe port, the main port's contract), that SIGTERM drains and exits 0, and that bad
+configuration is refused at start with a message naming the problem.
+
+Usage: /usr/bin/python3 binary_test.py <path to token-broker> [unittest arguments]
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+import urllib.error
+import urllib.request
+
+import grpc
+from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2_grpc
+from tokenbroker.v1 import token_broker_pb2 as pb
+from tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
+
+BROKER = ""
+START_TIMEOUT_S = 30
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(port, path):
+    """(status, headers, body) of GET http://127.0.0.1:port/path."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.headers, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read().decode()
+
+
+class Broker:
+    """token-broker in a child process on free ports."""
+
+    def __init__(self, *extra):
+        self.ports = {name: free_port() for name in ("grpc", "probe", "public", "admin")}
+        log_dir = os.environ.get("TB_TEST_LOG_DIR", "")
+        args = [BROKER,
+                f"--grpc_listen=127.0.0.1:{self.ports['grpc']}",
+                f"--probe_listen=127.0.0.1:{self.ports['probe']}",
+                f"--public_listen=127.0.0.1:{self.ports['public']}",
+                f"--admin_listen=127.0.0.1:{self.ports['admin']}",
+                "--log_level=trace", *extra]
+        if log_dir:
+            args.append(f"--log_file={log_dir}/token-broker-{os.getpid()}-{time.time_ns()}.log")
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def wait_ready(self):
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"token-broker exited with {self.proc.returncode}: "
+                                   f"{self.proc.stderr.read().decode()}")
+            try:
+                if http_get(self.ports["admin"], "/readyz")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError("token-broker did not become ready")
+
+    def stop(self, sig=signal.SIGTERM, timeout=15):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+        return self.proc.returncode
+
+
+class BinaryTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = Broker()
+        try:
+            cls.broker.wait_ready()
+        except BaseException:
+            cls.broker.stop(signal.SIGKILL)
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.broker.proc.poll() is None:
+            cls.broker.stop(signal.SIGKILL)
+
+    def channel(self, port):
+        return grpc.insecure_channel(f"127.0.0.1:{port}")
+
+    def test_admin_port_serves_health_endpoints(self):
+        self.assertEqual(http_get(self.broker.ports["admin"], "/healthz")[0], 200)
+        self.assertEqual(http_get(self.broker.ports["admin"], "/readyz")[0], 200)
+        self.assertEqual(http_get(self.broker.ports["admin"], "/nothing")[0], 404)
+
+    def test_public_port_serves_nothing_operational(self):
+        for path in ("/healthz", "/readyz", "/metrics", "/"):
+            status, headers, _ = http_get(self.broker.ports["public"], path)
+            self.assertEqual(status, 404, path)
+            self.assertEqual(headers["X-Content-Type-Options"], "nosniff")
+            self.assertEqual(headers["Referrer-Policy"], "no-referrer")
+
+    def test_probe_port_reports_liveness_and_readiness(self):
+        with self.channel(self.broker.ports["probe"]) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            for service in ("liveness", "", "tokenbroker.v1.TokenBroker"):
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                self.assertEqual(resp.status, health_pb2.HealthCheckResponse.SERVING, service)
+
+    def test_main_port_answers_the_contract(self):
+        with self.channel(self.broker.ports["grpc"]) as ch:
+            stub = pb_grpc.TokenBrokerStub(ch)
+            with self.assertRaises(grpc.RpcError) as err:
+                stub.GetToken(pb.GetTokenRequest(connection_id="acme"), timeout=5)
+            self.assertEqual(err.exception.code(), grpc.StatusCode.NOT_FOUND)
+            admin = pb_grpc.ConnectionAdminStub(ch)
+            self.assertEqual(len(admin.ListConnections(pb.ListConnectionsRequest(),
+                                                       timeout=5).connections), 0)
+
+    def test_zz_sigterm_drains_and_exits_zero(self):  # runs last: it stops the shared broker
+        started = time.monotonic()
+        self.assertEqual(self.broker.stop(signal.SIGTERM), 0)
+        self.assertLess(time.monotonic() - started, 15)
+
+
+class StartupErrorTest(unittest.TestCase):
+    def run_broker(self, *args):
+        proc = subprocess.run([BROKER, *args], capture_output=True, timeout=30)
+        return proc.returncode, proc.stderr.decode()
+
+    def test_unknown_config_key_is_refused_naming_it(self):
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+            f.write("grpc:\n  listne: 127.0.0.1:0\n")
+            f.flush()
+            code, err = self.run_broker(f"--config={f.name}")
+        self.assertNotEqual(code, 0)
+        self.assertIn("grpc.listne", err)
+
+    def test_missing_config_file_is_refused(self):
+        code, err = self.run_broker("--config=/nonexistent/token-broker.yaml")
+        self.assertNotEqual(code, 0)
+        self.assertIn("/nonexistent/token-broker.yaml", err)
+
+    def test_port_in_use_is_refused(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+            port = s.getsockname()[1]
+            code, err = self.run_broker(f"--admin_listen=127.0.0.1:{port}",
+                                        "--grpc_listen=127.0.0.1:0", "--probe_listen=127.0.0.1:0",
+                                        "--public_listen=127.0.0.1:0")
+        self.assertNotEqual(code, 0)
+        self.assertIn(str(port), err)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: binary_test.py <path to token-broker> [unittest arguments]")
+    BROKER = sys.argv.pop(1)
+    unittest.main()
