@@ -27,6 +27,61 @@ std::optional<Reason> ReasonOf(const absl::Status& status) {
   return std::nullopt;
 }
 
+namespace {
+constexpr FlowErrorKind kAllFlowErrors[] = {
+    FlowErrorKind::kLinkInvalid,      FlowErrorKind::kLinkExpired,   FlowErrorKind::kLinkRevoked,
+    FlowErrorKind::kLinkUsed,         FlowErrorKind::kAlreadyConnected,
+    FlowErrorKind::kStateInvalid,     FlowErrorKind::kWrongBrowser,  FlowErrorKind::kAccessDenied,
+    FlowErrorKind::kProviderError,    FlowErrorKind::kExchangeFailed, FlowErrorKind::kStoreFailed};
+}  // namespace
+
+absl::string_view FlowErrorName(FlowErrorKind kind) {
+  switch (kind) {
+    case FlowErrorKind::kLinkInvalid:
+      return "LINK_INVALID";
+    case FlowErrorKind::kLinkExpired:
+      return "LINK_EXPIRED";
+    case FlowErrorKind::kLinkRevoked:
+      return "LINK_REVOKED";
+    case FlowErrorKind::kLinkUsed:
+      return "LINK_USED";
+    case FlowErrorKind::kAlreadyConnected:
+      return "ALREADY_CONNECTED";
+    case FlowErrorKind::kStateInvalid:
+      return "STATE_INVALID";
+    case FlowErrorKind::kWrongBrowser:
+      return "WRONG_BROWSER";
+    case FlowErrorKind::kAccessDenied:
+      return "ACCESS_DENIED";
+    case FlowErrorKind::kProviderError:
+      return "PROVIDER_ERROR";
+    case FlowErrorKind::kExchangeFailed:
+      return "EXCHANGE_FAILED";
+    case FlowErrorKind::kStoreFailed:
+      return "STORE_FAILED";
+  }
+  return "";
+}
+
+absl::Status FlowError(absl::StatusCode code, FlowErrorKind kind, absl::string_view message) {
+  absl::Status s(code, message);
+  s.SetPayload(kFlowErrorPayloadUrl, absl::Cord(FlowErrorName(kind)));
+  return s;
+}
+
+std::optional<FlowErrorKind> FlowErrorOf(const absl::Status& status) {
+  const absl::optional<absl::Cord> payload = status.GetPayload(kFlowErrorPayloadUrl);
+  if (!payload) {
+    return std::nullopt;
+  }
+  for (FlowErrorKind k : kAllFlowErrors) {
+    if (*payload == FlowErrorName(k)) {
+      return k;
+    }
+  }
+  return std::nullopt;
+}
+
 absl::Status StatusErrorFor(const Connection& c) {
   switch (c.status) {
     case ConnectionStatus::kActive:

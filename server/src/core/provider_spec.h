@@ -57,6 +57,9 @@ struct ProviderSpec {
   absl::Duration request_timeout = absl::Seconds(30);
 };
 
+// Configured providers by name. Built once at start; read-only afterwards.
+using ProviderRegistry = std::map<std::string, ProviderSpec>;
+
 // Checks a Zendesk subdomain: ^[a-z0-9][a-z0-9-]{0,62}$. Errors: INVALID_ARGUMENT.
 absl::Status ValidateSubdomain(absl::string_view subdomain);
 

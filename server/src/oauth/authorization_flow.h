@@ -1,0 +1,112 @@
+#ifndef TB_OAUTH_AUTHORIZATION_FLOW_H_
+#define TB_OAUTH_AUTHORIZATION_FLOW_H_
+
+#include <functional>
+#include <map>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "server/src/common/clock.h"
+#include "server/src/common/secret.h"
+#include "server/src/core/digest.h"
+#include "server/src/core/flow_store.h"
+#include "server/src/core/provider_client.h"
+#include "server/src/core/provider_spec.h"
+#include "server/src/core/random.h"
+#include "server/src/oauth/broker.h"
+
+namespace tb::oauth {
+
+struct FlowOptions {
+  // The broker's public origin as browsers reach it, e.g. "https://broker.example.com".
+  // redirect_uri and link URLs are built from it, never from a request's Host header.
+  std::string public_base_url = "http://127.0.0.1:8080";
+  KeyMaterial link_key;  // HMAC key for connect links
+  absl::Duration default_link_ttl = absl::Hours(72);
+  absl::Duration max_link_ttl = absl::Hours(24 * 30);
+  absl::Duration state_ttl = absl::Minutes(10);
+  absl::Duration exchange_timeout = absl::Seconds(30);
+};
+
+// Things that happened, for the log and metrics; never carries a secret. Optional.
+using FlowEventSink = std::function<void(absl::string_view event, const core::ConnectionId& id,
+                                         const absl::Status& status)>;
+
+// The authorization-code flow (RFC 6749 4.1 with PKCE, as RFC 9700 asks): connect links,
+// /oauth/start and /oauth/callback, in words of the domain.
+//
+// Thread-safe. Complete() blocks on the provider (up to exchange_timeout): call it off the io
+// and gRPC threads. Everything passed to the constructor must outlive the flow.
+class AuthorizationFlow {
+ public:
+  AuthorizationFlow(FlowOptions options, const core::ProviderRegistry& providers,
+                    const Clock& clock, core::Random& random, const core::Digest& digest,
+                    core::FlowStore& store, core::ProviderClient& provider_client,
+                    Broker& broker, FlowEventSink events = nullptr);
+
+  struct MintedLink {
+    std::string url;  // <public_base_url>/oauth/start?link=<signed token>
+    std::string link_id;
+    absl::Time expires_at;
+  };
+  // Mints a signed link, creating the connection (pending) if it does not exist.
+  // Errors: INVALID_ARGUMENT (bad id, unknown provider, bad params, ttl out of range, params or
+  // provider differing from the existing connection's), FAILED_PRECONDITION with flow error
+  // kAlreadyConnected (active connection, reconnect not set), store errors.
+  absl::StatusOr<MintedLink> CreateLink(const core::ConnectionId& id, const std::string& provider,
+                                        const std::map<std::string, std::string>& params,
+                                        absl::Duration ttl, bool reconnect);
+
+  // Errors: NOT_FOUND.
+  absl::Status RevokeLink(const std::string& link_id);
+
+  struct Started {
+    std::string authorize_url;  // where to send the browser (302)
+    OAuthState browser_binding;  // the cookie value to set with it
+  };
+  // /oauth/start: checks the link (valid, unexpired, unrevoked, unused; it stays usable, since
+  // mail scanners prefetch links), creates state + PKCE verifier.
+  // Errors carry a FlowErrorKind (kLinkInvalid/Expired/Revoked/Used, kAlreadyConnected).
+  absl::StatusOr<Started> Start(absl::string_view link_token);
+
+  struct Callback {
+    std::string state;
+    std::string code;
+    std::string error;              // the provider's `error`, if any
+    std::string error_description;  // shown HTML-escaped; never trusted
+    std::string browser_binding;    // the cookie, empty if the browser sent none
+  };
+  // /oauth/callback: consumes the state, checks its cookie, exchanges the code, stores the
+  // token set, marks the link used, and for a reconnect revokes the previous grant.
+  // Returns the connection now active. Errors carry a FlowErrorKind; nothing is stored then.
+  absl::StatusOr<core::ConnectionId> Complete(const Callback& callback);
+
+  const std::string& redirect_uri() const { return redirect_uri_; }
+
+ private:
+  absl::StatusOr<const core::ProviderSpec*> Spec(const std::string& provider) const;
+  absl::StatusOr<std::string> AuthorizeUrl(const core::ProviderSpec& spec,
+                                           const core::PendingAuthorization& auth) const;
+  absl::Status CheckLinkUsable(const core::LinkRecord& record) const;
+  void Event(absl::string_view event, const core::ConnectionId& id, const absl::Status& s) const;
+
+  const FlowOptions options_;
+  const std::string redirect_uri_;
+  const core::ProviderRegistry& providers_;
+  const Clock& clock_;
+  core::Random& random_;
+  const core::Digest& digest_;
+  core::FlowStore& store_;
+  core::ProviderClient& provider_client_;
+  Broker& broker_;
+  const FlowEventSink events_;
+};
+
+// RFC 3986 percent-encoding of everything but unreserved characters, for query parameters.
+// Written here because the domain links no URL library.
+std::string PercentEncode(absl::string_view s);
+
+}  // namespace tb::oauth
+
+#endif  // TB_OAUTH_AUTHORIZATION_FLOW_H_
