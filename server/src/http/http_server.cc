@@ -7,6 +7,7 @@
 // std::thread, the handler) is caught so no exception leaves an io thread or this file.
 
 #include <algorithm>
+#include <atomic>
 #include <cassert>
 #include <chrono>
 #include <cstddef>
@@ -193,29 +194,51 @@ class Session;
 
 // What the acceptor and every session share: options, handler and the registry of live sessions
 // that Stop() closes. Outlives them all (each holds a shared_ptr). Thread-safe.
-class ServerCore {
+class ServerCore : public std::enable_shared_from_this<ServerCore> {
  public:
-  ServerCore(HttpServerOptions options, Handler handler)
+  ServerCore(HttpServerOptions options, AsyncHandler handler)
       : options_(std::move(options)), handler_(std::move(handler)) {}
 
   const HttpServerOptions& options() const { return options_; }
 
-  // Calls the handler; a throwing handler or an unsendable response becomes a 500. Never throws.
-  HttpResponse Handle(const HttpRequest& req) const {
-    try {
-      HttpResponse res = handler_(req);
-      if (std::string reason = InvalidResponseReason(res); !reason.empty()) {
-        spdlog::error("http server {}: handler returned an invalid response: {}", options_.name,
-                      reason);
-        return PlainResponse(500, "internal server error\n");
+  // Calls the handler; `done` gets its response exactly once, possibly on another thread. A
+  // throwing handler or an unsendable response becomes a 500. Never throws.
+  void Handle(HttpRequest req, std::function<void(HttpResponse)> done) ABSL_LOCKS_EXCLUDED(mu_) {
+    {
+      tb::MutexLock lock(&mu_);
+      ++pending_;
+    }
+    auto once = std::make_shared<std::atomic<bool>>(false);
+    auto self = shared_from_this();
+    Respond respond = [self, once, done = std::move(done)](HttpResponse res) {
+      if (once->exchange(true)) {
+        return;
       }
-      return res;
+      if (std::string reason = InvalidResponseReason(res); !reason.empty()) {
+        spdlog::error("http server {}: handler returned an invalid response: {}",
+                      self->options_.name, reason);
+        res = PlainResponse(500, "internal server error\n");
+      }
+      done(std::move(res));
+      self->Finished();
+    };
+    try {
+      handler_(std::move(req), respond);
+      return;
     } catch (const std::exception& e) {
       spdlog::error("http server {}: handler threw: {}", options_.name, e.what());
     } catch (...) {
       spdlog::error("http server {}: handler threw a non-standard exception", options_.name);
     }
-    return PlainResponse(500, "internal server error\n");
+    respond(PlainResponse(500, "internal server error\n"));
+  }
+
+  // Blocks until every Respond handed out has been called.
+  void WaitForPending() ABSL_LOCKS_EXCLUDED(mu_) {
+    tb::MutexLock lock(&mu_);
+    while (pending_ > 0) {
+      pending_done_.Wait(&mu_);
+    }
   }
 
   enum class Admission { kAdmitted, kAtCapacity, kStopping };
@@ -260,9 +283,18 @@ class ServerCore {
   }
 
  private:
+  void Finished() ABSL_LOCKS_EXCLUDED(mu_) {
+    tb::MutexLock lock(&mu_);
+    if (--pending_ == 0) {
+      pending_done_.SignalAll();
+    }
+  }
+
   const HttpServerOptions options_;
-  const Handler handler_;
+  const AsyncHandler handler_;
   mutable tb::Mutex mu_;
+  tb::CondVar pending_done_;
+  size_t pending_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::unordered_map<const Session*, std::weak_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
 };
@@ -356,10 +388,19 @@ class Session : public std::enable_shared_from_this<Session> {
     log_method_ = request.method;
     log_path_ = LoggablePath(req.target());
 
-    HttpResponse response = core_->Handle(request);
-    const bool keep_alive = req.keep_alive() && !core_->stopping();
-    Write(std::move(response), req.method() == bhttp::verb::head, req.version(), keep_alive,
-          /*linger=*/false);
+    const bool head = req.method() == bhttp::verb::head;
+    const unsigned version = req.version();
+    const bool wants_keep_alive = req.keep_alive();
+    core_->Handle(std::move(request), [self = shared_from_this(), head, version,
+                                       wants_keep_alive](HttpResponse response) {
+      // Back onto this connection's strand: inline for a synchronous handler, a hop for a
+      // response that comes from another thread.
+      net::dispatch(self->stream_.get_executor(), [self, head, version, wants_keep_alive,
+                                                   response = std::move(response)]() mutable {
+        const bool keep_alive = wants_keep_alive && !self->core_->stopping();
+        self->Write(std::move(response), head, version, keep_alive, /*linger=*/false);
+      });
+    });
   }
 
   void Write(HttpResponse response, bool head, unsigned version, bool keep_alive, bool linger) {
@@ -608,7 +649,7 @@ class HttpServer::Impl {
     Stop();
   }
 
-  absl::Status Init(HttpServerOptions options, Handler handler) {
+  absl::Status Init(HttpServerOptions options, AsyncHandler handler) {
     TB_RETURN_IF_ERROR(ValidateOptions(options));
     if (!handler) {
       return absl::InvalidArgumentError(
@@ -676,6 +717,11 @@ class HttpServer::Impl {
         session->Close();
       }
       live.clear();
+      if (!ioc_.get_executor().running_in_this_thread()) {
+        // Responses still being computed elsewhere post back to this io_context: it must keep
+        // running until they have.
+        core_->WaitForPending();
+      }
       // Only the first Stop() gets here. Without the guard, run() returns once the closes above
       // have drained every pending operation.
       work_.reset();
@@ -706,6 +752,17 @@ class HttpServer::Impl {
 
 absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(HttpServerOptions options,
                                                               Handler handler) {
+  if (!handler) {
+    return absl::InvalidArgumentError(absl::StrCat("http server ", options.name, ": empty handler"));
+  }
+  return Start(std::move(options), AsyncHandler([handler = std::move(handler)](
+                                                    HttpRequest req, Respond respond) {
+                 respond(handler(req));
+               }));
+}
+
+absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(HttpServerOptions options,
+                                                              AsyncHandler handler) {
   try {
     auto impl = std::make_unique<Impl>(options.threads < 1 ? 1 : options.threads);
     TB_RETURN_IF_ERROR(impl->Init(std::move(options), std::move(handler)));

@@ -54,6 +54,9 @@ class HttpServer {
   // also if the io threads cannot be created).
   static absl::StatusOr<std::unique_ptr<HttpServer>> Start(HttpServerOptions options,
                                                            Handler handler);
+  // The same with a handler that answers later through Respond.
+  static absl::StatusOr<std::unique_ptr<HttpServer>> Start(HttpServerOptions options,
+                                                           AsyncHandler handler);
 
   HttpServer(const HttpServer&) = delete;
   HttpServer& operator=(const HttpServer&) = delete;
@@ -62,8 +65,8 @@ class HttpServer {
   // The bound port: the OS-chosen one when options.port was 0.
   int port() const;
 
-  // Stops accepting, closes every connection (in-flight responses are dropped) and joins the io
-  // threads; when it returns, the port is closed and the handler is no longer called.
+  // Stops accepting, closes every connection (in-flight responses are dropped), waits for every
+  // pending async Respond, and joins the io threads; when it returns, the port is closed and the handler is no longer called.
   // Idempotent. Called from inside the handler (an io thread) it only starts the shutdown; the
   // join then happens in a later Stop() or the destructor on another thread.
   void Stop();

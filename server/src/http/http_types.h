@@ -36,6 +36,13 @@ struct HttpResponse {
 // threads, possibly concurrently from several of them, and never holds a lock while doing so.
 using Handler = std::function<HttpResponse(const HttpRequest&)>;
 
+// Completes one request. Call it exactly once, from any thread (later calls are ignored).
+using Respond = std::function<void(HttpResponse)>;
+// A handler that may finish later, e.g. after blocking work on another thread pool (the OAuth
+// callback's code exchange). It must itself return at once; the server keeps the connection
+// waiting, and Stop() waits for every pending Respond before it joins.
+using AsyncHandler = std::function<void(HttpRequest, Respond)>;
+
 // The path part of a request target: everything before the first '?'. Query strings carry OAuth
 // codes and state, so this is also what may be logged.
 inline std::string_view RequestPath(std::string_view target) {

@@ -622,3 +622,66 @@ TEST(HttpServerTest, StartFailsWhenThePortIsTaken) {
 
 }  // namespace
 }  // namespace tb::http
+
+namespace tb::http {
+namespace {
+
+// An async handler answers from another thread; the connection waits for it and stays usable.
+TEST(HttpServerAsyncTest, ResponseFromAnotherThreadReachesTheClient) {
+  std::vector<std::thread> workers;
+  tb::Mutex mu;
+  auto server = HttpServer::Start(TestOptions(), AsyncHandler([&](HttpRequest req,
+                                                                  Respond respond) {
+    tb::MutexLock lock(&mu);
+    workers.emplace_back([req = std::move(req), respond = std::move(respond)] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      HttpResponse res;
+      res.body = absl::StrCat("later ", req.target);
+      respond(res);
+      respond(HttpResponse{});  // a second call is ignored
+    });
+  }));
+  ASSERT_TRUE(server.ok()) << server.status();
+  TestClient client = ConnectOrDie((*server)->port());
+  for (const char* target : {"/one", "/two"}) {  // keep-alive across async answers
+    ASSERT_TRUE(client.Send(Get(target)));
+    const std::optional<RawResponse> res = client.ReadResponse();
+    ASSERT_TRUE(res.has_value());
+    EXPECT_EQ(res->status, 200);
+    EXPECT_EQ(res->body, absl::StrCat("later ", target));
+  }
+  (*server)->Stop();
+  tb::MutexLock lock(&mu);
+  for (std::thread& t : workers) {
+    t.join();
+  }
+}
+
+// Stop() waits for a response still being computed instead of tearing the io_context down
+// under it.
+TEST(HttpServerAsyncTest, StopWaitsForPendingResponses) {
+  std::thread worker;
+  std::atomic<bool> answered{false};
+  std::atomic<bool> started{false};
+  auto server = HttpServer::Start(TestOptions(), AsyncHandler([&](HttpRequest,
+                                                                  Respond respond) {
+    started = true;
+    worker = std::thread([&answered, respond = std::move(respond)] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      answered = true;
+      respond(HttpResponse{});
+    });
+  }));
+  ASSERT_TRUE(server.ok());
+  TestClient client = ConnectOrDie((*server)->port());
+  ASSERT_TRUE(client.Send(Get("/slow")));
+  while (!started) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  (*server)->Stop();
+  EXPECT_TRUE(answered.load());
+  worker.join();
+}
+
+}  // namespace
+}  // namespace tb::http
