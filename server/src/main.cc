@@ -5,6 +5,8 @@
 #include <signal.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <optional>
 #include <memory>
 #include <string>
 
@@ -14,16 +16,26 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "server/src/cache/connection_cache.h"
 #include "server/src/common/clock.h"
 #include "server/src/common/logging.h"
+#include "server/src/common/secret_format.h"
+#include "server/src/common/work_pool.h"
 #include "server/src/config/config.h"
 #include "server/src/grpc/grpc_server.h"
 #include "server/src/http/admin_routes.h"
+#include "server/src/core/oauth_state.h"
+#include "server/src/crypto/openssl_digest.h"
+#include "server/src/crypto/openssl_random.h"
 #include "server/src/http/http_server.h"
+#include "server/src/http/oauth_routes.h"
+#include "server/src/oauth/authorization_flow.h"
 #include "server/src/oauth/broker.h"
+#include "server/src/provider/https_provider_client.h"
+#include "server/src/store/in_memory_flow_store.h"
 #include "server/src/store/in_memory_token_store.h"
 
 ABSL_FLAG(std::string, config, "", "YAML config file; empty: the embedded development defaults");
@@ -33,6 +45,7 @@ ABSL_FLAG(std::string, public_listen, "", "Override http.public_listen (host:por
 ABSL_FLAG(std::string, admin_listen, "", "Override http.admin_listen (host:port)");
 ABSL_FLAG(std::string, log_level, "", "Override log.level");
 ABSL_FLAG(std::string, log_file, "", "Append logs to this file instead of stderr");
+ABSL_FLAG(std::string, public_base_url, "", "Override public_base_url");
 
 namespace {
 
@@ -47,10 +60,25 @@ void Override(std::string* field, const absl::Flag<std::string>& flag) {
   }
 }
 
+// The one place that reads the environment: secrets named by *_env keys and the proxy.
+std::optional<std::string> Getenv(const std::string& name) {
+  const char* v = std::getenv(name.c_str());
+  return v == nullptr ? std::nullopt : std::optional<std::string>(v);
+}
+
+std::string EnvOr(std::initializer_list<const char*> names) {
+  for (const char* n : names) {
+    if (std::optional<std::string> v = Getenv(n); v && !v->empty()) {
+      return *v;
+    }
+  }
+  return "";
+}
+
 absl::StatusOr<tb::config::Config> ReadConfig() {
   tb::config::Config c;
   if (const std::string path = absl::GetFlag(FLAGS_config); !path.empty()) {
-    absl::StatusOr<tb::config::Config> loaded = tb::config::LoadConfigFile(path);
+    absl::StatusOr<tb::config::Config> loaded = tb::config::LoadConfigFile(path, &Getenv);
     if (!loaded.ok()) {
       return loaded.status();
     }
@@ -61,6 +89,7 @@ absl::StatusOr<tb::config::Config> ReadConfig() {
   Override(&c.http.public_listen, FLAGS_public_listen);
   Override(&c.http.admin_listen, FLAGS_admin_listen);
   Override(&c.log.level, FLAGS_log_level);
+  Override(&c.public_base_url, FLAGS_public_base_url);
   if (absl::Status s = tb::config::Validate(c); !s.ok()) {
     return s;
   }
@@ -105,13 +134,60 @@ int main(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
   tb::SystemClock clock;
+  tb::crypto::OpenSslRandom random;
+  tb::crypto::OpenSslDigest digest;
   tb::store::InMemoryTokenStore store;
+  tb::store::InMemoryFlowStore flow_store;
   tb::cache::ConnectionCache cache;
   tb::oauth::Broker broker(clock, store, cache);
 
+  tb::provider::HttpClientOptions outbound;
+  outbound.https_proxy = config->outbound.https_proxy.value_or(EnvOr({"HTTPS_PROXY", "https_proxy"}));
+  outbound.no_proxy = config->outbound.no_proxy.value_or(EnvOr({"NO_PROXY", "no_proxy"}));
+  std::vector<tb::core::ProviderSpec> specs;
+  for (const auto& [name, spec] : config->providers) {
+    specs.push_back(spec);
+    spdlog::info("provider {}: preset {}, client id {}, secret {}", name, spec.preset,
+                 spec.client_id, spec.client_secret);
+  }
+  absl::StatusOr<std::unique_ptr<tb::provider::HttpsProviderClient>> provider_client =
+      tb::provider::HttpsProviderClient::Create(outbound, specs, clock);
+  if (!provider_client.ok()) {
+    return Fail(provider_client.status());
+  }
+
+  tb::oauth::FlowOptions flow_options;
+  flow_options.public_base_url = config->public_base_url;
+  flow_options.default_link_ttl = config->links.default_ttl;
+  flow_options.max_link_ttl = config->links.max_ttl;
+  if (config->links.signing_key) {
+    flow_options.link_key = *config->links.signing_key;
+  } else {
+    flow_options.link_key = tb::KeyMaterial(tb::core::RandomToken(random, 48));
+    spdlog::warn(
+        "links.signing_key is not configured: using a random key, so connect links stop "
+        "working when this process exits (set links.signing_key_file in production)");
+  }
+  tb::oauth::AuthorizationFlow flow(
+      flow_options, config->providers, clock, random, digest, flow_store, **provider_client,
+      broker, [](absl::string_view event, const tb::core::ConnectionId& id,
+                 const absl::Status& s) {
+        if (s.ok()) {
+          spdlog::info("oauth {} connection={}", std::string(event), id);
+        } else {
+          spdlog::warn("oauth {} connection={}: {}", std::string(event), id, s.ToString());
+        }
+      });
+  // Blocking domain work (provider calls, store writes) runs here, never on io or gRPC threads.
+  tb::WorkPool work(4, "work");
+  const tb::RunBlocking run_blocking = [&work](std::function<void()> task) {
+    work.Post(std::move(task));
+  };
+
   absl::StatusOr<std::unique_ptr<tb::grpc_api::GrpcServer>> grpc_server =
       tb::grpc_api::GrpcServer::Start(
-          {config->grpc.listen, config->grpc.probe_listen, config->grpc.threads}, broker, cache);
+          {config->grpc.listen, config->grpc.probe_listen, config->grpc.threads},
+          {broker, cache, flow, run_blocking});
   if (!grpc_server.ok()) {
     return Fail(grpc_server.status());
   }
@@ -132,8 +208,10 @@ int main(int argc, char** argv) {
   if (!admin_http.ok()) {
     return Fail(admin_http.status());
   }
-  absl::StatusOr<std::unique_ptr<tb::http::HttpServer>> public_http =
-      tb::http::HttpServer::Start(*public_opts, tb::http::MakePublicHandler());
+  tb::http::OAuthRoutesOptions routes;
+  routes.secure_cookies = absl::StartsWith(config->public_base_url, "https://");
+  absl::StatusOr<std::unique_ptr<tb::http::HttpServer>> public_http = tb::http::HttpServer::Start(
+      *public_opts, tb::http::MakeOAuthHandler(flow, run_blocking, routes));
   if (!public_http.ok()) {
     return Fail(public_http.status());
   }
@@ -142,15 +220,17 @@ int main(int argc, char** argv) {
     return Fail(s);
   }
   grpc->SetReady(true);
-  spdlog::info("token-broker ready: {} connections, store {}", cache.size(), config->store.url);
+  spdlog::info("token-broker ready: {} connections, {} providers, store {}, OAuth callback {}",
+               cache.size(), config->providers.size(), config->store.url, flow.redirect_uri());
 
   int sig = 0;
   sigwait(&stop_signals, &sig);
   spdlog::info("signal {}: draining", sig);
   grpc->SetReady(false);
   grpc->Shutdown(absl::Now() + absl::Seconds(10));
-  (*public_http)->Stop();
+  (*public_http)->Stop();  // waits for callbacks still on the work pool
   (*admin_http)->Stop();
+  work.Stop();
   spdlog::info("token-broker stopped");
   return 0;
 }

@@ -16,6 +16,7 @@
 #include "server/src/grpc/grpc_server.h"
 #include "server/src/store/in_memory_token_store.h"
 #include "tests/fakes/fake_clock.h"
+#include "tests/support/flow_parts.h"
 #include "tests/support/seed.h"
 #include "tests/support/test_secrets.h"
 #include "tokenbroker/v1/token_broker.grpc.pb.h"
@@ -47,7 +48,8 @@ class GrpcServiceTest : public ::testing::Test {
  protected:
   void SetUp() override {
     ASSERT_TRUE(testing::SeedEveryStatus(broker_, clock_.Now()).ok());
-    auto server = grpc_api::GrpcServer::Start({}, broker_, cache_);
+    auto server = grpc_api::GrpcServer::Start(
+        {}, {broker_, cache_, flow_parts_.flow, flow_parts_.run_blocking()});
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = *std::move(server);
     server_->SetReady(true);
@@ -93,6 +95,7 @@ class GrpcServiceTest : public ::testing::Test {
   store::InMemoryTokenStore store_;
   cache::ConnectionCache cache_;
   oauth::Broker broker_{clock_, store_, cache_};
+  testing::FlowParts flow_parts_{clock_, broker_};
   std::unique_ptr<grpc_api::GrpcServer> server_;
   std::shared_ptr<grpc::Channel> channel_;
   std::shared_ptr<grpc::Channel> probe_channel_;
@@ -299,7 +302,8 @@ TEST_F(GrpcServiceTest, HealthWatchStreamsReadinessChanges) {
 TEST_F(GrpcServiceTest, TakenPortIsAStartupError) {
   grpc_api::GrpcServerOptions options;
   options.listen = absl::StrCat("127.0.0.1:", server_->port());
-  auto second = grpc_api::GrpcServer::Start(options, broker_, cache_);
+  auto second = grpc_api::GrpcServer::Start(
+      options, {broker_, cache_, flow_parts_.flow, flow_parts_.run_blocking()});
   EXPECT_EQ(second.status().code(), absl::StatusCode::kUnavailable);
 }
 

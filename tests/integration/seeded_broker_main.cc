@@ -21,6 +21,7 @@
 #include "server/src/http/http_server.h"
 #include "server/src/oauth/broker.h"
 #include "server/src/store/in_memory_token_store.h"
+#include "tests/support/flow_parts.h"
 #include "tests/support/seed.h"
 
 ABSL_FLAG(int, bulk, 0, "extra active connections to seed");
@@ -55,7 +56,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "seeded_broker: seeding failed: %s\n", s.ToString().c_str());
     return 1;
   }
-  auto grpc = tb::grpc_api::GrpcServer::Start({}, broker, cache);
+  tb::testing::FlowParts flow_parts(clock, broker);
+  auto grpc = tb::grpc_api::GrpcServer::Start(
+      {}, {broker, cache, flow_parts.flow, flow_parts.run_blocking()});
   if (!grpc.ok()) {
     std::fprintf(stderr, "seeded_broker: %s\n", grpc.status().ToString().c_str());
     return 1;

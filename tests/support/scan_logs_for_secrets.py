@@ -1,15 +1,21 @@
 #!/usr/bin/python3
 """Proves that no secret created by the test run reached a log.
 
-Reads every secrets-*.txt (one secret per line, written by tests through NewTestSecret) and every
-*.log in the given directory (all log lines of all test processes, at trace level), and fails if
-any log contains a secret in raw, URL-encoded or JSON-escaped form. It also fails when there is
-nothing to check (no secrets or no log lines), so that it cannot pass vacuously.
+Reads every secrets-*.txt (one secret per line, written by tests through NewTestSecret as
+"<label>/<16 random hex digits>+<n>=") and every *.log in the given directory (all log lines of
+all test processes, at trace level), and fails if any log contains a secret in raw, URL-encoded,
+form-encoded or JSON-escaped form, or even just its 64 random bits (which survive any encoding).
+It also fails when there is nothing to check (no secrets or no log lines), so that it cannot pass
+vacuously.
 """
 import json
 import pathlib
+import re
 import sys
 import urllib.parse
+
+RANDOM_PART = re.compile(r"/([0-9a-f]{16})\+")
+HEX_WINDOW = re.compile(r"(?=([0-9a-f]{16}))")
 
 
 def forms(secret):
@@ -25,28 +31,42 @@ def forms(secret):
 
 def main():
     root = pathlib.Path(sys.argv[1])
-    secrets = set()
+    by_random = {}
+    others = set()  # recorded with RecordTestSecret: searched for by their encoded forms
     for f in sorted(root.glob("secrets-*.txt")):
-        secrets.update(line for line in f.read_text().splitlines() if line)
+        for line in f.read_text().splitlines():
+            m = RANDOM_PART.search(line)
+            if m:
+                by_random[m.group(1)] = line
+            elif len(line) >= 8:
+                others.add(line)
     logs = sorted(root.glob("*.log"))
     lines = 0
-    hits = []
+    hits = set()
     for log in logs:
         text = log.read_text(errors="replace")
         lines += text.count("\n")
-        for s in secrets:
-            for name, form in forms(s).items():
+        for m in HEX_WINDOW.finditer(text):
+            secret = by_random.get(m.group(1))
+            if secret is None:
+                continue
+            found = [name for name, form in forms(secret).items() if form in text]
+            how = ", ".join(found) if found else "its random part"
+            hits.add(f"{log.name}: contains a '{secret.split('/')[0]}' test secret ({how})")
+        for secret in others:
+            for name, form in forms(secret).items():
                 if form in text:
-                    hits.append(f"{log.name}: contains a '{s.split('/')[0]}' test secret, {name}")
-    if not secrets or lines == 0:
-        print(f"secret scan: nothing to check ({len(secrets)} secrets, {lines} log lines): "
+                    hits.add(f"{log.name}: contains a recorded secret ({name})")
+    if not by_random or lines == 0:
+        print(f"secret scan: nothing to check ({len(by_random)} secrets, {lines} log lines): "
               "the tests must run first, with TB_TEST_LOG_DIR set")
         return 1
     if hits:
         print("secret scan: FAILED")
-        print("\n".join(sorted(set(hits))))
+        print("\n".join(sorted(hits)))
         return 1
-    print(f"secret scan: {len(secrets)} secrets, {len(logs)} log files, {lines} lines: no secret")
+    print(f"secret scan: {len(by_random)} test secrets, {len(others)} recorded secrets, "
+          f"{len(logs)} log files, {lines} lines: no secret")
     return 0
 
 

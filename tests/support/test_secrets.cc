@@ -12,6 +12,13 @@
 
 namespace tb::testing {
 
+void RecordTestSecret(absl::string_view value) {
+  if (const char* dir = std::getenv("TB_TEST_LOG_DIR"); dir != nullptr && *dir != '\0') {
+    std::ofstream out(absl::StrCat(dir, "/secrets-", getpid(), ".txt"), std::ios::app);
+    out << value << "\n";
+  }
+}
+
 std::string NewTestSecret(absl::string_view label) {
   static std::atomic<uint64_t> counter{0};
   std::random_device rd;

@@ -13,6 +13,10 @@ namespace tb::testing {
 // differ from the raw one. Every test that creates a token, code or key uses this.
 std::string NewTestSecret(absl::string_view label);
 
+// Records a secret made elsewhere (a token or code the fake provider issued) for the same scan.
+// Values shorter than 8 characters are not scanned for.
+void RecordTestSecret(absl::string_view value);
+
 }  // namespace tb::testing
 
 #endif  // TB_TESTS_SUPPORT_TEST_SECRETS_H_

@@ -7,10 +7,13 @@
 #include <map>
 #include <sstream>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "server/src/common/status_macros.h"
+#include "server/src/core/connection.h"
+#include "server/src/core/provider_presets.h"
 
 namespace tb::config {
 
@@ -62,6 +65,95 @@ absl::Status ReadSection(const YAML::Node& node, const std::string& path,
   return absl::OkStatus();
 }
 
+FieldSetter Bool(bool* out) {
+  return [out](const YAML::Node& n, const std::string& p) -> absl::Status {
+    if (n.IsScalar() && (n.Scalar() == "true" || n.Scalar() == "false")) {
+      *out = n.Scalar() == "true";
+      return absl::OkStatus();
+    }
+    return absl::InvalidArgumentError(absl::StrCat(p, ": expected true or false"));
+  };
+}
+FieldSetter OptString(std::optional<std::string>* out) {
+  return [out](const YAML::Node& n, const std::string& p) {
+    std::string v;
+    TB_RETURN_IF_ERROR(ReadString(n, p, &v));
+    *out = std::move(v);
+    return absl::OkStatus();
+  };
+}
+FieldSetter OptInt64(std::optional<int64_t>* out) {
+  return [out](const YAML::Node& n, const std::string& p) -> absl::Status {
+    int64_t v = 0;
+    if (!n.IsScalar() || !absl::SimpleAtoi(n.Scalar(), &v)) {
+      return absl::InvalidArgumentError(absl::StrCat(p, ": expected an integer"));
+    }
+    *out = v;
+    return absl::OkStatus();
+  };
+}
+FieldSetter Duration(absl::Duration* out) {
+  return [out](const YAML::Node& n, const std::string& p) -> absl::Status {
+    if (!n.IsScalar() || !absl::ParseDuration(n.Scalar(), out) || *out < absl::ZeroDuration()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(p, ": expected a duration such as 30s, 10m or 72h"));
+    }
+    return absl::OkStatus();
+  };
+}
+FieldSetter StringList(std::optional<std::vector<std::string>>* out) {
+  return [out](const YAML::Node& n, const std::string& p) -> absl::Status {
+    if (!n.IsSequence()) {
+      return absl::InvalidArgumentError(absl::StrCat(p, ": expected a list of strings"));
+    }
+    std::vector<std::string> v;
+    for (const auto& item : n) {
+      if (!item.IsScalar()) {
+        return absl::InvalidArgumentError(absl::StrCat(p, ": expected a list of strings"));
+      }
+      v.push_back(item.Scalar());
+    }
+    *out = std::move(v);
+    return absl::OkStatus();
+  };
+}
+FieldSetter StringMap(std::map<std::string, std::string>* out) {
+  return [out](const YAML::Node& n, const std::string& p) -> absl::Status {
+    if (!n.IsMap()) {
+      return absl::InvalidArgumentError(absl::StrCat(p, ": expected a mapping of strings"));
+    }
+    for (const auto& kv : n) {
+      if (!kv.second.IsScalar()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(p, ".", kv.first.Scalar(), ": expected a string"));
+      }
+      (*out)[kv.first.Scalar()] = kv.second.Scalar();
+    }
+    return absl::OkStatus();
+  };
+}
+
+// A secret named in the config: the path of a file holding it, or an environment variable.
+struct SecretRef {
+  std::string file;
+  std::string env;
+};
+
+// What a providers.<name> section says before it is merged onto its preset.
+struct RawProvider {
+  std::string preset;
+  std::optional<std::string> authorize_url, token_url, revoke_url, token_info_url;
+  std::optional<std::vector<std::string>> scopes;
+  std::string client_id;
+  SecretRef client_secret;
+  std::optional<std::string> body_encoding, client_auth;
+  std::optional<bool> pkce;
+  std::optional<int64_t> expires_in, refresh_token_expires_in;
+  std::map<std::string, std::string> extra_authorize_params, extra_token_params;
+  std::string ca_file;
+  std::optional<absl::Duration> connect_timeout, request_timeout;
+};
+
 FieldSetter String(std::string* out) {
   return [out](const YAML::Node& n, const std::string& p) { return ReadString(n, p, out); };
 }
@@ -74,8 +166,154 @@ FieldSetter Section(std::map<std::string, FieldSetter> fields) {
   };
 }
 
-absl::Status ParseInto(const YAML::Node& root, Config& c) {
-  return ReadSection(
+absl::StatusOr<std::string> ReadSecret(const SecretRef& ref, const std::string& path,
+                                       const EnvLookup& env) {
+  if (!ref.file.empty() && !ref.env.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": give either ", path, "_file or ", path, "_env, not both"));
+  }
+  std::string value;
+  if (!ref.file.empty()) {
+    std::ifstream in(ref.file);
+    if (!in) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, "_file: cannot read ", ref.file));
+    }
+    std::stringstream buf;
+    buf << in.rdbuf();
+    value = buf.str();
+  } else if (!ref.env.empty()) {
+    std::optional<std::string> v = env ? env(ref.env) : std::nullopt;
+    if (!v) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, "_env: environment variable ", ref.env, " is not set"));
+    }
+    value = *std::move(v);
+  }
+  while (!value.empty() && (value.back() == '\n' || value.back() == '\r')) {
+    value.pop_back();
+  }
+  return value;
+}
+
+absl::StatusOr<core::ProviderSpec> BuildProvider(const std::string& name, RawProvider raw,
+                                                 const EnvLookup& env) {
+  const std::string path = absl::StrCat("providers.", name);
+  if (raw.preset.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ".preset is required (zendesk, zendesk-chat or generic)"));
+  }
+  absl::StatusOr<core::ProviderSpec> preset = core::PresetSpec(raw.preset);
+  if (!preset.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ".preset: ", preset.status().message()));
+  }
+  core::ProviderSpec s = *std::move(preset);
+  s.name = name;
+  if (raw.authorize_url) s.authorize_url = *raw.authorize_url;
+  if (raw.token_url) s.token_url = *raw.token_url;
+  if (raw.revoke_url) s.revoke_url = *raw.revoke_url;
+  if (raw.token_info_url) s.token_info_url = *raw.token_info_url;
+  if (raw.scopes) s.scopes = *raw.scopes;
+  s.client_id = raw.client_id;
+  TB_ASSIGN_OR_RETURN(std::string secret,
+                      ReadSecret(raw.client_secret, absl::StrCat(path, ".client_secret"), env));
+  s.client_secret = ClientSecret(std::move(secret));
+  if (raw.body_encoding) {
+    if (*raw.body_encoding == "json") {
+      s.body_encoding = core::BodyEncoding::kJson;
+    } else if (*raw.body_encoding == "form") {
+      s.body_encoding = core::BodyEncoding::kForm;
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat(path, ".body_encoding must be json or form"));
+    }
+  }
+  if (raw.client_auth) {
+    if (*raw.client_auth == "client_secret_post") {
+      s.client_auth = core::ClientAuth::kSecretPost;
+    } else if (*raw.client_auth == "client_secret_basic") {
+      s.client_auth = core::ClientAuth::kSecretBasic;
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ".client_auth must be client_secret_post or client_secret_basic"));
+    }
+  }
+  if (raw.pkce) s.pkce = *raw.pkce;
+  if (raw.expires_in) s.expires_in = *raw.expires_in;
+  if (raw.refresh_token_expires_in) s.refresh_token_expires_in = *raw.refresh_token_expires_in;
+  for (const auto& [k, v] : raw.extra_authorize_params) s.extra_authorize_params[k] = v;
+  for (const auto& [k, v] : raw.extra_token_params) s.extra_token_params[k] = v;
+  s.ca_file = raw.ca_file;
+  if (raw.connect_timeout) s.connect_timeout = *raw.connect_timeout;
+  if (raw.request_timeout) s.request_timeout = *raw.request_timeout;
+  TB_RETURN_IF_ERROR(core::ValidateSpec(s));
+  return s;
+}
+
+FieldSetter Providers(core::ProviderRegistry* out, const EnvLookup& env) {
+  return [out, &env](const YAML::Node& n, const std::string& p) -> absl::Status {
+    if (!n.IsMap()) {
+      return absl::InvalidArgumentError(absl::StrCat(p, ": expected a mapping of providers"));
+    }
+    for (const auto& kv : n) {
+      const std::string name = kv.first.Scalar();
+      if (!core::ValidateConnectionId(name).ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(p, ": provider name '", name, "' must be like a connection id"));
+      }
+      RawProvider r;
+      bool pkce = true;
+      bool pkce_set = false;
+      absl::Duration connect = absl::ZeroDuration(), request = absl::ZeroDuration();
+      bool connect_set = false, request_set = false;
+      const std::string path = absl::StrCat(p, ".", name);
+      TB_RETURN_IF_ERROR(ReadSection(
+          kv.second, path,
+          {
+              {"preset", String(&r.preset)},
+              {"authorize_url", OptString(&r.authorize_url)},
+              {"token_url", OptString(&r.token_url)},
+              {"revoke_url", OptString(&r.revoke_url)},
+              {"token_info_url", OptString(&r.token_info_url)},
+              {"scopes", StringList(&r.scopes)},
+              {"client_id", String(&r.client_id)},
+              {"client_secret_file", String(&r.client_secret.file)},
+              {"client_secret_env", String(&r.client_secret.env)},
+              {"body_encoding", OptString(&r.body_encoding)},
+              {"client_auth", OptString(&r.client_auth)},
+              {"pkce",
+               [&](const YAML::Node& v, const std::string& vp) {
+                 pkce_set = true;
+                 return Bool(&pkce)(v, vp);
+               }},
+              {"expires_in", OptInt64(&r.expires_in)},
+              {"refresh_token_expires_in", OptInt64(&r.refresh_token_expires_in)},
+              {"extra_authorize_params", StringMap(&r.extra_authorize_params)},
+              {"extra_token_params", StringMap(&r.extra_token_params)},
+              {"ca_file", String(&r.ca_file)},
+              {"connect_timeout",
+               [&](const YAML::Node& v, const std::string& vp) {
+                 connect_set = true;
+                 return Duration(&connect)(v, vp);
+               }},
+              {"request_timeout",
+               [&](const YAML::Node& v, const std::string& vp) {
+                 request_set = true;
+                 return Duration(&request)(v, vp);
+               }},
+          }));
+      if (pkce_set) r.pkce = pkce;
+      if (connect_set) r.connect_timeout = connect;
+      if (request_set) r.request_timeout = request;
+      TB_ASSIGN_OR_RETURN(core::ProviderSpec spec, BuildProvider(name, std::move(r), env));
+      (*out)[name] = std::move(spec);
+    }
+    return absl::OkStatus();
+  };
+}
+
+absl::Status ParseInto(const YAML::Node& root, Config& c, const EnvLookup& env) {
+  SecretRef link_key;
+  TB_RETURN_IF_ERROR(ReadSection(
       root, "",
       {
           {"grpc", Section({{"listen", String(&c.grpc.listen)},
@@ -86,7 +324,24 @@ absl::Status ParseInto(const YAML::Node& root, Config& c) {
                             {"threads", Int(&c.http.threads)}})},
           {"store", Section({{"url", String(&c.store.url)}})},
           {"log", Section({{"level", String(&c.log.level)}, {"format", String(&c.log.format)}})},
-      });
+          {"public_base_url", String(&c.public_base_url)},
+          {"links", Section({{"signing_key_file", String(&link_key.file)},
+                             {"signing_key_env", String(&link_key.env)},
+                             {"default_ttl", Duration(&c.links.default_ttl)},
+                             {"max_ttl", Duration(&c.links.max_ttl)}})},
+          {"outbound", Section({{"https_proxy", OptString(&c.outbound.https_proxy)},
+                                {"no_proxy", OptString(&c.outbound.no_proxy)}})},
+          {"providers", Providers(&c.providers, env)},
+      }));
+  if (!link_key.file.empty() || !link_key.env.empty()) {
+    TB_ASSIGN_OR_RETURN(std::string key, ReadSecret(link_key, "links.signing_key", env));
+    if (key.size() < 32) {
+      return absl::InvalidArgumentError(
+          "links.signing_key: the key must be at least 32 bytes (e.g. openssl rand -base64 48)");
+    }
+    c.links.signing_key = KeyMaterial(std::move(key));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -133,6 +388,14 @@ absl::Status Validate(const Config& c) {
   if (c.http.threads < 1 || c.http.threads > 256) {
     return absl::InvalidArgumentError("http.threads must be 1 to 256");
   }
+  if (!absl::StartsWith(c.public_base_url, "https://") &&
+      !absl::StartsWith(c.public_base_url, "http://")) {
+    return absl::InvalidArgumentError(
+        "public_base_url must be an http:// or https:// origin, e.g. https://broker.example.com");
+  }
+  if (c.links.default_ttl < absl::Minutes(1) || c.links.default_ttl > c.links.max_ttl) {
+    return absl::InvalidArgumentError("links.default_ttl must be 1m to links.max_ttl");
+  }
   if (c.store.url != "memory:") {
     return absl::InvalidArgumentError(
         absl::StrCat("store.url '", c.store.url, "' is not supported; use 'memory:'"));
@@ -149,11 +412,11 @@ absl::Status Validate(const Config& c) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<Config> ParseConfig(absl::string_view yaml) {
+absl::StatusOr<Config> ParseConfig(absl::string_view yaml, const EnvLookup& env) {
   Config c;
   try {
     const YAML::Node root = YAML::Load(std::string(yaml));
-    TB_RETURN_IF_ERROR(ParseInto(root, c));
+    TB_RETURN_IF_ERROR(ParseInto(root, c, env));
   } catch (const YAML::Exception& e) {
     return absl::InvalidArgumentError(absl::StrCat("config is not valid YAML: line ",
                                                    e.mark.line + 1, ", column ",
@@ -163,14 +426,14 @@ absl::StatusOr<Config> ParseConfig(absl::string_view yaml) {
   return c;
 }
 
-absl::StatusOr<Config> LoadConfigFile(const std::string& path) {
+absl::StatusOr<Config> LoadConfigFile(const std::string& path, const EnvLookup& env) {
   std::ifstream in(path);
   if (!in) {
     return absl::NotFoundError(absl::StrCat("cannot read config file ", path));
   }
   std::stringstream buf;
   buf << in.rdbuf();
-  absl::StatusOr<Config> c = ParseConfig(buf.str());
+  absl::StatusOr<Config> c = ParseConfig(buf.str(), env);
   if (!c.ok()) {
     return absl::Status(c.status().code(), absl::StrCat(path, ": ", c.status().message()));
   }

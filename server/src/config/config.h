@@ -1,10 +1,15 @@
 #ifndef TB_CONFIG_CONFIG_H_
 #define TB_CONFIG_CONFIG_H_
 
+#include <functional>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "server/src/common/secret.h"
+#include "server/src/core/provider_spec.h"
 
 namespace tb::config {
 
@@ -30,20 +35,45 @@ struct LogConfig {
   std::string format = "text";  // text or json
 };
 
+struct LinksConfig {
+  // HMAC key for connect links, from `signing_key_file` or `signing_key_env`. Unset: main
+  // generates a random key at start (links then die with the process) and warns.
+  std::optional<KeyMaterial> signing_key;
+  absl::Duration default_ttl = absl::Hours(72);
+  absl::Duration max_ttl = absl::Hours(24 * 30);
+};
+
+struct OutboundConfig {
+  // Proxy for outbound HTTPS; when unset in the file, main fills them from HTTPS_PROXY and
+  // NO_PROXY (or their lower-case forms).
+  std::optional<std::string> https_proxy;
+  std::optional<std::string> no_proxy;
+};
+
 // The whole configuration. Defaults are the embedded development setup: every listener on
-// loopback, in-memory store.
+// loopback, in-memory store, no providers.
 struct Config {
   GrpcConfig grpc;
   HttpConfig http;
   StoreConfig store;
   LogConfig log;
+  // The broker's origin as browsers see it; redirect_uri and link URLs are built from it.
+  std::string public_base_url = "http://127.0.0.1:8080";
+  LinksConfig links;
+  OutboundConfig outbound;
+  core::ProviderRegistry providers;  // by name; each built from its preset plus overrides
 };
 
+// Where secrets named by `*_env` keys come from. main passes getenv; tests pass a map.
+using EnvLookup = std::function<std::optional<std::string>(const std::string& name)>;
+
 // Parses YAML text. Unknown keys, wrong types and invalid values are errors naming the key
-// (INVALID_ARGUMENT), so a typo never silently falls back to a default.
-absl::StatusOr<Config> ParseConfig(absl::string_view yaml);
+// (INVALID_ARGUMENT), so a typo never silently falls back to a default. Secret values are read
+// from `*_file` paths (trailing newline trimmed) or `*_env` variables through `env`; a secret
+// never appears in the file itself.
+absl::StatusOr<Config> ParseConfig(absl::string_view yaml, const EnvLookup& env = nullptr);
 // Reads and parses a file. Errors: NOT_FOUND / PERMISSION_DENIED reading it, or ParseConfig's.
-absl::StatusOr<Config> LoadConfigFile(const std::string& path);
+absl::StatusOr<Config> LoadConfigFile(const std::string& path, const EnvLookup& env = nullptr);
 // Checks cross-field rules (listeners parse as host:port, levels exist...).
 absl::Status Validate(const Config& config);
 

@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <map>
 #include <string>
 
 #include "absl/strings/escaping.h"
@@ -37,10 +38,43 @@ absl::StatusOr<std::string> DecodePageToken(const std::string& token) {
 }  // namespace
 
 grpc::ServerUnaryReactor* AdminService::CreateConnectLink(grpc::CallbackServerContext* ctx,
-                                                         const v1::CreateConnectLinkRequest*,
-                                                         v1::CreateConnectLinkResponse*) {
-  return Done(ctx, grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                                "CreateConnectLink is not available in this version"));
+                                                         const v1::CreateConnectLinkRequest* req,
+                                                         v1::CreateConnectLinkResponse* resp) {
+  if (req->ttl().seconds() < 0 || req->ttl().nanos() < 0) {
+    return Done(ctx, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "ttl must not be negative"));
+  }
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  // Request and response stay valid until Finish.
+  run_blocking_([this, reactor, req, resp] {
+    const std::map<std::string, std::string> params(req->params().begin(), req->params().end());
+    absl::StatusOr<oauth::AuthorizationFlow::MintedLink> link =
+        flow_.CreateLink(req->connection_id(), req->provider(), params,
+                         absl::Seconds(req->ttl().seconds()), req->reconnect());
+    spdlog::info("CreateConnectLink connection={} provider={} reconnect={} code={}",
+                 req->connection_id(), req->provider(), req->reconnect(),
+                 absl::StatusCodeToString(link.status().code()));
+    if (!link.ok()) {
+      reactor->Finish(ToGrpcStatus(link.status()));
+      return;
+    }
+    resp->set_url(link->url);
+    resp->set_link_id(link->link_id);
+    resp->mutable_expires_at()->set_seconds(absl::ToUnixSeconds(link->expires_at));
+    reactor->Finish(grpc::Status::OK);
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* AdminService::RevokeConnectLink(grpc::CallbackServerContext* ctx,
+                                                         const v1::RevokeConnectLinkRequest* req,
+                                                         v1::RevokeConnectLinkResponse*) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  run_blocking_([this, reactor, req] {
+    const absl::Status s = flow_.RevokeLink(req->link_id());
+    spdlog::info("RevokeConnectLink code={}", absl::StatusCodeToString(s.code()));
+    reactor->Finish(ToGrpcStatus(s));
+  });
+  return reactor;
 }
 
 grpc::ServerUnaryReactor* AdminService::GetConnection(grpc::CallbackServerContext* ctx,
@@ -97,10 +131,14 @@ grpc::ServerUnaryReactor* AdminService::DeleteConnection(grpc::CallbackServerCon
   if (absl::Status s = core::ValidateConnectionId(req->connection_id()); !s.ok()) {
     return Done(ctx, ToGrpcStatus(s));
   }
-  const absl::Status s = broker_.Delete(req->connection_id());
-  spdlog::info("DeleteConnection connection={} code={}", req->connection_id(),
-               absl::StatusCodeToString(s.code()));
-  return Done(ctx, ToGrpcStatus(s));
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  run_blocking_([this, reactor, req] {
+    const absl::Status s = flow_.DeleteConnection(req->connection_id());
+    spdlog::info("DeleteConnection connection={} code={}", req->connection_id(),
+                 absl::StatusCodeToString(s.code()));
+    reactor->Finish(ToGrpcStatus(s));
+  });
+  return reactor;
 }
 
 }  // namespace tb::grpc_api

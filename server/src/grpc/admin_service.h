@@ -1,20 +1,27 @@
 #ifndef TB_GRPC_ADMIN_SERVICE_H_
 #define TB_GRPC_ADMIN_SERVICE_H_
 
+#include "server/src/common/work_pool.h"
+#include "server/src/oauth/authorization_flow.h"
 #include "server/src/oauth/broker.h"
 #include "tokenbroker/v1/token_broker.grpc.pb.h"
 
 namespace tb::grpc_api {
 
 // tokenbroker.v1.ConnectionAdmin on the callback API. Metadata and status only: no method
-// returns a secret. `broker` must outlive the service.
+// returns a secret. Calls that reach the store or the provider (links, delete) run on
+// `run_blocking`, never on a gRPC thread. `broker` and `flow` must outlive the service.
 class AdminService final : public tokenbroker::v1::ConnectionAdmin::CallbackService {
  public:
-  explicit AdminService(oauth::Broker& broker) : broker_(broker) {}
+  AdminService(oauth::Broker& broker, oauth::AuthorizationFlow& flow, RunBlocking run_blocking)
+      : broker_(broker), flow_(flow), run_blocking_(std::move(run_blocking)) {}
 
   grpc::ServerUnaryReactor* CreateConnectLink(
       grpc::CallbackServerContext* ctx, const tokenbroker::v1::CreateConnectLinkRequest* req,
       tokenbroker::v1::CreateConnectLinkResponse* resp) override;
+  grpc::ServerUnaryReactor* RevokeConnectLink(
+      grpc::CallbackServerContext* ctx, const tokenbroker::v1::RevokeConnectLinkRequest* req,
+      tokenbroker::v1::RevokeConnectLinkResponse* resp) override;
   grpc::ServerUnaryReactor* GetConnection(grpc::CallbackServerContext* ctx,
                                           const tokenbroker::v1::GetConnectionRequest* req,
                                           tokenbroker::v1::Connection* resp) override;
@@ -27,6 +34,8 @@ class AdminService final : public tokenbroker::v1::ConnectionAdmin::CallbackServ
 
  private:
   oauth::Broker& broker_;
+  oauth::AuthorizationFlow& flow_;
+  const RunBlocking run_blocking_;
 };
 
 }  // namespace tb::grpc_api

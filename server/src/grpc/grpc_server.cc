@@ -38,13 +38,13 @@ class WithoutReflection final : public grpc::ServerBuilderOption {
 
 class GrpcServer::Impl {
  public:
-  Impl(const GrpcServerOptions& options, oauth::Broker& broker, cache::ConnectionCache& cache)
+  Impl(const GrpcServerOptions& options, GrpcDomain domain)
       : options_(options),
-        token_service_(broker, cache,
+        token_service_(domain.broker, domain.cache,
                        options.cq_threads > 0
                            ? options.cq_threads
                            : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))),
-        admin_service_(broker) {}
+        admin_service_(domain.broker, domain.flow, std::move(domain.run_blocking)) {}
 
   absl::Status Start() {
     // Our own health service (one status table for both ports) instead of gRPC's built-in one;
@@ -146,9 +146,8 @@ class GrpcServer::Impl {
 };
 
 absl::StatusOr<std::unique_ptr<GrpcServer>> GrpcServer::Start(const GrpcServerOptions& options,
-                                                              oauth::Broker& broker,
-                                                              cache::ConnectionCache& cache) {
-  auto impl = std::make_unique<Impl>(options, broker, cache);
+                                                              GrpcDomain domain) {
+  auto impl = std::make_unique<Impl>(options, std::move(domain));
   if (absl::Status s = impl->Start(); !s.ok()) {
     impl->Shutdown(absl::Now());
     return s;

@@ -7,6 +7,8 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "server/src/cache/connection_cache.h"
+#include "server/src/common/work_pool.h"
+#include "server/src/oauth/authorization_flow.h"
 #include "server/src/oauth/broker.h"
 
 namespace tb::grpc_api {
@@ -26,14 +28,22 @@ inline constexpr char kTokenBrokerService[] = "tokenbroker.v1.TokenBroker";
 // because Kubernetes' native gRPC probes carry neither: service "liveness" says the process
 // works; "" and "tokenbroker.v1.TokenBroker" say it is ready (connections loaded, not draining).
 //
-// Thread-safe. `broker` and `cache` must outlive the server.
+// What the services call. All must outlive the server; `run_blocking` must keep running tasks
+// until the server's Shutdown() has returned.
+struct GrpcDomain {
+  oauth::Broker& broker;
+  cache::ConnectionCache& cache;
+  oauth::AuthorizationFlow& flow;
+  RunBlocking run_blocking;
+};
+
+// Thread-safe.
 class GrpcServer {
  public:
   // Binds both ports and starts serving; readiness starts NOT_SERVING.
   // Errors: UNAVAILABLE (a port could not be bound).
   static absl::StatusOr<std::unique_ptr<GrpcServer>> Start(const GrpcServerOptions& options,
-                                                           oauth::Broker& broker,
-                                                           cache::ConnectionCache& cache);
+                                                           GrpcDomain domain);
   ~GrpcServer();
 
   int port() const;

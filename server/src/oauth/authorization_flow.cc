@@ -307,4 +307,18 @@ absl::StatusOr<core::ConnectionId> AuthorizationFlow::Complete(const Callback& c
   return auth.connection_id;
 }
 
+absl::Status AuthorizationFlow::DeleteConnection(const core::ConnectionId& id) {
+  TB_ASSIGN_OR_RETURN(std::shared_ptr<const core::Connection> c, broker_.GetConnection(id));
+  if (c->status == core::ConnectionStatus::kActive && c->grant) {
+    if (absl::StatusOr<const core::ProviderSpec*> spec = Spec(c->provider); spec.ok()) {
+      const absl::Status revoked =
+          provider_client_.Revoke(**spec, *c, clock_.Now() + options_.exchange_timeout);
+      Event("grant_revoked_on_delete", id, revoked);
+    }
+  }
+  TB_RETURN_IF_ERROR(broker_.Delete(id));
+  Event("connection_deleted", id, absl::OkStatus());
+  return absl::OkStatus();
+}
+
 }  // namespace tb::oauth

@@ -82,6 +82,11 @@ class AuthorizationFlow {
   // Returns the connection now active. Errors carry a FlowErrorKind; nothing is stored then.
   absl::StatusOr<core::ConnectionId> Complete(const Callback& callback);
 
+  // DeleteConnection: revokes the grant at the provider (best effort: a provider that is down
+  // must not keep an operator from removing a connection; the failure is reported as an
+  // event), then removes the connection. Blocks on the provider. Errors: NOT_FOUND, store errors.
+  absl::Status DeleteConnection(const core::ConnectionId& id);
+
   const std::string& redirect_uri() const { return redirect_uri_; }
 
  private:

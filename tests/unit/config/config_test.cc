@@ -2,7 +2,9 @@
 
 #include <fstream>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
+#include "tests/support/test_secrets.h"
 
 namespace tb::config {
 namespace {
@@ -61,6 +63,113 @@ TEST(ConfigTest, FileErrorsNameTheFile) {
   absl::StatusOr<Config> c = LoadConfigFile(path);
   ASSERT_FALSE(c.ok());
   EXPECT_NE(c.status().message().find(path), std::string::npos);
+}
+
+}  // namespace
+}  // namespace tb::config
+
+namespace tb::config {
+namespace {
+
+EnvLookup Env(std::map<std::string, std::string> vars) {
+  return [vars = std::move(vars)](const std::string& name) -> std::optional<std::string> {
+    const auto it = vars.find(name);
+    return it == vars.end() ? std::nullopt : std::optional<std::string>(it->second);
+  };
+}
+
+TEST(ConfigProvidersTest, ZendeskPresetWithSecretFromEnvironment) {
+  const std::string secret = testing::NewTestSecret("client-secret");
+  absl::StatusOr<Config> c = ParseConfig(R"(
+public_base_url: https://broker.example.com
+providers:
+  zendesk:
+    preset: zendesk
+    client_id: broker
+    client_secret_env: ZD_SECRET
+    expires_in: 3600
+)",
+                                         Env({{"ZD_SECRET", secret + "\n"}}));
+  ASSERT_TRUE(c.ok()) << c.status();
+  const core::ProviderSpec& z = c->providers.at("zendesk");
+  EXPECT_EQ(z.client_secret.Reveal(), secret);  // trailing newline trimmed
+  EXPECT_EQ(z.expires_in, 3600);
+  EXPECT_EQ(z.token_url, "https://{subdomain}.zendesk.com/oauth/tokens");
+  EXPECT_EQ(z.body_encoding, core::BodyEncoding::kJson);
+}
+
+TEST(ConfigProvidersTest, GenericPresetWithOverridesAndSecretFile) {
+  const std::string path = ::testing::TempDir() + "/client_secret";
+  const std::string secret = testing::NewTestSecret("client-secret");
+  std::ofstream(path) << secret << "\n";
+  absl::StatusOr<Config> c = ParseConfig(absl::StrCat(R"(
+providers:
+  idp:
+    preset: generic
+    client_id: broker
+    client_secret_file: )",
+                                                      path, R"(
+    authorize_url: https://idp.example/authorize
+    token_url: https://idp.example/token
+    revoke_url: https://idp.example/revoke
+    scopes: [openid, offline_access]
+    client_auth: client_secret_post
+    pkce: false
+    extra_authorize_params: {prompt: consent}
+    request_timeout: 10s
+)"));
+  ASSERT_TRUE(c.ok()) << c.status();
+  const core::ProviderSpec& p = c->providers.at("idp");
+  EXPECT_EQ(p.client_secret.Reveal(), secret);
+  EXPECT_EQ(p.scopes, (std::vector<std::string>{"openid", "offline_access"}));
+  EXPECT_EQ(p.client_auth, core::ClientAuth::kSecretPost);
+  EXPECT_FALSE(p.pkce);
+  EXPECT_EQ(p.extra_authorize_params.at("prompt"), "consent");
+  EXPECT_EQ(p.request_timeout, absl::Seconds(10));
+}
+
+TEST(ConfigProvidersTest, BadProvidersAreRefusedNamingTheProblem) {
+  const auto env = Env({{"S", "secret-value"}});
+  const struct {
+    const char* yaml;
+    const char* mentions;
+  } cases[] = {
+      {"providers: {z: {preset: zendesk, client_id: a, client_secret_env: S, expires_in: 100}}",
+       "expires_in"},
+      {"providers: {z: {preset: zendesk, client_id: a, client_secret_env: S, "
+       "refresh_token_expires_in: 600}}",
+       "refresh_token_expires_in"},
+      {"providers: {z: {preset: zendesk, client_id: a, client_secret_env: NOPE}}", "NOPE"},
+      {"providers: {z: {preset: zendesk, client_id: a}}", "client secret"},
+      {"providers: {z: {preset: okta, client_id: a, client_secret_env: S}}", "preset"},
+      {"providers: {z: {preset: zendesk, client_id: a, client_secret_env: S, colour: red}}",
+       "providers.z.colour"},
+      {"providers: {z: {preset: generic, client_id: a, client_secret_env: S}}", "authorize_url"},
+      {"providers: {z: {preset: zendesk, client_id: a, client_secret_env: S, "
+       "token_url: 'http://evil.example/t'}}",
+       "https"},
+      {"providers: {z: {preset: zendesk, client_id: a, client_secret_env: S, "
+       "body_encoding: xml}}",
+       "body_encoding"},
+      {"links: {signing_key_env: S}", "32 bytes"},
+      {"public_base_url: ftp://x", "public_base_url"},
+  };
+  for (const auto& c : cases) {
+    absl::StatusOr<Config> r = ParseConfig(c.yaml, env);
+    ASSERT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << c.yaml;
+    EXPECT_NE(r.status().message().find(c.mentions), std::string::npos)
+        << c.yaml << " -> " << r.status().message();
+    EXPECT_EQ(r.status().message().find("secret-value"), std::string::npos);
+  }
+}
+
+TEST(ConfigProvidersTest, LinkSigningKeyFromEnvironment) {
+  const std::string key = testing::NewTestSecret("link-key-long-enough-to-be-accepted");
+  absl::StatusOr<Config> c =
+      ParseConfig("links: {signing_key_env: K, default_ttl: 24h}", Env({{"K", key}}));
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->links.signing_key->Reveal(), key);
+  EXPECT_EQ(c->links.default_ttl, absl::Hours(24));
 }
 
 }  // namespace

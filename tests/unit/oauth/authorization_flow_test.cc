@@ -312,3 +312,21 @@ TEST_F(AuthorizationFlowTest, ZendeskChatSendsSubdomainAndNoPkce) {
 
 }  // namespace
 }  // namespace tb::oauth
+
+namespace tb::oauth {
+namespace {
+
+TEST_F(AuthorizationFlowTest, DeleteRevokesAtTheProviderThenRemoves) {
+  const Started s = MintAndStart("acme");
+  const core::Grant grant = NewGrant();
+  provider_.NextExchangeReturns(grant);
+  ASSERT_TRUE(flow_.Complete(CallbackFor(s)).ok());
+  provider_.NextRevokeReturns(absl::UnavailableError("provider down"));  // best effort
+  ASSERT_TRUE(flow_.DeleteConnection("acme").ok());
+  EXPECT_EQ(provider_.revoked(), std::vector<std::string>{std::string(grant.access_token.Reveal())});
+  EXPECT_EQ(broker_.GetConnection("acme").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(flow_.DeleteConnection("acme").code(), absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace tb::oauth

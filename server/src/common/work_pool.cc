@@ -1,0 +1,58 @@
+#include "server/src/common/work_pool.h"
+
+#include <utility>
+
+namespace tb {
+
+WorkPool::WorkPool(int threads, std::string name) : name_(std::move(name)) {
+  for (int i = 0; i < std::max(threads, 1); ++i) {
+    threads_.emplace_back([this] { Run(); });
+  }
+}
+
+WorkPool::~WorkPool() { Stop(); }
+
+bool WorkPool::Post(std::function<void()> task) {
+  {
+    MutexLock lock(&mu_);
+    if (stopping_) {
+      return false;
+    }
+    queue_.push_back(std::move(task));
+  }
+  cv_.SignalAll();
+  return true;
+}
+
+void WorkPool::Stop() {
+  {
+    MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  cv_.SignalAll();
+  for (std::thread& t : threads_) {
+    if (t.joinable()) {
+      t.join();
+    }
+  }
+}
+
+void WorkPool::Run() {
+  for (;;) {
+    std::function<void()> task;
+    {
+      MutexLock lock(&mu_);
+      while (queue_.empty() && !stopping_) {
+        cv_.Wait(&mu_);
+      }
+      if (queue_.empty()) {
+        return;  // stopping and drained
+      }
+      task = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    task();
+  }
+}
+
+}  // namespace tb
