@@ -147,6 +147,36 @@ absl::Status TokenClient::DeleteConnection(absl::string_view connection_id,
   return Finish(admin_->DeleteConnection(&ctx, req, &resp));
 }
 
+absl::StatusOr<v1::CreateConnectLinkResponse> TokenClient::CreateConnectLink(
+    absl::string_view connection_id, absl::string_view provider,
+    const std::map<std::string, std::string>& params, absl::Duration ttl, bool reconnect,
+    absl::Duration timeout) {
+  v1::CreateConnectLinkRequest req;
+  req.set_connection_id(std::string(connection_id));
+  req.set_provider(std::string(provider));
+  for (const auto& [k, v] : params) {
+    (*req.mutable_params())[k] = v;
+  }
+  req.mutable_ttl()->set_seconds(absl::ToInt64Seconds(ttl));
+  req.set_reconnect(reconnect);
+  v1::CreateConnectLinkResponse resp;
+  grpc::ClientContext ctx;
+  SetDeadline(ctx, timeout);
+  if (absl::Status s = Finish(admin_->CreateConnectLink(&ctx, req, &resp)); !s.ok()) {
+    return s;
+  }
+  return resp;
+}
+
+absl::Status TokenClient::RevokeConnectLink(absl::string_view link_id, absl::Duration timeout) {
+  v1::RevokeConnectLinkRequest req;
+  req.set_link_id(std::string(link_id));
+  v1::RevokeConnectLinkResponse resp;
+  grpc::ClientContext ctx;
+  SetDeadline(ctx, timeout);
+  return Finish(admin_->RevokeConnectLink(&ctx, req, &resp));
+}
+
 absl::StatusOr<health::HealthCheckResponse::ServingStatus> TokenClient::Check(
     absl::string_view service, absl::Duration timeout) {
   health::HealthCheckRequest req;

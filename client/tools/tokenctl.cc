@@ -40,6 +40,10 @@ ABSL_FLAG(std::string, status, "",
 ABSL_FLAG(int, page_size, 0, "list: connections per request, 1 to 1000 (0: the server's default)");
 ABSL_FLAG(int, limit, 0, "list: stop after this many connections (0: all)");
 ABSL_FLAG(std::string, service, "", "health: the health service to check (empty: the server)");
+ABSL_FLAG(std::vector<std::string>, params, {},
+          "link: provider parameters as name=value, comma-separated (e.g. subdomain=acme)");
+ABSL_FLAG(absl::Duration, ttl, absl::ZeroDuration(), "link: how long the link works (0: default)");
+ABSL_FLAG(bool, reconnect, false, "link: allow the link to replace an active grant");
 
 namespace {
 
@@ -64,11 +68,15 @@ commands:
       revoke and remove a connection
   health [--service=NAME]
       print SERVING or NOT_SERVING; exit 0 only if SERVING
+  link <connection-id> --provider=NAME [--params=subdomain=acme] [--ttl=72h] [--reconnect]
+      mint a connect link for an account admin; prints the URL on stdout
+  revoke-link <link-id>
+      withdraw a connect link
 
 flags:
 )";
 
-constexpr char kCommandList[] = "get, list, show, delete, health";
+constexpr char kCommandList[] = "get, list, show, delete, health, link, revoke-link";
 
 // Flags by the commands they apply to; the global ones apply to all.
 const std::set<std::string>& GlobalFlags() {
@@ -83,6 +91,8 @@ const std::map<std::string, std::set<std::string>>& CommandFlags() {
       {"show", {}},
       {"delete", {}},
       {"health", {"service"}},
+      {"link", {"provider", "params", "ttl", "reconnect"}},
+      {"revoke-link", {}},
   };
   return *kFlags;
 }
@@ -477,6 +487,43 @@ int RunDelete(tb::client::TokenClient& client, const Call& call) {
   return kExitOk;
 }
 
+int RunLink(tb::client::TokenClient& client, const Call& call) {
+  const std::string provider = absl::GetFlag(FLAGS_provider);
+  if (provider.empty()) {
+    return Fail(kExitUsage, "link needs --provider=NAME (a provider from the broker's config)");
+  }
+  std::map<std::string, std::string> params;
+  for (const std::string& p : absl::GetFlag(FLAGS_params)) {
+    const size_t eq = p.find('=');
+    if (eq == std::string::npos || eq == 0) {
+      return Fail(kExitUsage, absl::StrFormat("--params takes name=value pairs, got %s", Quoted(p)));
+    }
+    params[p.substr(0, eq)] = p.substr(eq + 1);
+  }
+  const absl::Duration ttl = absl::GetFlag(FLAGS_ttl);
+  if (ttl < absl::ZeroDuration()) {
+    return Fail(kExitUsage, "--ttl must not be negative");
+  }
+  absl::StatusOr<v1::CreateConnectLinkResponse> link = client.CreateConnectLink(
+      call.connection_id, provider, params, ttl, absl::GetFlag(FLAGS_reconnect), call.timeout);
+  if (!link.ok()) {
+    return RpcFailure(call, link.status());
+  }
+  absl::PrintF("%s\n", link->url());
+  absl::FPrintF(stderr, "link id %s, expires %s\n", link->link_id(),
+                absl::FormatTime(absl::RFC3339_sec, absl::FromUnixSeconds(link->expires_at().seconds()),
+                                 absl::UTCTimeZone()));
+  return kExitOk;
+}
+
+int RunRevokeLink(tb::client::TokenClient& client, const Call& call) {
+  if (absl::Status s = client.RevokeConnectLink(call.connection_id, call.timeout); !s.ok()) {
+    return RpcFailure(call, s);
+  }
+  absl::PrintF("revoked link %s\n", Quoted(call.connection_id));
+  return kExitOk;
+}
+
 int RunHealth(tb::client::TokenClient& client, const Call& call) {
   absl::StatusOr<HealthStatus::ServingStatus> status = client.Check(call.service, call.timeout);
   if (!status.ok()) {
@@ -513,7 +560,9 @@ int Run(int argc, char** argv) {
     }
   }
   const std::vector<std::string> operands(args.positional.begin() + 1, args.positional.end());
-  const bool takes_id = call.command == "get" || call.command == "show" || call.command == "delete";
+  const bool takes_id = call.command == "get" || call.command == "show" ||
+                        call.command == "delete" || call.command == "link" ||
+                        call.command == "revoke-link";
   if (takes_id) {
     if (operands.empty()) {
       return Fail(kExitUsage, absl::StrFormat("missing connection id: tokenctl %s <connection-id>",
@@ -552,6 +601,10 @@ int Run(int argc, char** argv) {
     rc = RunDelete(*client, call);
   } else if (call.command == "health") {
     rc = RunHealth(*client, call);
+  } else if (call.command == "link") {
+    rc = RunLink(*client, call);
+  } else if (call.command == "revoke-link") {
+    rc = RunRevokeLink(*client, call);
   }
   // A script reading `$(tokenctl get ...)` must not take a truncated token for a good one.
   if (std::fflush(stdout) != 0 || std::ferror(stdout)) {

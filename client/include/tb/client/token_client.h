@@ -10,6 +10,7 @@
 #include <grpcpp/channel.h>
 #include <grpcpp/support/status.h>
 
+#include <map>
 #include <memory>
 #include <string>
 
@@ -80,6 +81,18 @@ class TokenClient {
   // Revokes (best effort) and removes a connection. Errors: NOT_FOUND, INVALID_ARGUMENT.
   absl::Status DeleteConnection(absl::string_view connection_id,
                                 absl::Duration timeout = kDefaultTimeout);
+
+  // Mints a connect link (ConnectionAdmin.CreateConnectLink). `ttl` zero: the server's default.
+  // Errors: INVALID_ARGUMENT (unknown provider, bad parameters), FAILED_PRECONDITION with flow
+  // error ALREADY_CONNECTED when the connection is active and `reconnect` is false.
+  absl::StatusOr<tokenbroker::v1::CreateConnectLinkResponse> CreateConnectLink(
+      absl::string_view connection_id, absl::string_view provider,
+      const std::map<std::string, std::string>& params, absl::Duration ttl, bool reconnect,
+      absl::Duration timeout = kDefaultTimeout);
+
+  // Withdraws a link. Errors: NOT_FOUND.
+  absl::Status RevokeConnectLink(absl::string_view link_id,
+                                 absl::Duration timeout = kDefaultTimeout);
 
   // grpc.health.v1 Check of `service` ("" is the whole server).
   // Errors: NOT_FOUND (the server does not know `service`).
