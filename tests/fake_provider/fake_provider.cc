@@ -838,6 +838,9 @@ class State {
                       "<p>redirect_uri is missing or not an absolute http(s) URL.</p>");
     }
     const std::string* state = Find(q, "state");
+    if (state != nullptr) {
+      tb::testing::RecordTestSecret(*state);  // the broker's state: scanned for in the logs
+    }
     const std::string* response_type = Find(q, "response_type");
     const std::string* challenge = Find(q, "code_challenge");
     const std::string* method = Find(q, "code_challenge_method");
@@ -1063,6 +1066,9 @@ class State {
     // A code_verifier without a code_challenge is ignored, as most servers do.
     if (!rec.code_challenge.empty()) {
       const std::string* verifier = Find(p, "code_verifier");
+      if (verifier != nullptr) {
+        tb::testing::RecordTestSecret(*verifier);  // the broker's PKCE verifier, likewise
+      }
       if (verifier == nullptr || !SecretEquals(S256(*verifier), rec.code_challenge)) {
         return OAuthError(400, "invalid_grant", "PKCE verification failed.");
       }

@@ -155,6 +155,9 @@ class ConnectFlowTest : public ::testing::Test {
         const std::string pair = value.substr(0, value.find(';'));
         const bool cleared = absl::StrContains(value, "Max-Age=0");
         cookie_ = cleared ? "" : pair;
+        if (!cleared) {
+          testing::RecordTestSecret(pair.substr(pair.find('=') + 1));  // the browser binding
+        }
         last_set_cookie_ = value;
       }
     }
