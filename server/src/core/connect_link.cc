@@ -20,13 +20,9 @@ constexpr absl::string_view kVersion = "tblink1";
 std::string B64(absl::string_view s) { return absl::WebSafeBase64Escape(s); }
 
 bool UnB64(absl::string_view s, std::string* out) {
-  // Reject padding and anything absl would tolerate beyond the canonical alphabet.
-  for (char c : s) {
-    if (!absl::ascii_isalnum(c) && c != '-' && c != '_') {
-      return false;
-    }
-  }
-  return absl::WebSafeBase64Unescape(s, out);
+  // Only the canonical encoding: absl's decoder tolerates padding and stray low bits in the
+  // last character, which would let several strings stand for one link.
+  return absl::WebSafeBase64Unescape(s, out) && absl::WebSafeBase64Escape(*out) == s;
 }
 
 // Fields, each base64url, joined by '.'; params as "k:v" pairs (each base64url) joined by ','.
