@@ -14,6 +14,8 @@ namespace tb::core {
 
 // Payload type URL under which the reason name is stored.
 inline constexpr absl::string_view kReasonPayloadUrl = "tokenbroker.v1/reason";
+// Payload of RESOURCE_EXHAUSTED / UNAVAILABLE provider errors: the raw Retry-After value.
+inline constexpr absl::string_view kRetryAfterPayloadUrl = "tokenbroker.v1/retry-after";
 
 absl::Status ReasonError(absl::StatusCode code, Reason reason, absl::string_view message);
 std::optional<Reason> ReasonOf(const absl::Status& status);

@@ -1,0 +1,377 @@
+#include "server/src/provider/https_provider_client.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string_view>
+
+#include "absl/strings/cord.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "server/src/common/status_macros.h"
+#include "server/src/core/errors.h"
+#include "server/src/provider/internal/oauth_wire.h"
+
+namespace tb::provider {
+namespace {
+
+using core::ProviderSpec;
+using internal::Endpoint;
+using internal::Param;
+
+static_assert(kRetryAfterPayloadUrl == internal::kRetryAfterPayloadUrl);
+static_assert(kRetryAfterPayloadUrl == core::kRetryAfterPayloadUrl);
+
+// One provider operation, for messages ("provider 'zendesk' refresh") and log fields.
+struct Op {
+  const ProviderSpec& spec;
+  absl::string_view name;  // "code exchange", "refresh", "token id lookup", "revoke"
+
+  std::string What() const { return absl::StrCat("provider '", spec.name, "' ", name); }
+};
+
+// fmt formats std::string_view, not Debian's own absl::string_view.
+std::string_view Sv(absl::string_view s) { return std::string_view(s.data(), s.size()); }
+
+bool Is2xx(int status) { return status >= 200 && status <= 299; }
+
+// `s` with `what` prepended to its message; code and payloads kept.
+absl::Status Prefixed(absl::string_view what, const absl::Status& s) {
+  absl::Status out(s.code(), absl::StrCat(what, ": ", s.message()));
+  s.ForEachPayload(
+      [&out](absl::string_view url, const absl::Cord& payload) { out.SetPayload(url, payload); });
+  return out;
+}
+
+// Expands `url_template` with the connection's parameters, validated first: a Zendesk subdomain
+// goes into a host name.
+absl::StatusOr<std::string> Url(const Op& op, absl::string_view url_template,
+                                const core::Connection& connection,
+                                const std::map<std::string, std::string>& extra = {}) {
+  if (url_template.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(op.What(), ": no URL configured"));
+  }
+  if (absl::Status s = core::ValidateConnectionParams(op.spec, connection.params); !s.ok()) {
+    return Prefixed(op.What(), s);
+  }
+  absl::StatusOr<std::string> url = core::ExpandUrl(url_template, connection.params, extra);
+  if (!url.ok()) {
+    return Prefixed(op.What(), url.status());
+  }
+  return url;
+}
+
+bool HasParam(const std::vector<Param>& params, absl::string_view name) {
+  return std::any_of(params.begin(), params.end(),
+                     [name](const Param& p) { return p.name == name; });
+}
+
+// Client authentication per spec (RFC 6749 2.3.1).
+void AddClientAuth(const ProviderSpec& spec, std::vector<Param>& params, HttpRequest& req) {
+  if (spec.client_auth == core::ClientAuth::kSecretBasic) {
+    req.headers.emplace_back(
+        "Authorization", internal::BasicAuthorization(spec.client_id, spec.client_secret.Reveal()));
+    return;
+  }
+  params.push_back({"client_id", spec.client_id});
+  params.push_back({"client_secret", std::string(spec.client_secret.Reveal())});
+}
+
+void SetBody(core::BodyEncoding encoding, const std::vector<Param>& params, HttpRequest& req) {
+  if (encoding == core::BodyEncoding::kJson) {
+    req.headers.emplace_back("Content-Type", "application/json");
+    req.body = internal::JsonBody(params);
+  } else {
+    req.headers.emplace_back("Content-Type", "application/x-www-form-urlencoded");
+    req.body = internal::FormBody(params);
+  }
+}
+
+HttpRequest TokenRequest(const ProviderSpec& spec, std::string url, std::vector<Param> params) {
+  HttpRequest req;
+  req.method = "POST";
+  req.url = std::move(url);
+  req.headers.emplace_back("Accept", "application/json");
+  AddClientAuth(spec, params, req);
+  // Zendesk: without these the response has no expires_in and older clients get non-expiring
+  // tokens and no refresh token (DESIGN.md, "Zendesk facts").
+  if (spec.expires_in) {
+    params.push_back({"expires_in", absl::StrCat(*spec.expires_in), /*number=*/true});
+  }
+  if (spec.refresh_token_expires_in) {
+    params.push_back(
+        {"refresh_token_expires_in", absl::StrCat(*spec.refresh_token_expires_in), true});
+  }
+  for (const auto& [name, value] : spec.extra_token_params) {
+    if (!HasParam(params, name)) {
+      params.push_back({name, value});
+    }
+  }
+  SetBody(spec.body_encoding, params, req);
+  return req;
+}
+
+// Sends `req` under the earlier of `deadline` and the spec's request timeout, and logs the call
+// (never the URL's path or query, a header or a body).
+absl::StatusOr<HttpResponse> Send(HttpClient& http, const Op& op, const HttpRequest& req,
+                                  absl::Time deadline) {
+  const absl::Time start = absl::Now();
+  const absl::Time bounded = std::min(deadline, start + op.spec.request_timeout);
+  absl::StatusOr<HttpResponse> res = http.Send(req, bounded);
+  const int64_t latency_ms = absl::ToInt64Milliseconds(absl::Now() - start);
+  if (!res.ok()) {
+    spdlog::warn("provider call failed: provider={} op=\"{}\" code={} latency_ms={} error=\"{}\"",
+                 op.spec.name, Sv(op.name), absl::StatusCodeToString(res.status().code()),
+                 latency_ms, Sv(res.status().message()));
+    return Prefixed(op.What(), res.status());
+  }
+  spdlog::info("provider call: provider={} op=\"{}\" http_status={} latency_ms={}", op.spec.name,
+               Sv(op.name), res->status, latency_ms);
+  return res;
+}
+
+absl::Status ErrorFor(const Op& op, Endpoint endpoint, const HttpResponse& res) {
+  return internal::ErrorForResponse(op.What(), endpoint, res.status, res.body,
+                                    res.Header("Retry-After"));
+}
+
+// POSTs a token request and parses the answer into a Grant.
+absl::StatusOr<core::Grant> TokenCall(HttpClient& http, const Clock& clock, const Op& op,
+                                      const core::Connection& connection, std::vector<Param> params,
+                                      absl::Time deadline) {
+  TB_ASSIGN_OR_RETURN(std::string url, Url(op, op.spec.token_url, connection));
+  const HttpRequest req = TokenRequest(op.spec, std::move(url), std::move(params));
+  // Read before sending: the provider starts the token's lifetime no earlier than this, so the
+  // expiry we compute is never later than the provider's.
+  const absl::Time issued_at = clock.Now();
+  TB_ASSIGN_OR_RETURN(const HttpResponse res, Send(http, op, req, deadline));
+  if (!Is2xx(res.status)) {
+    return ErrorFor(op, Endpoint::kClientAuthenticated, res);
+  }
+  absl::StatusOr<core::Grant> grant =
+      internal::ParseTokenResponse(res.body, op.spec.scopes, issued_at);
+  if (!grant.ok()) {
+    return absl::UnavailableError(
+        absl::StrCat(op.What(), ": token endpoint answered ", res.status,
+                     " with an unusable body: ", grant.status().message()));
+  }
+  return grant;
+}
+
+// GET token_info_url with `access`: Zendesk's id of that token.
+absl::StatusOr<std::string> LookUpTokenId(HttpClient& http, const ProviderSpec& spec,
+                                          const core::Connection& connection,
+                                          const AccessToken& access, absl::Time deadline) {
+  const Op op{spec, "token id lookup"};
+  TB_ASSIGN_OR_RETURN(std::string url, Url(op, spec.token_info_url, connection));
+  HttpRequest req;
+  req.method = "GET";
+  req.url = std::move(url);
+  req.headers = {{"Accept", "application/json"},
+                 {"Authorization", absl::StrCat("Bearer ", access.Reveal())}};
+  TB_ASSIGN_OR_RETURN(const HttpResponse res, Send(http, op, req, deadline));
+  if (!Is2xx(res.status)) {
+    return ErrorFor(op, Endpoint::kBearer, res);
+  }
+  absl::StatusOr<std::string> id = internal::ParseTokenId(res.body);
+  if (!id.ok()) {
+    return absl::UnavailableError(absl::StrCat(op.What(), ": answered ", res.status,
+                                               " with an unusable body: ", id.status().message()));
+  }
+  return id;
+}
+
+// Sets grant.provider_token_id when the provider has a token-info endpoint. A failure is logged
+// and leaves the id empty: the code (or refresh token) is spent already, so failing would lose
+// the grant; Revoke looks the id up itself when it is missing.
+void FillTokenId(HttpClient& http, const Op& op, const core::Connection& connection,
+                 core::Grant& grant, absl::Time deadline) {
+  if (op.spec.token_info_url.empty()) {
+    return;
+  }
+  absl::StatusOr<std::string> id =
+      LookUpTokenId(http, op.spec, connection, grant.access_token, deadline);
+  if (!id.ok()) {
+    spdlog::warn(
+        "provider token id lookup failed, keeping the grant without an id: provider={} "
+        "connection={} op=\"{}\" code={} error=\"{}\"",
+        op.spec.name, connection.id, Sv(op.name), absl::StatusCodeToString(id.status().code()),
+        Sv(id.status().message()));
+    return;
+  }
+  grant.provider_token_id = *std::move(id);
+}
+
+absl::Status RevokeByTokenId(HttpClient& http, const Op& op, const core::Connection& connection,
+                             absl::Time deadline) {
+  const core::Grant& grant = *connection.grant;
+  if (grant.access_token.empty()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(op.What(), ": no access token to authorize the revocation"));
+  }
+  std::string id = grant.provider_token_id;
+  if (id.empty()) {
+    TB_ASSIGN_OR_RETURN(id, LookUpTokenId(http, op.spec, connection, grant.access_token, deadline));
+  }
+  if (!internal::IsValidTokenId(id)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(op.What(), ": the stored provider token id is not a valid id"));
+  }
+  TB_ASSIGN_OR_RETURN(std::string url, Url(op, op.spec.revoke_url, connection, {{"token_id", id}}));
+  HttpRequest req;
+  req.method = "DELETE";
+  req.url = std::move(url);
+  req.headers = {{"Accept", "application/json"},
+                 {"Authorization", absl::StrCat("Bearer ", grant.access_token.Reveal())}};
+  TB_ASSIGN_OR_RETURN(const HttpResponse res, Send(http, op, req, deadline));
+  if (Is2xx(res.status) || res.status == 404) {  // 404: already gone, which is what we want
+    return absl::OkStatus();
+  }
+  return ErrorFor(op, Endpoint::kBearer, res);
+}
+
+// RFC 7009 2.1: one token per request, always form-encoded, with client authentication.
+absl::Status RevokeOne(HttpClient& http, const Op& op, const core::Connection& connection,
+                       absl::string_view token, absl::string_view hint, absl::Time deadline) {
+  TB_ASSIGN_OR_RETURN(std::string url, Url(op, op.spec.revoke_url, connection));
+  HttpRequest req;
+  req.method = "POST";
+  req.url = std::move(url);
+  req.headers.emplace_back("Accept", "application/json");
+  std::vector<Param> params = {{"token", std::string(token)},
+                               {"token_type_hint", std::string(hint)}};
+  AddClientAuth(op.spec, params, req);
+  SetBody(core::BodyEncoding::kForm, params, req);
+  TB_ASSIGN_OR_RETURN(const HttpResponse res, Send(http, op, req, deadline));
+  if (Is2xx(res.status)) {
+    return absl::OkStatus();
+  }
+  return ErrorFor(op, Endpoint::kClientAuthenticated, res);
+}
+
+}  // namespace
+
+HttpsProviderClient::HttpsProviderClient(HttpClientOptions base, const Clock& clock,
+                                         HttpClientFactory factory)
+    : base_(std::move(base)), clock_(clock), factory_(std::move(factory)) {}
+
+absl::StatusOr<std::unique_ptr<HttpsProviderClient>> HttpsProviderClient::Create(
+    HttpClientOptions base, const std::vector<core::ProviderSpec>& specs, const Clock& clock,
+    HttpClientFactory factory) {
+  if (!factory) {
+    return absl::InvalidArgumentError("HttpsProviderClient: no HttpClient factory");
+  }
+  std::unique_ptr<HttpsProviderClient> client(
+      new HttpsProviderClient(std::move(base), clock, std::move(factory)));
+  for (const core::ProviderSpec& spec : specs) {
+    if (absl::StatusOr<HttpClient*> http = client->ClientFor(spec); !http.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("provider '", spec.name, "': ", http.status().message()));
+    }
+  }
+  return client;
+}
+
+absl::StatusOr<HttpClient*> HttpsProviderClient::ClientFor(const core::ProviderSpec& spec) {
+  const std::pair<std::string, absl::Duration> key(spec.ca_file, spec.connect_timeout);
+  {
+    MutexLock lock(&mu_);
+    if (const auto it = clients_.find(key); it != clients_.end()) {
+      return it->second.get();
+    }
+  }
+  // Built outside the lock: it reads the CA file.
+  HttpClientOptions options = base_;
+  options.ca_file = spec.ca_file;
+  options.connect_timeout = spec.connect_timeout;
+  absl::StatusOr<std::unique_ptr<HttpClient>> created = factory_(options);
+  if (!created.ok()) {
+    return created.status();
+  }
+  MutexLock lock(&mu_);
+  // If another thread got there first, its client stays and ours is dropped.
+  const auto [it, inserted] = clients_.emplace(key, *std::move(created));
+  return it->second.get();
+}
+
+absl::StatusOr<core::Grant> HttpsProviderClient::ExchangeCode(
+    const core::ProviderSpec& spec, const core::Connection& connection, const AuthCode& code,
+    const PkceVerifier& verifier, const std::string& redirect_uri, absl::Time deadline) {
+  const Op op{spec, "code exchange"};
+  absl::StatusOr<HttpClient*> http = ClientFor(spec);
+  if (!http.ok()) {
+    return core::ReasonError(absl::StatusCode::kFailedPrecondition,
+                             core::Reason::kProviderMisconfigured,
+                             absl::StrCat(op.What(), ": ", http.status().message()));
+  }
+  std::vector<Param> params = {{"grant_type", "authorization_code"},
+                               {"code", std::string(code.Reveal())},
+                               {"redirect_uri", redirect_uri}};
+  if (spec.pkce && !verifier.empty()) {
+    params.push_back({"code_verifier", std::string(verifier.Reveal())});
+  }
+  if (spec.preset == "zendesk" && !spec.scopes.empty()) {
+    params.push_back({"scope", absl::StrJoin(spec.scopes, " ")});
+  }
+  TB_ASSIGN_OR_RETURN(core::Grant grant,
+                      TokenCall(**http, clock_, op, connection, std::move(params), deadline));
+  FillTokenId(**http, op, connection, grant, deadline);
+  return grant;
+}
+
+absl::StatusOr<core::Grant> HttpsProviderClient::Refresh(const core::ProviderSpec& spec,
+                                                         const core::Connection& connection,
+                                                         absl::Time deadline) {
+  const Op op{spec, "refresh"};
+  if (!connection.grant || !connection.grant->refresh_token ||
+      connection.grant->refresh_token->empty()) {
+    return core::ReasonError(
+        absl::StatusCode::kFailedPrecondition, core::Reason::kNotRefreshable,
+        absl::StrCat(op.What(), ": connection '", connection.id, "' has no refresh token"));
+  }
+  absl::StatusOr<HttpClient*> http = ClientFor(spec);
+  if (!http.ok()) {
+    return core::ReasonError(absl::StatusCode::kFailedPrecondition,
+                             core::Reason::kProviderMisconfigured,
+                             absl::StrCat(op.What(), ": ", http.status().message()));
+  }
+  std::vector<Param> params = {
+      {"grant_type", "refresh_token"},
+      {"refresh_token", std::string(connection.grant->refresh_token->Reveal())}};
+  TB_ASSIGN_OR_RETURN(core::Grant grant,
+                      TokenCall(**http, clock_, op, connection, std::move(params), deadline));
+  // Zendesk made a new token record: the old id is dead, look up the new one.
+  FillTokenId(**http, op, connection, grant, deadline);
+  return grant;
+}
+
+absl::Status HttpsProviderClient::Revoke(const core::ProviderSpec& spec,
+                                         const core::Connection& connection, absl::Time deadline) {
+  const Op op{spec, "revoke"};
+  if (spec.revocation == core::Revocation::kNone || !connection.grant) {
+    return absl::OkStatus();
+  }
+  absl::StatusOr<HttpClient*> http = ClientFor(spec);
+  if (!http.ok()) {
+    return core::ReasonError(absl::StatusCode::kFailedPrecondition,
+                             core::Reason::kProviderMisconfigured,
+                             absl::StrCat(op.What(), ": ", http.status().message()));
+  }
+  if (spec.revocation == core::Revocation::kZendeskTokenId) {
+    return RevokeByTokenId(**http, op, connection, deadline);
+  }
+  const core::Grant& grant = *connection.grant;
+  const bool has_refresh = grant.refresh_token && !grant.refresh_token->empty();
+  if (has_refresh) {
+    TB_RETURN_IF_ERROR(RevokeOne(**http, op, connection, grant.refresh_token->Reveal(),
+                                 "refresh_token", deadline));
+  }
+  if (!grant.access_token.empty()) {
+    TB_RETURN_IF_ERROR(
+        RevokeOne(**http, op, connection, grant.access_token.Reveal(), "access_token", deadline));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace tb::provider
