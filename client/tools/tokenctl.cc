@@ -496,7 +496,8 @@ int RunLink(tb::client::TokenClient& client, const Call& call) {
   for (const std::string& p : absl::GetFlag(FLAGS_params)) {
     const size_t eq = p.find('=');
     if (eq == std::string::npos || eq == 0) {
-      return Fail(kExitUsage, absl::StrFormat("--params takes name=value pairs, got %s", Quoted(p)));
+      return Fail(kExitUsage,
+                  absl::StrFormat("--params takes name=value pairs, got %s", Quoted(p)));
     }
     params[p.substr(0, eq)] = p.substr(eq + 1);
   }
@@ -510,9 +511,10 @@ int RunLink(tb::client::TokenClient& client, const Call& call) {
     return RpcFailure(call, link.status());
   }
   absl::PrintF("%s\n", link->url());
-  absl::FPrintF(stderr, "link id %s, expires %s\n", link->link_id(),
-                absl::FormatTime(absl::RFC3339_sec, absl::FromUnixSeconds(link->expires_at().seconds()),
-                                 absl::UTCTimeZone()));
+  absl::FPrintF(
+      stderr, "link id %s, expires %s\n", link->link_id(),
+      absl::FormatTime(absl::RFC3339_sec, absl::FromUnixSeconds(link->expires_at().seconds()),
+                       absl::UTCTimeZone()));
   return kExitOk;
 }
 

@@ -6,8 +6,8 @@
 
 #include <cstdio>
 #include <cstdlib>
-#include <optional>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include <spdlog/spdlog.h>
@@ -25,11 +25,11 @@
 #include "server/src/common/secret_format.h"
 #include "server/src/common/work_pool.h"
 #include "server/src/config/config.h"
-#include "server/src/grpc/grpc_server.h"
-#include "server/src/http/admin_routes.h"
 #include "server/src/core/oauth_state.h"
 #include "server/src/crypto/openssl_digest.h"
 #include "server/src/crypto/openssl_random.h"
+#include "server/src/grpc/grpc_server.h"
+#include "server/src/http/admin_routes.h"
 #include "server/src/http/http_server.h"
 #include "server/src/http/oauth_routes.h"
 #include "server/src/oauth/authorization_flow.h"
@@ -120,8 +120,8 @@ int main(int argc, char** argv) {
   if (!config.ok()) {
     return Fail(config.status());
   }
-  if (absl::Status s = tb::InitLogging({config->log.level, config->log.format,
-                                        absl::GetFlag(FLAGS_log_file)});
+  if (absl::Status s =
+          tb::InitLogging({config->log.level, config->log.format, absl::GetFlag(FLAGS_log_file)});
       !s.ok()) {
     return Fail(s);
   }
@@ -142,7 +142,8 @@ int main(int argc, char** argv) {
   tb::oauth::Broker broker(clock, store, cache);
 
   tb::provider::HttpClientOptions outbound;
-  outbound.https_proxy = config->outbound.https_proxy.value_or(EnvOr({"HTTPS_PROXY", "https_proxy"}));
+  outbound.https_proxy =
+      config->outbound.https_proxy.value_or(EnvOr({"HTTPS_PROXY", "https_proxy"}));
   outbound.no_proxy = config->outbound.no_proxy.value_or(EnvOr({"NO_PROXY", "no_proxy"}));
   std::vector<tb::core::ProviderSpec> specs;
   for (const auto& [name, spec] : config->providers) {
@@ -169,9 +170,8 @@ int main(int argc, char** argv) {
         "working when this process exits (set links.signing_key_file in production)");
   }
   tb::oauth::AuthorizationFlow flow(
-      flow_options, config->providers, clock, random, digest, flow_store, **provider_client,
-      broker, [](absl::string_view event, const tb::core::ConnectionId& id,
-                 const absl::Status& s) {
+      flow_options, config->providers, clock, random, digest, flow_store, **provider_client, broker,
+      [](absl::string_view event, const tb::core::ConnectionId& id, const absl::Status& s) {
         if (s.ok()) {
           spdlog::info("oauth {} connection={}", std::string(event), id);
         } else {

@@ -37,10 +37,9 @@ class FakeProviderClient final : public core::ProviderClient {
   }
 
   absl::StatusOr<core::Grant> ExchangeCode(const core::ProviderSpec& spec,
-                                           const core::Connection& connection,
-                                           const AuthCode& code, const PkceVerifier& verifier,
-                                           const std::string& redirect_uri,
-                                           absl::Time) override {
+                                           const core::Connection& connection, const AuthCode& code,
+                                           const PkceVerifier& verifier,
+                                           const std::string& redirect_uri, absl::Time) override {
     MutexLock lock(&mu_);
     exchange_calls_.push_back({spec.name, connection.id, std::string(code.Reveal()),
                                std::string(verifier.Reveal()), redirect_uri});

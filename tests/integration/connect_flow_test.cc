@@ -95,9 +95,8 @@ class ConnectFlowTest : public ::testing::Test {
     oauth::FlowOptions options;
     options.public_base_url = absl::StrCat("http://127.0.0.1:", public_http_->port());
     options.link_key = KeyMaterial(testing::NewTestSecret("link-key"));
-    flow_ = std::make_unique<oauth::AuthorizationFlow>(options, providers_, clock_, random_,
-                                                        digest_, flow_store_, *provider_client_,
-                                                        broker_);
+    flow_ = std::make_unique<oauth::AuthorizationFlow>(
+        options, providers_, clock_, random_, digest_, flow_store_, *provider_client_, broker_);
     const RunBlocking run = [this](std::function<void()> task) { work_.Post(std::move(task)); };
     http::OAuthRoutesOptions routes;
     routes.secure_cookies = false;
@@ -119,8 +118,8 @@ class ConnectFlowTest : public ::testing::Test {
   }
 
   absl::StatusOr<v1::CreateConnectLinkResponse> CreateLink(const std::string& id,
-                                                          const std::string& provider,
-                                                          bool reconnect = false) {
+                                                           const std::string& provider,
+                                                           bool reconnect = false) {
     grpc::ClientContext ctx;
     v1::CreateConnectLinkRequest req;
     req.set_connection_id(id);
@@ -295,8 +294,8 @@ TEST_F(ConnectFlowTest, ReusedMissingUnknownStatesAndOtherBrowsersAreRefused) {
   EXPECT_EQ(StatusOf("acme"), v1::CONNECTION_STATUS_PENDING);
 
   const std::string base = flow_->redirect_uri();
-  for (const std::string& url : {base, base + "?code=x", base + "?state=unknown&code=x",
-                                 base + "?state=a&state=b&code=x"}) {
+  for (const std::string& url :
+       {base, base + "?code=x", base + "?state=unknown&code=x", base + "?state=a&state=b&code=x"}) {
     page = Get(url);
     EXPECT_EQ(page.status, 400) << url;
     EXPECT_TRUE(absl::StrContains(page.body, "no longer valid")) << url;
@@ -385,8 +384,9 @@ TEST_F(ConnectFlowTest, PagesCarrySecurityHeadersAndEscapeProviderText) {
   const std::string state = state_start.substr(0, state_start.find('&'));
   provider::HttpRequest req;
   req.method = "GET";
-  req.url = absl::StrCat(flow_->redirect_uri(), "?state=", state,
-                         "&error=server_error&error_description=%3Cscript%3Ealert(1)%3C%2Fscript%3E");
+  req.url =
+      absl::StrCat(flow_->redirect_uri(), "?state=", state,
+                   "&error=server_error&error_description=%3Cscript%3Ealert(1)%3C%2Fscript%3E");
   req.headers.emplace_back("Cookie", cookie_);
   absl::StatusOr<provider::HttpResponse> res = browser_->Send(req, absl::Now() + kTimeout);
   ASSERT_TRUE(res.ok());

@@ -254,8 +254,7 @@ TEST_F(GrpcServiceTest, DeleteConnectionMakesItNotFound) {
   v1::GetTokenResponse token;
   EXPECT_EQ(GetToken(testing::kActiveId, &token).error_code(), grpc::StatusCode::NOT_FOUND);
   grpc::ClientContext ctx2;
-  EXPECT_EQ(admin_->DeleteConnection(&ctx2, req, &resp).error_code(),
-            grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(admin_->DeleteConnection(&ctx2, req, &resp).error_code(), grpc::StatusCode::NOT_FOUND);
 }
 
 TEST_F(GrpcServiceTest, ProbePortReportsLivenessAndReadinessSeparately) {
@@ -266,8 +265,7 @@ TEST_F(GrpcServiceTest, ProbePortReportsLivenessAndReadinessSeparately) {
   server_->SetReady(false);  // e.g. draining
   EXPECT_EQ(Health(probe_channel_, "liveness"), HealthCheckResponse::SERVING);
   EXPECT_EQ(Health(probe_channel_, ""), HealthCheckResponse::NOT_SERVING);
-  EXPECT_EQ(Health(probe_channel_, "tokenbroker.v1.TokenBroker"),
-            HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(Health(probe_channel_, "tokenbroker.v1.TokenBroker"), HealthCheckResponse::NOT_SERVING);
   EXPECT_EQ(Health(channel_, ""), HealthCheckResponse::NOT_SERVING);
 
   grpc::StatusCode code;
@@ -325,8 +323,8 @@ std::string ListServicesViaReflection(const std::shared_ptr<grpc::Channel>& ch,
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
   grpc::CompletionQueue cq;
-  auto call = stub.PrepareCall(&ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-                               &cq);
+  auto call =
+      stub.PrepareCall(&ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", &cq);
   void* tag;
   bool ok;
   call->StartCall(reinterpret_cast<void*>(1));

@@ -21,8 +21,8 @@ core::Grant NewGrant(absl::Time issued, std::optional<absl::Duration> lifetime) 
   return g;
 }
 
-absl::Status CreateActive(oauth::Broker& broker, const std::string& id,
-                          const std::string& provider, core::Grant grant) {
+absl::Status CreateActive(oauth::Broker& broker, const std::string& id, const std::string& provider,
+                          core::Grant grant) {
   TB_RETURN_IF_ERROR(broker.CreatePending(id, provider, {{"subdomain", "acme"}}).status());
   return broker.Activate(id, std::move(grant)).status();
 }

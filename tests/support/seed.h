@@ -10,14 +10,14 @@
 namespace tb::testing {
 
 // Ids of the connections SeedEveryStatus creates, one per lifecycle state.
-inline constexpr char kActiveId[] = "active-co";          // active, 1 h token, refreshable
-inline constexpr char kForeverId[] = "forever-co";        // active, no expiry (classic token)
-inline constexpr char kExpiredId[] = "expired-co";        // active but its token has expired
-inline constexpr char kPendingId[] = "pending-co";        // pending: NOT_CONNECTED
-inline constexpr char kNeedsReauthId[] = "reauth-co";     // needs_reauth: NEEDS_REAUTH
-inline constexpr char kRotationLostId[] = "lost-co";      // needs_reauth: ROTATION_LOST
-inline constexpr char kRevokedId[] = "revoked-co";        // revoked: REVOKED
-inline constexpr char kDeletedId[] = "deleted-co";        // created, then deleted: NOT_FOUND
+inline constexpr char kActiveId[] = "active-co";       // active, 1 h token, refreshable
+inline constexpr char kForeverId[] = "forever-co";     // active, no expiry (classic token)
+inline constexpr char kExpiredId[] = "expired-co";     // active but its token has expired
+inline constexpr char kPendingId[] = "pending-co";     // pending: NOT_CONNECTED
+inline constexpr char kNeedsReauthId[] = "reauth-co";  // needs_reauth: NEEDS_REAUTH
+inline constexpr char kRotationLostId[] = "lost-co";   // needs_reauth: ROTATION_LOST
+inline constexpr char kRevokedId[] = "revoked-co";     // revoked: REVOKED
+inline constexpr char kDeletedId[] = "deleted-co";     // created, then deleted: NOT_FOUND
 
 // Creates the connections above through the broker's own lifecycle calls, with tokens from
 // NewTestSecret. `now` is the broker's clock reading.

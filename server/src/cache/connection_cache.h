@@ -32,7 +32,7 @@ class ConnectionCache {
   using Watcher = std::function<void(const Entry&)>;
 
   struct Filter {
-    std::string provider;                           // empty: any
+    std::string provider;                          // empty: any
     std::optional<core::ConnectionStatus> status;  // nullopt: any
   };
   struct Page {

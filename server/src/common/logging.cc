@@ -52,8 +52,8 @@ absl::Status InitLogging(const LogOptions& options) {
   std::shared_ptr<spdlog::logger> logger;
   try {  // spdlog reports sink errors by throwing; keep them inside this function.
     if (options.file.empty()) {
-      logger = std::make_shared<spdlog::logger>(
-          "token-broker", std::make_shared<spdlog::sinks::stderr_sink_mt>());
+      logger = std::make_shared<spdlog::logger>("token-broker",
+                                                std::make_shared<spdlog::sinks::stderr_sink_mt>());
     } else {
       logger = std::make_shared<spdlog::logger>(
           "token-broker",

@@ -56,9 +56,8 @@ absl::Status ReadSection(const YAML::Node& node, const std::string& path,
       for (const auto& [name, setter] : fields) {
         known.push_back(name);
       }
-      return absl::InvalidArgumentError(absl::StrCat("unknown key '", child,
-                                                     "'; known keys here: ",
-                                                     absl::StrJoin(known, ", ")));
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown key '", child, "'; known keys here: ", absl::StrJoin(known, ", ")));
     }
     TB_RETURN_IF_ERROR(it->second(kv.second, child));
   }
@@ -176,8 +175,7 @@ absl::StatusOr<std::string> ReadSecret(const SecretRef& ref, const std::string& 
   if (!ref.file.empty()) {
     std::ifstream in(ref.file);
     if (!in) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(path, "_file: cannot read ", ref.file));
+      return absl::InvalidArgumentError(absl::StrCat(path, "_file: cannot read ", ref.file));
     }
     std::stringstream buf;
     buf << in.rdbuf();
@@ -209,11 +207,21 @@ absl::StatusOr<core::ProviderSpec> BuildProvider(const std::string& name, RawPro
   }
   core::ProviderSpec s = *std::move(preset);
   s.name = name;
-  if (raw.authorize_url) s.authorize_url = *raw.authorize_url;
-  if (raw.token_url) s.token_url = *raw.token_url;
-  if (raw.revoke_url) s.revoke_url = *raw.revoke_url;
-  if (raw.token_info_url) s.token_info_url = *raw.token_info_url;
-  if (raw.scopes) s.scopes = *raw.scopes;
+  if (raw.authorize_url) {
+    s.authorize_url = *raw.authorize_url;
+  }
+  if (raw.token_url) {
+    s.token_url = *raw.token_url;
+  }
+  if (raw.revoke_url) {
+    s.revoke_url = *raw.revoke_url;
+  }
+  if (raw.token_info_url) {
+    s.token_info_url = *raw.token_info_url;
+  }
+  if (raw.scopes) {
+    s.scopes = *raw.scopes;
+  }
   s.client_id = raw.client_id;
   TB_ASSIGN_OR_RETURN(std::string secret,
                       ReadSecret(raw.client_secret, absl::StrCat(path, ".client_secret"), env));
@@ -237,14 +245,24 @@ absl::StatusOr<core::ProviderSpec> BuildProvider(const std::string& name, RawPro
           absl::StrCat(path, ".client_auth must be client_secret_post or client_secret_basic"));
     }
   }
-  if (raw.pkce) s.pkce = *raw.pkce;
-  if (raw.expires_in) s.expires_in = *raw.expires_in;
-  if (raw.refresh_token_expires_in) s.refresh_token_expires_in = *raw.refresh_token_expires_in;
+  if (raw.pkce) {
+    s.pkce = *raw.pkce;
+  }
+  if (raw.expires_in) {
+    s.expires_in = *raw.expires_in;
+  }
+  if (raw.refresh_token_expires_in) {
+    s.refresh_token_expires_in = *raw.refresh_token_expires_in;
+  }
   for (const auto& [k, v] : raw.extra_authorize_params) s.extra_authorize_params[k] = v;
   for (const auto& [k, v] : raw.extra_token_params) s.extra_token_params[k] = v;
   s.ca_file = raw.ca_file;
-  if (raw.connect_timeout) s.connect_timeout = *raw.connect_timeout;
-  if (raw.request_timeout) s.request_timeout = *raw.request_timeout;
+  if (raw.connect_timeout) {
+    s.connect_timeout = *raw.connect_timeout;
+  }
+  if (raw.request_timeout) {
+    s.request_timeout = *raw.request_timeout;
+  }
   TB_RETURN_IF_ERROR(core::ValidateSpec(s));
   return s;
 }
@@ -266,44 +284,50 @@ FieldSetter Providers(core::ProviderRegistry* out, const EnvLookup& env) {
       absl::Duration connect = absl::ZeroDuration(), request = absl::ZeroDuration();
       bool connect_set = false, request_set = false;
       const std::string path = absl::StrCat(p, ".", name);
-      TB_RETURN_IF_ERROR(ReadSection(
-          kv.second, path,
-          {
-              {"preset", String(&r.preset)},
-              {"authorize_url", OptString(&r.authorize_url)},
-              {"token_url", OptString(&r.token_url)},
-              {"revoke_url", OptString(&r.revoke_url)},
-              {"token_info_url", OptString(&r.token_info_url)},
-              {"scopes", StringList(&r.scopes)},
-              {"client_id", String(&r.client_id)},
-              {"client_secret_file", String(&r.client_secret.file)},
-              {"client_secret_env", String(&r.client_secret.env)},
-              {"body_encoding", OptString(&r.body_encoding)},
-              {"client_auth", OptString(&r.client_auth)},
-              {"pkce",
-               [&](const YAML::Node& v, const std::string& vp) {
-                 pkce_set = true;
-                 return Bool(&pkce)(v, vp);
-               }},
-              {"expires_in", OptInt64(&r.expires_in)},
-              {"refresh_token_expires_in", OptInt64(&r.refresh_token_expires_in)},
-              {"extra_authorize_params", StringMap(&r.extra_authorize_params)},
-              {"extra_token_params", StringMap(&r.extra_token_params)},
-              {"ca_file", String(&r.ca_file)},
-              {"connect_timeout",
-               [&](const YAML::Node& v, const std::string& vp) {
-                 connect_set = true;
-                 return Duration(&connect)(v, vp);
-               }},
-              {"request_timeout",
-               [&](const YAML::Node& v, const std::string& vp) {
-                 request_set = true;
-                 return Duration(&request)(v, vp);
-               }},
-          }));
-      if (pkce_set) r.pkce = pkce;
-      if (connect_set) r.connect_timeout = connect;
-      if (request_set) r.request_timeout = request;
+      TB_RETURN_IF_ERROR(
+          ReadSection(kv.second, path,
+                      {
+                          {"preset", String(&r.preset)},
+                          {"authorize_url", OptString(&r.authorize_url)},
+                          {"token_url", OptString(&r.token_url)},
+                          {"revoke_url", OptString(&r.revoke_url)},
+                          {"token_info_url", OptString(&r.token_info_url)},
+                          {"scopes", StringList(&r.scopes)},
+                          {"client_id", String(&r.client_id)},
+                          {"client_secret_file", String(&r.client_secret.file)},
+                          {"client_secret_env", String(&r.client_secret.env)},
+                          {"body_encoding", OptString(&r.body_encoding)},
+                          {"client_auth", OptString(&r.client_auth)},
+                          {"pkce",
+                           [&](const YAML::Node& v, const std::string& vp) {
+                             pkce_set = true;
+                             return Bool(&pkce)(v, vp);
+                           }},
+                          {"expires_in", OptInt64(&r.expires_in)},
+                          {"refresh_token_expires_in", OptInt64(&r.refresh_token_expires_in)},
+                          {"extra_authorize_params", StringMap(&r.extra_authorize_params)},
+                          {"extra_token_params", StringMap(&r.extra_token_params)},
+                          {"ca_file", String(&r.ca_file)},
+                          {"connect_timeout",
+                           [&](const YAML::Node& v, const std::string& vp) {
+                             connect_set = true;
+                             return Duration(&connect)(v, vp);
+                           }},
+                          {"request_timeout",
+                           [&](const YAML::Node& v, const std::string& vp) {
+                             request_set = true;
+                             return Duration(&request)(v, vp);
+                           }},
+                      }));
+      if (pkce_set) {
+        r.pkce = pkce;
+      }
+      if (connect_set) {
+        r.connect_timeout = connect;
+      }
+      if (request_set) {
+        r.request_timeout = request;
+      }
       TB_ASSIGN_OR_RETURN(core::ProviderSpec spec, BuildProvider(name, std::move(r), env));
       (*out)[name] = std::move(spec);
     }
@@ -348,8 +372,7 @@ absl::Status ParseInto(const YAML::Node& root, Config& c, const EnvLookup& env) 
 
 absl::StatusOr<HostPort> ParseHostPort(absl::string_view address) {
   const auto bad = [&](absl::string_view why) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("'", address, "' is not host:port (", why, ")"));
+    return absl::InvalidArgumentError(absl::StrCat("'", address, "' is not host:port (", why, ")"));
   };
   const size_t colon = address.rfind(':');
   if (colon == absl::string_view::npos || colon == 0) {
@@ -400,11 +423,11 @@ absl::Status Validate(const Config& c) {
     return absl::InvalidArgumentError(
         absl::StrCat("store.url '", c.store.url, "' is not supported; use 'memory:'"));
   }
-  static const char* const kLevels[] = {"trace", "debug", "info", "warn", "error", "critical",
-                                        "off"};
+  static const char* const kLevels[] = {"trace", "debug",    "info", "warn",
+                                        "error", "critical", "off"};
   if (std::find(std::begin(kLevels), std::end(kLevels), c.log.level) == std::end(kLevels)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("log.level '", c.log.level, "' must be one of ", absl::StrJoin(kLevels, ", ")));
+    return absl::InvalidArgumentError(absl::StrCat("log.level '", c.log.level, "' must be one of ",
+                                                   absl::StrJoin(kLevels, ", ")));
   }
   if (c.log.format != "text" && c.log.format != "json") {
     return absl::InvalidArgumentError("log.format must be text or json");
@@ -419,8 +442,8 @@ absl::StatusOr<Config> ParseConfig(absl::string_view yaml, const EnvLookup& env)
     TB_RETURN_IF_ERROR(ParseInto(root, c, env));
   } catch (const YAML::Exception& e) {
     return absl::InvalidArgumentError(absl::StrCat("config is not valid YAML: line ",
-                                                   e.mark.line + 1, ", column ",
-                                                   e.mark.column + 1, ": ", e.msg));
+                                                   e.mark.line + 1, ", column ", e.mark.column + 1,
+                                                   ": ", e.msg));
   }
   TB_RETURN_IF_ERROR(Validate(c));
   return c;

@@ -29,10 +29,10 @@ std::optional<Reason> ReasonOf(const absl::Status& status) {
 
 namespace {
 constexpr FlowErrorKind kAllFlowErrors[] = {
-    FlowErrorKind::kLinkInvalid,      FlowErrorKind::kLinkExpired,   FlowErrorKind::kLinkRevoked,
-    FlowErrorKind::kLinkUsed,         FlowErrorKind::kAlreadyConnected,
-    FlowErrorKind::kStateInvalid,     FlowErrorKind::kWrongBrowser,  FlowErrorKind::kAccessDenied,
-    FlowErrorKind::kProviderError,    FlowErrorKind::kExchangeFailed, FlowErrorKind::kStoreFailed};
+    FlowErrorKind::kLinkInvalid,    FlowErrorKind::kLinkExpired,      FlowErrorKind::kLinkRevoked,
+    FlowErrorKind::kLinkUsed,       FlowErrorKind::kAlreadyConnected, FlowErrorKind::kStateInvalid,
+    FlowErrorKind::kWrongBrowser,   FlowErrorKind::kAccessDenied,     FlowErrorKind::kProviderError,
+    FlowErrorKind::kExchangeFailed, FlowErrorKind::kStoreFailed};
 }  // namespace
 
 absl::string_view FlowErrorName(FlowErrorKind kind) {
@@ -90,8 +90,8 @@ absl::Status StatusErrorFor(const Connection& c) {
       return ReasonError(absl::StatusCode::kFailedPrecondition, Reason::kNotConnected,
                          "connection is not connected yet: open its connect link");
     case ConnectionStatus::kNeedsReauth: {
-      const Reason r = c.reason == Reason::kRotationLost ? Reason::kRotationLost
-                                                         : Reason::kNeedsReauth;
+      const Reason r =
+          c.reason == Reason::kRotationLost ? Reason::kRotationLost : Reason::kNeedsReauth;
       return ReasonError(absl::StatusCode::kFailedPrecondition, r,
                          "connection needs re-authorization: mint a reconnect link");
     }

@@ -26,9 +26,8 @@ class ProviderClient {
   // provider takes no PKCE) and the exact redirect_uri of the authorize request. For Zendesk it
   // then looks up the new token's id (token_info_url) and sets Grant::provider_token_id.
   // The returned grant has issued_at = now and generation 0 (the broker assigns it).
-  virtual absl::StatusOr<Grant> ExchangeCode(const ProviderSpec& spec,
-                                             const Connection& connection, const AuthCode& code,
-                                             const PkceVerifier& verifier,
+  virtual absl::StatusOr<Grant> ExchangeCode(const ProviderSpec& spec, const Connection& connection,
+                                             const AuthCode& code, const PkceVerifier& verifier,
                                              const std::string& redirect_uri,
                                              absl::Time deadline) = 0;
   // Uses connection.grant->refresh_token. A response without a refresh token keeps none in the

@@ -52,8 +52,8 @@ namespace {
 absl::Status CheckUrl(const ProviderSpec& s, absl::string_view field, const std::string& url,
                       bool required) {
   if (url.empty()) {
-    return required ? absl::InvalidArgumentError(absl::StrCat("provider '", s.name, "': ", field,
-                                                              " is required"))
+    return required ? absl::InvalidArgumentError(
+                          absl::StrCat("provider '", s.name, "': ", field, " is required"))
                     : absl::OkStatus();
   }
   if (absl::StartsWith(url, "https://")) {
@@ -88,7 +88,8 @@ absl::Status ValidateSpec(const ProviderSpec& s) {
     return st;
   }
   if (s.client_id.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat("provider '", s.name, "': client_id is required"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("provider '", s.name, "': client_id is required"));
   }
   if (s.client_secret.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(

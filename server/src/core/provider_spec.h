@@ -17,8 +17,8 @@
 
 namespace tb::core {
 
-enum class BodyEncoding { kJson, kForm };               // token and revoke request bodies
-enum class ClientAuth { kSecretPost, kSecretBasic };     // RFC 6749 section 2.3.1
+enum class BodyEncoding { kJson, kForm };             // token and revoke request bodies
+enum class ClientAuth { kSecretPost, kSecretBasic };  // RFC 6749 section 2.3.1
 enum class Revocation { kNone, kZendeskTokenId, kRfc7009 };
 
 struct ProviderSpec {

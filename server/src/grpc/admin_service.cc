@@ -38,8 +38,8 @@ absl::StatusOr<std::string> DecodePageToken(const std::string& token) {
 }  // namespace
 
 grpc::ServerUnaryReactor* AdminService::CreateConnectLink(grpc::CallbackServerContext* ctx,
-                                                         const v1::CreateConnectLinkRequest* req,
-                                                         v1::CreateConnectLinkResponse* resp) {
+                                                          const v1::CreateConnectLinkRequest* req,
+                                                          v1::CreateConnectLinkResponse* resp) {
   if (req->ttl().seconds() < 0 || req->ttl().nanos() < 0) {
     return Done(ctx, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "ttl must not be negative"));
   }
@@ -66,8 +66,8 @@ grpc::ServerUnaryReactor* AdminService::CreateConnectLink(grpc::CallbackServerCo
 }
 
 grpc::ServerUnaryReactor* AdminService::RevokeConnectLink(grpc::CallbackServerContext* ctx,
-                                                         const v1::RevokeConnectLinkRequest* req,
-                                                         v1::RevokeConnectLinkResponse*) {
+                                                          const v1::RevokeConnectLinkRequest* req,
+                                                          v1::RevokeConnectLinkResponse*) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   run_blocking_([this, reactor, req] {
     const absl::Status s = flow_.RevokeLink(req->link_id());
@@ -78,8 +78,8 @@ grpc::ServerUnaryReactor* AdminService::RevokeConnectLink(grpc::CallbackServerCo
 }
 
 grpc::ServerUnaryReactor* AdminService::GetConnection(grpc::CallbackServerContext* ctx,
-                                                     const v1::GetConnectionRequest* req,
-                                                     v1::Connection* resp) {
+                                                      const v1::GetConnectionRequest* req,
+                                                      v1::Connection* resp) {
   if (absl::Status s = core::ValidateConnectionId(req->connection_id()); !s.ok()) {
     return Done(ctx, ToGrpcStatus(s));
   }
@@ -93,11 +93,11 @@ grpc::ServerUnaryReactor* AdminService::GetConnection(grpc::CallbackServerContex
 }
 
 grpc::ServerUnaryReactor* AdminService::ListConnections(grpc::CallbackServerContext* ctx,
-                                                       const v1::ListConnectionsRequest* req,
-                                                       v1::ListConnectionsResponse* resp) {
+                                                        const v1::ListConnectionsRequest* req,
+                                                        v1::ListConnectionsResponse* resp) {
   if (req->page_size() < 0) {
-    return Done(ctx, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                                  "page_size must not be negative"));
+    return Done(ctx,
+                grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "page_size must not be negative"));
   }
   std::string after;
   if (!req->page_token().empty()) {
@@ -126,8 +126,8 @@ grpc::ServerUnaryReactor* AdminService::ListConnections(grpc::CallbackServerCont
 }
 
 grpc::ServerUnaryReactor* AdminService::DeleteConnection(grpc::CallbackServerContext* ctx,
-                                                        const v1::DeleteConnectionRequest* req,
-                                                        v1::DeleteConnectionResponse*) {
+                                                         const v1::DeleteConnectionRequest* req,
+                                                         v1::DeleteConnectionResponse*) {
   if (absl::Status s = core::ValidateConnectionId(req->connection_id()); !s.ok()) {
     return Done(ctx, ToGrpcStatus(s));
   }

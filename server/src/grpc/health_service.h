@@ -32,8 +32,7 @@ class HealthService final : public grpc::health::v1::Health::CallbackService {
                                   const grpc::health::v1::HealthCheckRequest* req,
                                   grpc::health::v1::HealthCheckResponse* resp) override;
   grpc::ServerWriteReactor<grpc::health::v1::HealthCheckResponse>* Watch(
-      grpc::CallbackServerContext* ctx,
-      const grpc::health::v1::HealthCheckRequest* req) override;
+      grpc::CallbackServerContext* ctx, const grpc::health::v1::HealthCheckRequest* req) override;
 
  private:
   class WatchReactor;

@@ -91,16 +91,16 @@ class TokenService::Impl final : public TokenService::Service {
   grpc::ServerUnaryReactor* Refresh(grpc::CallbackServerContext* ctx, const v1::RefreshRequest*,
                                     v1::RefreshResponse*) override {
     grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
-    r->Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                           "Refresh is not available in this version"));
+    r->Finish(
+        grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "Refresh is not available in this version"));
     return r;
   }
 
   grpc::ServerUnaryReactor* Revoke(grpc::CallbackServerContext* ctx, const v1::RevokeRequest*,
                                    v1::RevokeResponse*) override {
     grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
-    r->Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                           "Revoke is not available in this version"));
+    r->Finish(
+        grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "Revoke is not available in this version"));
     return r;
   }
 
@@ -245,8 +245,8 @@ class TokenService::Impl::WatchReactor final
       response_.Clear();
       ToProto(*view, response_.mutable_token());
     }
-    spdlog::debug("WatchToken connection={} generation={} token={}", id_,
-                  view->grant().generation, view->grant().access_token);
+    spdlog::debug("WatchToken connection={} generation={} token={}", id_, view->grant().generation,
+                  view->grant().access_token);
     StartWrite(&response_);
   }
 
@@ -277,8 +277,7 @@ class TokenService::Impl::WatchReactor final
 
 grpc::ServerWriteReactor<v1::WatchTokenResponse>* TokenService::Impl::WatchToken(
     grpc::CallbackServerContext*, const v1::WatchTokenRequest* req) {
-  return WatchReactor::Begin(
-      std::make_shared<WatchReactor>(cache_, broker_, req->connection_id()));
+  return WatchReactor::Begin(std::make_shared<WatchReactor>(cache_, broker_, req->connection_id()));
 }
 
 TokenService::TokenService(oauth::Broker& broker, cache::ConnectionCache& cache, int cq_threads)

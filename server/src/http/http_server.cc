@@ -753,10 +753,11 @@ class HttpServer::Impl {
 absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(HttpServerOptions options,
                                                               Handler handler) {
   if (!handler) {
-    return absl::InvalidArgumentError(absl::StrCat("http server ", options.name, ": empty handler"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("http server ", options.name, ": empty handler"));
   }
-  return Start(std::move(options), AsyncHandler([handler = std::move(handler)](
-                                                    HttpRequest req, Respond respond) {
+  return Start(std::move(options),
+               AsyncHandler([handler = std::move(handler)](HttpRequest req, Respond respond) {
                  respond(handler(req));
                }));
 }

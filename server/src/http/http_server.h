@@ -66,9 +66,10 @@ class HttpServer {
   int port() const;
 
   // Stops accepting, closes every connection (in-flight responses are dropped), waits for every
-  // pending async Respond, and joins the io threads; when it returns, the port is closed and the handler is no longer called.
-  // Idempotent. Called from inside the handler (an io thread) it only starts the shutdown; the
-  // join then happens in a later Stop() or the destructor on another thread.
+  // pending async Respond, and joins the io threads; when it returns, the port is closed and the
+  // handler is no longer called. Idempotent. Called from inside the handler (an io thread) it only
+  // starts the shutdown; the join then happens in a later Stop() or the destructor on another
+  // thread.
   void Stop();
 
  private:

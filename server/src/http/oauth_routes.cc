@@ -3,8 +3,8 @@
 #include <spdlog/spdlog.h>
 
 #include <boost/url/params_encoded_view.hpp>
-#include <boost/url/parse_query.hpp>
 #include <boost/url/parse.hpp>
+#include <boost/url/parse_query.hpp>
 #include <boost/url/pct_string_view.hpp>
 #include <utility>
 
@@ -98,13 +98,13 @@ HttpResponse ErrorPage(const absl::Status& status, const std::string& provider_d
                   "You declined access, so nothing was connected. If that was a mistake, open "
                   "your connect link again.");
     case K::kProviderError:
-      return Page(502, "The sign-in did not complete",
-                  absl::StrCat("The provider reported a problem",
-                               provider_description.empty()
-                                   ? std::string(".")
-                                   : absl::StrCat(": \u201c", HtmlEscape(provider_description),
-                                                  "\u201d."),
-                               " Nothing was connected. Please open your connect link again."));
+      return Page(
+          502, "The sign-in did not complete",
+          absl::StrCat("The provider reported a problem",
+                       provider_description.empty()
+                           ? std::string(".")
+                           : absl::StrCat(": \u201c", HtmlEscape(provider_description), "\u201d."),
+                       " Nothing was connected. Please open your connect link again."));
     case K::kExchangeFailed:
       return Page(502, "The sign-in did not complete",
                   "The provider did not accept the sign-in, so nothing was connected. Please "
@@ -176,8 +176,8 @@ struct Routes {
       absl::StatusOr<core::ConnectionId> id = flow.Complete(cb);
       HttpResponse res =
           id.ok() ? Page(200, "Connected",
-                         absl::StrCat("The account is now connected as <strong>",
-                                      HtmlEscape(*id), "</strong>. You can close this window."))
+                         absl::StrCat("The account is now connected as <strong>", HtmlEscape(*id),
+                                      "</strong>. You can close this window."))
                   : ErrorPage(id.status(), cb.error_description);
       if (!id.ok()) {
         spdlog::info("oauth callback refused: {}", id.status().ToString());
@@ -257,8 +257,7 @@ std::string CookieValue(const HttpRequest& req, absl::string_view name) {
     for (absl::string_view part : absl::StrSplit(value, ';')) {
       part = absl::StripAsciiWhitespace(part);
       const size_t eq = part.find('=');
-      if (eq != absl::string_view::npos &&
-          part.substr(0, eq) == name) {
+      if (eq != absl::string_view::npos && part.substr(0, eq) == name) {
         return std::string(part.substr(eq + 1));
       }
     }

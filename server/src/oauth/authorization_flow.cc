@@ -90,8 +90,8 @@ absl::StatusOr<AuthorizationFlow::MintedLink> AuthorizationFlow::CreateLink(
     ttl = options_.default_link_ttl;
   }
   if (ttl < absl::Minutes(1) || ttl > options_.max_link_ttl) {
-    return absl::InvalidArgumentError(absl::StrCat("ttl must be 1 minute to ",
-                                                   absl::FormatDuration(options_.max_link_ttl)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("ttl must be 1 minute to ", absl::FormatDuration(options_.max_link_ttl)));
   }
   absl::StatusOr<std::shared_ptr<const core::Connection>> existing = broker_.GetConnection(id);
   if (existing.ok()) {
@@ -178,8 +178,7 @@ absl::StatusOr<std::string> AuthorizationFlow::AuthorizeUrl(
   return url;
 }
 
-absl::StatusOr<AuthorizationFlow::Started> AuthorizationFlow::Start(
-    absl::string_view link_token) {
+absl::StatusOr<AuthorizationFlow::Started> AuthorizationFlow::Start(absl::string_view link_token) {
   const absl::Time now = clock_.Now();
   TB_ASSIGN_OR_RETURN(core::ConnectLink link,
                       core::VerifyLink(link_token, options_.link_key, digest_, now));
@@ -239,10 +238,10 @@ absl::StatusOr<core::ConnectionId> AuthorizationFlow::Complete(const Callback& c
   }
   if (!cb.error.empty()) {
     const bool denied = cb.error == "access_denied";
-    absl::Status s = FlowError(
-        absl::StatusCode::kFailedPrecondition,
-        denied ? FlowErrorKind::kAccessDenied : FlowErrorKind::kProviderError,
-        denied ? "the account admin declined" : "the provider answered with an error");
+    absl::Status s =
+        FlowError(absl::StatusCode::kFailedPrecondition,
+                  denied ? FlowErrorKind::kAccessDenied : FlowErrorKind::kProviderError,
+                  denied ? "the account admin declined" : "the provider answered with an error");
     Event("callback_error", auth.connection_id, s);
     return s;
   }

@@ -42,8 +42,8 @@ class AuthorizationFlow {
  public:
   AuthorizationFlow(FlowOptions options, const core::ProviderRegistry& providers,
                     const Clock& clock, core::Random& random, const core::Digest& digest,
-                    core::FlowStore& store, core::ProviderClient& provider_client,
-                    Broker& broker, FlowEventSink events = nullptr);
+                    core::FlowStore& store, core::ProviderClient& provider_client, Broker& broker,
+                    FlowEventSink events = nullptr);
 
   struct MintedLink {
     std::string url;  // <public_base_url>/oauth/start?link=<signed token>
@@ -62,7 +62,7 @@ class AuthorizationFlow {
   absl::Status RevokeLink(const std::string& link_id);
 
   struct Started {
-    std::string authorize_url;  // where to send the browser (302)
+    std::string authorize_url;   // where to send the browser (302)
     OAuthState browser_binding;  // the cookie value to set with it
   };
   // /oauth/start: checks the link (valid, unexpired, unrevoked, unused; it stays usable, since

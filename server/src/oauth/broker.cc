@@ -53,8 +53,7 @@ absl::StatusOr<std::shared_ptr<const core::Connection>> Broker::GetConnection(
 }
 
 absl::StatusOr<cache::ConnectionCache::Page> Broker::ListConnections(
-    const cache::ConnectionCache::Filter& filter, size_t page_size,
-    absl::string_view after) const {
+    const cache::ConnectionCache::Filter& filter, size_t page_size, absl::string_view after) const {
   if (page_size == 0 || page_size > kMaxPageSize) {
     return absl::InvalidArgumentError(absl::StrCat("page_size must be 1 to ", kMaxPageSize));
   }

@@ -63,10 +63,10 @@ TEST(ConnectionCacheTest, EraseIfDoesNotRemoveANewerEntry) {
 TEST(ConnectionCacheTest, ListPagesInIdOrderWithFilters) {
   ConnectionCache cache;
   for (int i = 0; i < 250; ++i) {
-    cache.Publish(Make(absl::StrCat("c", 1000 + i), 1,
-                       i % 2 == 0 ? core::ConnectionStatus::kActive
-                                  : core::ConnectionStatus::kPending,
-                       i % 5 == 0 ? "zendesk-chat" : "zendesk"));
+    cache.Publish(
+        Make(absl::StrCat("c", 1000 + i), 1,
+             i % 2 == 0 ? core::ConnectionStatus::kActive : core::ConnectionStatus::kPending,
+             i % 5 == 0 ? "zendesk-chat" : "zendesk"));
   }
   std::vector<std::string> seen;
   std::string after;
@@ -95,9 +95,8 @@ TEST(ConnectionCacheTest, ListPagesInIdOrderWithFilters) {
 TEST(ConnectionCacheTest, WatchersSeeEveryChangeAndErase) {
   ConnectionCache cache;
   std::vector<uint64_t> generations;
-  const uint64_t h = cache.Subscribe("acme", [&](const Entry& e) {
-    generations.push_back(e == nullptr ? 0 : e->generation());
-  });
+  const uint64_t h = cache.Subscribe(
+      "acme", [&](const Entry& e) { generations.push_back(e == nullptr ? 0 : e->generation()); });
   cache.Publish(Make("other", 7));
   Entry v1 = Make("acme", 1);
   cache.Publish(v1);

@@ -37,10 +37,10 @@ TEST(ConfigTest, RejectsUnknownKeysNamingThem) {
 }
 
 TEST(ConfigTest, RejectsGarbage) {
-  for (const char* bad : {"grpc: [1, 2", "grpc: 5", "grpc: {threads: many}",
-                          "grpc: {listen: nohostport}", "http: {threads: 0}",
-                          "log: {level: loud}", "store: {url: 'redis://x'}", "- a\n- b",
-                          "grpc: {listen: 'host:99999'}"}) {
+  for (const char* bad :
+       {"grpc: [1, 2", "grpc: 5", "grpc: {threads: many}", "grpc: {listen: nohostport}",
+        "http: {threads: 0}", "log: {level: loud}", "store: {url: 'redis://x'}", "- a\n- b",
+        "grpc: {listen: 'host:99999'}"}) {
     EXPECT_EQ(ParseConfig(bad).status().code(), absl::StatusCode::kInvalidArgument) << bad;
   }
 }

@@ -28,7 +28,8 @@ class ConnectLinkTest : public ::testing::Test {
 };
 
 TEST_F(ConnectLinkTest, SignedLinkVerifiesWithEveryField) {
-  absl::StatusOr<ConnectLink> back = VerifyLink(SignLink(Link(), key_, digest_), key_, digest_, now_);
+  absl::StatusOr<ConnectLink> back =
+      VerifyLink(SignLink(Link(), key_, digest_), key_, digest_, now_);
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_EQ(back->id, "link-1");
   EXPECT_EQ(back->connection_id, "acme");
@@ -54,8 +55,7 @@ TEST_F(ConnectLinkTest, TamperedOrForeignLinksAreRejected) {
   ConnectLink other = Link();
   other.connection_id = "victim";
   const std::string forged = SignLink(other, KeyMaterial("attacker"), digest_);
-  const std::string spliced =
-      forged.substr(0, forged.find('.')) + token.substr(token.find('.'));
+  const std::string spliced = forged.substr(0, forged.find('.')) + token.substr(token.find('.'));
   EXPECT_EQ(FlowErrorOf(VerifyLink(spliced, key_, digest_, now_).status()),
             FlowErrorKind::kLinkInvalid);
   // Every single-character change.
@@ -81,8 +81,7 @@ TEST_F(ConnectLinkTest, ReconnectFlagIsSigned) {
   const size_t flag = payload.rfind(".0.");
   ASSERT_NE(flag, std::string::npos);
   payload[flag + 1] = '1';
-  const std::string forged =
-      absl::WebSafeBase64Escape(payload) + token.substr(token.find('.'));
+  const std::string forged = absl::WebSafeBase64Escape(payload) + token.substr(token.find('.'));
   EXPECT_EQ(FlowErrorOf(VerifyLink(forged, key_, digest_, now_).status()),
             FlowErrorKind::kLinkInvalid);
 }

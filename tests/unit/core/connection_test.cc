@@ -62,8 +62,7 @@ TEST(ConnectionTest, ConnectionIdValidation) {
   EXPECT_EQ(ValidateConnectionId("-acme").code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(ValidateConnectionId("ac me").code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(ValidateConnectionId("a/b").code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(ValidateConnectionId(std::string(129, 'a')).code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ValidateConnectionId(std::string(129, 'a')).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(ValidateConnectionId(std::string(128, 'a')).ok());
 }
 

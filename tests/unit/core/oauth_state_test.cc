@@ -11,8 +11,8 @@ namespace {
 
 // RFC 7636 Appendix B: these 32 octets give this verifier, whose S256 challenge is this.
 TEST(OAuthStateTest, PkceMatchesRfc7636AppendixB) {
-  testing::FixedRandom random({116, 24,  223, 180, 151, 153, 224, 37,  79, 250, 96,
-                               125, 216, 173, 187, 186, 22,  212, 37,  77, 105, 214,
+  testing::FixedRandom random({116, 24,  223, 180, 151, 153, 224, 37,  79,  250, 96,
+                               125, 216, 173, 187, 186, 22,  212, 37,  77,  105, 214,
                                191, 240, 91,  88,  5,   88,  83,  132, 141, 121});
   const PkceVerifier verifier = NewPkceVerifier(random);
   EXPECT_EQ(verifier.Reveal(), "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk");

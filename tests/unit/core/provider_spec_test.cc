@@ -74,11 +74,10 @@ TEST(ProviderSpecTest, ZendeskLifetimesAreCheckedAgainstZendeskRanges) {
     int64_t refresh_expires_in;
     bool ok;
   };
-  for (const Case& c : {Case{1800, 2592000, true}, Case{300, 2592000, false},
-                        Case{301, 2592000, true}, Case{172800, 2592000, false},
-                        Case{172799, 2592000, true}, Case{1800, 604800, false},
-                        Case{1800, 604801, true}, Case{1800, 7776000, false},
-                        Case{1800, 7775999, true}}) {
+  for (const Case& c :
+       {Case{1800, 2592000, true}, Case{300, 2592000, false}, Case{301, 2592000, true},
+        Case{172800, 2592000, false}, Case{172799, 2592000, true}, Case{1800, 604800, false},
+        Case{1800, 604801, true}, Case{1800, 7776000, false}, Case{1800, 7775999, true}}) {
     ProviderSpec s = Complete("zendesk");
     s.expires_in = c.expires_in;
     s.refresh_token_expires_in = c.refresh_expires_in;

@@ -10,15 +10,14 @@ namespace {
 
 TEST(StatusMappingTest, CodesMapOneToOne) {
   EXPECT_EQ(ToGrpcStatus(absl::NotFoundError("x")).error_code(), grpc::StatusCode::NOT_FOUND);
-  EXPECT_EQ(ToGrpcStatus(absl::UnavailableError("x")).error_code(),
-            grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(ToGrpcStatus(absl::UnavailableError("x")).error_code(), grpc::StatusCode::UNAVAILABLE);
   EXPECT_TRUE(ToGrpcStatus(absl::OkStatus()).ok());
   EXPECT_TRUE(ToGrpcStatus(absl::NotFoundError("x")).error_details().empty());
 }
 
 TEST(StatusMappingTest, ReasonBecomesErrorInfoInDetails) {
-  const grpc::Status s = ToGrpcStatus(core::ReasonError(
-      absl::StatusCode::kFailedPrecondition, core::Reason::kNeedsReauth, "reconnect"));
+  const grpc::Status s = ToGrpcStatus(core::ReasonError(absl::StatusCode::kFailedPrecondition,
+                                                        core::Reason::kNeedsReauth, "reconnect"));
   EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   google::rpc::Status details;
   ASSERT_TRUE(details.ParseFromString(s.error_details()));

@@ -630,17 +630,17 @@ namespace {
 TEST(HttpServerAsyncTest, ResponseFromAnotherThreadReachesTheClient) {
   std::vector<std::thread> workers;
   tb::Mutex mu;
-  auto server = HttpServer::Start(TestOptions(), AsyncHandler([&](HttpRequest req,
-                                                                  Respond respond) {
-    tb::MutexLock lock(&mu);
-    workers.emplace_back([req = std::move(req), respond = std::move(respond)] {
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-      HttpResponse res;
-      res.body = absl::StrCat("later ", req.target);
-      respond(res);
-      respond(HttpResponse{});  // a second call is ignored
-    });
-  }));
+  auto server = HttpServer::Start(
+      TestOptions(), AsyncHandler([&](HttpRequest req, Respond respond) {
+        tb::MutexLock lock(&mu);
+        workers.emplace_back([req = std::move(req), respond = std::move(respond)] {
+          std::this_thread::sleep_for(std::chrono::milliseconds(50));
+          HttpResponse res;
+          res.body = absl::StrCat("later ", req.target);
+          respond(res);
+          respond(HttpResponse{});  // a second call is ignored
+        });
+      }));
   ASSERT_TRUE(server.ok()) << server.status();
   TestClient client = ConnectOrDie((*server)->port());
   for (const char* target : {"/one", "/two"}) {  // keep-alive across async answers
@@ -663,15 +663,14 @@ TEST(HttpServerAsyncTest, StopWaitsForPendingResponses) {
   std::thread worker;
   std::atomic<bool> answered{false};
   std::atomic<bool> started{false};
-  auto server = HttpServer::Start(TestOptions(), AsyncHandler([&](HttpRequest,
-                                                                  Respond respond) {
-    started = true;
-    worker = std::thread([&answered, respond = std::move(respond)] {
-      std::this_thread::sleep_for(std::chrono::milliseconds(200));
-      answered = true;
-      respond(HttpResponse{});
-    });
-  }));
+  auto server = HttpServer::Start(TestOptions(), AsyncHandler([&](HttpRequest, Respond respond) {
+                                    started = true;
+                                    worker = std::thread([&answered, respond = std::move(respond)] {
+                                      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+                                      answered = true;
+                                      respond(HttpResponse{});
+                                    });
+                                  }));
   ASSERT_TRUE(server.ok());
   TestClient client = ConnectOrDie((*server)->port());
   ASSERT_TRUE(client.Send(Get("/slow")));

@@ -101,8 +101,8 @@ class AuthorizationFlowTest : public ::testing::Test {
   cache::ConnectionCache cache_;
   Broker broker_{clock_, token_store_, cache_};
   testing::FakeProviderClient provider_;
-  AuthorizationFlow flow_{options_, providers_, clock_,  random_, digest_,
-                          flow_store_, provider_,   broker_};
+  AuthorizationFlow flow_{options_, providers_,  clock_,    random_,
+                          digest_,  flow_store_, provider_, broker_};
   std::string link_token_;
   std::string link_id_;
 };
@@ -110,8 +110,8 @@ class AuthorizationFlowTest : public ::testing::Test {
 TEST_F(AuthorizationFlowTest, LinkStartCallbackConnectsTheAccount) {
   const Started s = MintAndStart("acme");
   EXPECT_EQ(broker_.GetConnection("acme").value()->status, core::ConnectionStatus::kPending);
-  EXPECT_TRUE(absl::StartsWith(s.authorize_url,
-                               "https://acme.zendesk.com/oauth/authorizations/new?"));
+  EXPECT_TRUE(
+      absl::StartsWith(s.authorize_url, "https://acme.zendesk.com/oauth/authorizations/new?"));
   EXPECT_EQ(s.query.at("response_type"), "code");
   EXPECT_EQ(s.query.at("client_id"), "broker");
   EXPECT_EQ(s.query.at("redirect_uri"), "https%3A%2F%2Fbroker.example.com%2Foauth%2Fcallback");
@@ -167,10 +167,8 @@ TEST_F(AuthorizationFlowTest, BadCallbacksStoreNothing) {
       {"unknown state", [](auto& cb) { cb.state = "forged"; }, FlowErrorKind::kStateInvalid},
       {"no cookie", [](auto& cb) { cb.browser_binding.clear(); }, FlowErrorKind::kWrongBrowser},
       {"other cookie", [](auto& cb) { cb.browser_binding = "x"; }, FlowErrorKind::kWrongBrowser},
-      {"access denied", [](auto& cb) { cb.error = "access_denied"; },
-       FlowErrorKind::kAccessDenied},
-      {"server error", [](auto& cb) { cb.error = "server_error"; },
-       FlowErrorKind::kProviderError},
+      {"access denied", [](auto& cb) { cb.error = "access_denied"; }, FlowErrorKind::kAccessDenied},
+      {"server error", [](auto& cb) { cb.error = "server_error"; }, FlowErrorKind::kProviderError},
       {"no code", [](auto& cb) { cb.code.clear(); }, FlowErrorKind::kProviderError},
   };
   for (const Case& c : cases) {
@@ -246,10 +244,11 @@ TEST_F(AuthorizationFlowTest, ActiveConnectionNeedsAReconnectLink) {
   provider_.NextExchangeReturns(first);
   ASSERT_TRUE(flow_.Complete(CallbackFor(s)).ok());
 
-  EXPECT_EQ(core::FlowErrorOf(flow_.CreateLink("acme", "zendesk", {{"subdomain", "acme"}},
-                                               absl::ZeroDuration(), false)
-                                  .status()),
-            FlowErrorKind::kAlreadyConnected);
+  EXPECT_EQ(
+      core::FlowErrorOf(
+          flow_.CreateLink("acme", "zendesk", {{"subdomain", "acme"}}, absl::ZeroDuration(), false)
+              .status()),
+      FlowErrorKind::kAlreadyConnected);
 
   const Started again = MintAndStart("acme", /*reconnect=*/true);
   const core::Grant second = NewGrant();
@@ -258,7 +257,8 @@ TEST_F(AuthorizationFlowTest, ActiveConnectionNeedsAReconnectLink) {
   EXPECT_EQ(broker_.GetToken("acme")->grant().access_token, second.access_token);
   EXPECT_EQ(broker_.GetToken("acme")->grant().generation, 2u);
   // The previous grant was revoked at the provider, after the new one was stored.
-  EXPECT_EQ(provider_.revoked(), std::vector<std::string>{std::string(first.access_token.Reveal())});
+  EXPECT_EQ(provider_.revoked(),
+            std::vector<std::string>{std::string(first.access_token.Reveal())});
 }
 
 TEST_F(AuthorizationFlowTest, NonReconnectLinkMintedBeforeConnectingCannotReplaceTheGrant) {
@@ -272,36 +272,37 @@ TEST_F(AuthorizationFlowTest, NonReconnectLinkMintedBeforeConnectingCannotReplac
 }
 
 TEST_F(AuthorizationFlowTest, CreateLinkValidatesItsInput) {
-  EXPECT_EQ(flow_.CreateLink("bad id", "zendesk", {{"subdomain", "acme"}}, absl::ZeroDuration(),
-                             false)
-                .status()
-                .code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      flow_.CreateLink("bad id", "zendesk", {{"subdomain", "acme"}}, absl::ZeroDuration(), false)
+          .status()
+          .code(),
+      absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(flow_.CreateLink("acme", "okta", {}, absl::ZeroDuration(), false).status().code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(flow_.CreateLink("acme", "zendesk", {{"subdomain", "evil.com/"}},
-                             absl::ZeroDuration(), false)
-                .status()
-                .code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(flow_.CreateLink("acme", "zendesk", {{"subdomain", "acme"}}, absl::Hours(24 * 365),
-                             false)
-                .status()
-                .code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      flow_.CreateLink("acme", "zendesk", {{"subdomain", "evil.com/"}}, absl::ZeroDuration(), false)
+          .status()
+          .code(),
+      absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      flow_.CreateLink("acme", "zendesk", {{"subdomain", "acme"}}, absl::Hours(24 * 365), false)
+          .status()
+          .code(),
+      absl::StatusCode::kInvalidArgument);
   ASSERT_TRUE(
       flow_.CreateLink("acme", "zendesk", {{"subdomain", "acme"}}, absl::ZeroDuration(), false)
           .ok());
-  EXPECT_EQ(flow_.CreateLink("acme", "zendesk", {{"subdomain", "other"}}, absl::ZeroDuration(),
-                             false)
-                .status()
-                .code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      flow_.CreateLink("acme", "zendesk", {{"subdomain", "other"}}, absl::ZeroDuration(), false)
+          .status()
+          .code(),
+      absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(AuthorizationFlowTest, ZendeskChatSendsSubdomainAndNoPkce) {
   const Started s = MintAndStart("chat-co", false, "chat");
-  EXPECT_TRUE(absl::StartsWith(s.authorize_url, "https://www.zopim.com/oauth2/authorizations/new?"));
+  EXPECT_TRUE(
+      absl::StartsWith(s.authorize_url, "https://www.zopim.com/oauth2/authorizations/new?"));
   EXPECT_EQ(s.query.at("subdomain"), "acme");
   EXPECT_EQ(s.query.at("scope"), "read%20write%20chat");
   EXPECT_FALSE(s.query.contains("code_challenge"));
@@ -323,7 +324,8 @@ TEST_F(AuthorizationFlowTest, DeleteRevokesAtTheProviderThenRemoves) {
   ASSERT_TRUE(flow_.Complete(CallbackFor(s)).ok());
   provider_.NextRevokeReturns(absl::UnavailableError("provider down"));  // best effort
   ASSERT_TRUE(flow_.DeleteConnection("acme").ok());
-  EXPECT_EQ(provider_.revoked(), std::vector<std::string>{std::string(grant.access_token.Reveal())});
+  EXPECT_EQ(provider_.revoked(),
+            std::vector<std::string>{std::string(grant.access_token.Reveal())});
   EXPECT_EQ(broker_.GetConnection("acme").status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(flow_.DeleteConnection("acme").code(), absl::StatusCode::kNotFound);
 }

@@ -169,8 +169,7 @@ TEST_F(BrokerTest, LoadPublishesEveryStoredConnection) {
 }
 
 TEST_F(BrokerTest, ListConnectionsValidatesPageSize) {
-  EXPECT_EQ(broker_.ListConnections({}, 0, "").status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(broker_.ListConnections({}, 0, "").status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(broker_.ListConnections({}, 1001, "").status().code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(broker_.ListConnections({}, 1000, "").ok());
