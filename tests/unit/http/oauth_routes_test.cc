@@ -1,5 +1,6 @@
 #include "server/src/http/oauth_routes.h"
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 
 namespace tb::http {
@@ -23,7 +24,7 @@ TEST(OAuthRoutesTest, ParseQueryRejectsGarbage) {
   }
   std::string many;
   for (int i = 0; i < 40; ++i) {
-    many += "p" + std::to_string(i) + "=1&";
+    absl::StrAppend(&many, "p", i, "=1&");
   }
   EXPECT_FALSE(ParseQuery(many).ok());
 }
