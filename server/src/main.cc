@@ -34,6 +34,7 @@
 #include "server/src/http/oauth_routes.h"
 #include "server/src/oauth/authorization_flow.h"
 #include "server/src/oauth/broker.h"
+#include "server/src/oauth/refresher.h"
 #include "server/src/provider/https_provider_client.h"
 #include "server/src/store/in_memory_flow_store.h"
 #include "server/src/store/in_memory_token_store.h"
@@ -139,7 +140,21 @@ int main(int argc, char** argv) {
   tb::store::InMemoryTokenStore store;
   tb::store::InMemoryFlowStore flow_store;
   tb::cache::ConnectionCache cache;
-  tb::oauth::Broker broker(clock, store, cache);
+  // The refresh scheduler follows every published change; it is created further down, before
+  // anything can publish concurrently (Load() runs after and Start() snapshots what is there).
+  tb::oauth::Refresher* refresher_hook = nullptr;
+  tb::oauth::BrokerOptions broker_options;
+  broker_options.jitter = [&random] {
+    uint8_t b[2];
+    random.Fill(absl::MakeSpan(b));
+    return absl::Milliseconds((b[0] << 8 | b[1]) % 30'000);
+  };
+  broker_options.on_change = [&refresher_hook](const auto& c, const auto& id) {
+    if (refresher_hook != nullptr) {
+      refresher_hook->Track(c, id);
+    }
+  };
+  tb::oauth::Broker broker(clock, store, cache, broker_options);
 
   tb::provider::HttpClientOptions outbound;
   outbound.https_proxy =
@@ -184,10 +199,14 @@ int main(int argc, char** argv) {
     work.Post(std::move(task));
   };
 
+  tb::oauth::Refresher refresher({}, config->providers, clock, broker, **provider_client,
+                                 run_blocking);
+  refresher_hook = &refresher;
+
   absl::StatusOr<std::unique_ptr<tb::grpc_api::GrpcServer>> grpc_server =
       tb::grpc_api::GrpcServer::Start(
           {config->grpc.listen, config->grpc.probe_listen, config->grpc.threads},
-          {broker, cache, flow, run_blocking});
+          {broker, cache, flow, refresher, run_blocking});
   if (!grpc_server.ok()) {
     return Fail(grpc_server.status());
   }
@@ -219,6 +238,7 @@ int main(int argc, char** argv) {
   if (absl::Status s = broker.Load(); !s.ok()) {
     return Fail(s);
   }
+  refresher.Start();
   grpc->SetReady(true);
   spdlog::info("token-broker ready: {} connections, {} providers, store {}, OAuth callback {}",
                cache.size(), config->providers.size(), config->store.url, flow.redirect_uri());
@@ -227,6 +247,7 @@ int main(int argc, char** argv) {
   sigwait(&stop_signals, &sig);
   spdlog::info("signal {}: draining", sig);
   grpc->SetReady(false);
+  refresher.Stop();
   grpc->Shutdown(absl::Now() + absl::Seconds(10));
   (*public_http)->Stop();  // waits for callbacks still on the work pool
   (*admin_http)->Stop();

@@ -7,6 +7,7 @@
 
 #include "server/src/common/mutex.h"
 #include "server/src/core/provider_client.h"
+#include "server/src/core/random.h"
 
 namespace tb::testing {
 
@@ -49,7 +50,29 @@ class FakeProviderClient final : public core::ProviderClient {
                                       absl::Time) override {
     MutexLock lock(&mu_);
     ++refresh_calls_;
+    refresh_started_.SignalAll();
+    while (hold_refreshes_) {
+      released_.Wait(&mu_);
+    }
     return Pop(refreshes_);
+  }
+
+  // While held, Refresh calls block (a slow provider) until ReleaseRefreshes().
+  void HoldRefreshes() {
+    MutexLock lock(&mu_);
+    hold_refreshes_ = true;
+  }
+  void ReleaseRefreshes() {
+    MutexLock lock(&mu_);
+    hold_refreshes_ = false;
+    released_.SignalAll();
+  }
+  // Blocks until at least `n` Refresh calls have started.
+  void AwaitRefreshCalls(int n) {
+    MutexLock lock(&mu_);
+    while (refresh_calls_ < n) {
+      refresh_started_.Wait(&mu_);
+    }
   }
   absl::Status Revoke(const core::ProviderSpec&, const core::Connection& connection,
                       absl::Time) override {
@@ -89,6 +112,9 @@ class FakeProviderClient final : public core::ProviderClient {
   absl::Status revoke_result_ ABSL_GUARDED_BY(mu_);
   std::vector<ExchangeCall> exchange_calls_ ABSL_GUARDED_BY(mu_);
   int refresh_calls_ ABSL_GUARDED_BY(mu_) = 0;
+  bool hold_refreshes_ ABSL_GUARDED_BY(mu_) = false;
+  CondVar released_;
+  CondVar refresh_started_;
   std::vector<std::string> revoked_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -5,8 +5,11 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <atomic>
 #include <memory>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -19,6 +22,7 @@
 #include "server/src/http/http_server.h"
 #include "server/src/http/oauth_routes.h"
 #include "server/src/oauth/authorization_flow.h"
+#include "server/src/oauth/refresher.h"
 #include "server/src/provider/http_client.h"
 #include "server/src/provider/https_provider_client.h"
 #include "server/src/store/in_memory_flow_store.h"
@@ -102,7 +106,9 @@ class ConnectFlowTest : public ::testing::Test {
     routes.secure_cookies = false;
     routes_ = http::MakeOAuthHandler(*flow_, run, routes);
 
-    auto grpc = grpc_api::GrpcServer::Start({}, {broker_, cache_, *flow_, run});
+    refresher_ = std::make_unique<oauth::Refresher>(oauth::RefresherOptions{}, providers_, clock_,
+                                                    broker_, *provider_client_, run);
+    auto grpc = grpc_api::GrpcServer::Start({}, {broker_, cache_, *flow_, *refresher_, run});
     ASSERT_TRUE(grpc.ok());
     grpc_ = *std::move(grpc);
     auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", grpc_->port()),
@@ -210,6 +216,7 @@ class ConnectFlowTest : public ::testing::Test {
   http::AsyncHandler routes_;
   std::unique_ptr<http::HttpServer> public_http_;
   std::unique_ptr<oauth::AuthorizationFlow> flow_;
+  std::unique_ptr<oauth::Refresher> refresher_;
   std::unique_ptr<grpc_api::GrpcServer> grpc_;
   WorkPool work_{2, "test-work"};
   std::string cookie_;
@@ -403,6 +410,101 @@ TEST_F(ConnectFlowTest, PagesCarrySecurityHeadersAndEscapeProviderText) {
   res = browser_->Send(req, absl::Now() + kTimeout);
   ASSERT_TRUE(res.ok());
   EXPECT_EQ(res->status, 405);
+}
+
+}  // namespace
+}  // namespace tb
+
+namespace tb {
+namespace {
+
+class RefreshRpcTest : public ConnectFlowTest {
+ protected:
+  void SetUp() override {
+    ConnectFlowTest::SetUp();
+    absl::StatusOr<v1::CreateConnectLinkResponse> link = CreateLink("acme", "zendesk");
+    ASSERT_TRUE(link.ok());
+    ASSERT_EQ(WalkLink(link->url()).status, 200);
+    ASSERT_TRUE(GetToken("acme", &first_).ok());
+  }
+
+  grpc::Status Refresh(uint64_t if_generation, v1::Token* out) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+    v1::RefreshRequest req;
+    req.set_connection_id("acme");
+    req.set_if_generation(if_generation);
+    v1::RefreshResponse resp;
+    const grpc::Status s = tokens_->Refresh(&ctx, req, &resp);
+    *out = resp.token();
+    return s;
+  }
+
+  v1::Token first_;
+};
+
+TEST_F(RefreshRpcTest, ConcurrentRefreshesOfOneGenerationRotateOnceAtTheProvider) {
+  std::vector<std::thread> callers;
+  std::atomic<int> ok{0};
+  for (int i = 0; i < 20; ++i) {
+    callers.emplace_back([&] {
+      v1::Token t;
+      if (Refresh(1, &t).ok() && t.generation() == 2) {
+        ok++;
+      }
+    });
+  }
+  for (std::thread& t : callers) {
+    t.join();
+  }
+  EXPECT_EQ(ok.load(), 20);
+  EXPECT_EQ(fake_->calls(CallKind::kTokenRefresh), 1);
+  v1::Token now;
+  ASSERT_TRUE(GetToken("acme", &now).ok());
+  EXPECT_EQ(now.generation(), 2u);
+  EXPECT_TRUE(fake_->IsAccessTokenValid(now.access_token()));
+  EXPECT_FALSE(fake_->IsAccessTokenValid(first_.access_token()));  // Zendesk kills the old one
+  EXPECT_EQ(fake_->refresh_token_reuse_attempts(), 0);
+}
+
+TEST_F(RefreshRpcTest, InvalidGrantNeedsReauthAndStopsProviderCalls) {
+  testing::Failure invalid_grant;
+  invalid_grant.http_status = 400;
+  invalid_grant.error = "invalid_grant";
+  fake_->FailNext(CallKind::kTokenRefresh, invalid_grant);
+  v1::Token t;
+  grpc::Status s = Refresh(1, &t);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(GetToken("acme", &t).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(StatusOf("acme"), v1::CONNECTION_STATUS_NEEDS_REAUTH);
+  EXPECT_FALSE(Refresh(0, &t).ok());
+  EXPECT_EQ(fake_->calls(CallKind::kTokenRefresh), 1);
+}
+
+TEST_F(RefreshRpcTest, InvalidClientLeavesTheGrantServing) {
+  testing::Failure invalid_client;
+  invalid_client.http_status = 401;
+  invalid_client.error = "invalid_client";
+  fake_->FailNext(CallKind::kTokenRefresh, invalid_client);
+  v1::Token t;
+  EXPECT_EQ(Refresh(1, &t).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  ASSERT_TRUE(GetToken("acme", &t).ok());
+  EXPECT_EQ(t.access_token(), first_.access_token());
+  EXPECT_EQ(StatusOf("acme"), v1::CONNECTION_STATUS_ACTIVE);
+}
+
+TEST_F(RefreshRpcTest, RevokeStopsServingAndReachesTheProviderById) {
+  grpc::ClientContext ctx;
+  v1::RevokeRequest req;
+  req.set_connection_id("acme");
+  v1::RevokeResponse resp;
+  ASSERT_TRUE(tokens_->Revoke(&ctx, req, &resp).ok());
+  v1::Token t;
+  EXPECT_EQ(GetToken("acme", &t).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(StatusOf("acme"), v1::CONNECTION_STATUS_REVOKED);
+  EXPECT_FALSE(fake_->IsAccessTokenValid(first_.access_token()));
+  EXPECT_EQ(fake_->calls(CallKind::kRevokeById), 1);
+  EXPECT_EQ(fake_->calls(CallKind::kRevokeCurrent), 0);  // the quirk revokes nothing
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <memory>
 #include <set>
 #include <string>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "google/rpc/error_details.pb.h"
@@ -49,7 +50,7 @@ class GrpcServiceTest : public ::testing::Test {
   void SetUp() override {
     ASSERT_TRUE(testing::SeedEveryStatus(broker_, clock_.Now()).ok());
     auto server = grpc_api::GrpcServer::Start(
-        {}, {broker_, cache_, flow_parts_.flow, flow_parts_.run_blocking()});
+        {}, {broker_, cache_, flow_parts_.flow, flow_parts_.refresher, flow_parts_.run_blocking()});
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = *std::move(server);
     server_->SetReady(true);
@@ -143,8 +144,10 @@ TEST_F(GrpcServiceTest, GetTokenCarriesEveryTokenField) {
   EXPECT_EQ(std::vector<std::string>(t.scopes().begin(), t.scopes().end()),
             (std::vector<std::string>{"read", "write"}));
   EXPECT_EQ(t.expires_at().seconds(), absl::ToUnixSeconds(*stored.expires_at));
-  EXPECT_EQ(t.valid_until().seconds(), absl::ToUnixSeconds(*stored.expires_at));
-  EXPECT_EQ(t.valid_for().seconds(), 50 * 60);  // 1 h token, 10 min later
+  // valid_until is the scheduled refresh: 5 minutes before the 1 h token's expiry.
+  EXPECT_EQ(t.valid_until().seconds(), absl::ToUnixSeconds(*stored.expires_at) - 5 * 60);
+  EXPECT_EQ(t.valid_until().seconds(), absl::ToUnixSeconds(*stored.refresh_at));
+  EXPECT_EQ(t.valid_for().seconds(), 45 * 60);  // 10 min after issue
   EXPECT_EQ(t.generation(), 1u);
 
   ASSERT_TRUE(GetToken(testing::kForeverId, &resp).ok());
@@ -161,7 +164,9 @@ TEST_F(GrpcServiceTest, GetTokenRejectsBadArguments) {
             grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(GetToken(testing::kActiveId, &resp, absl::Hours(2)).error_code(),
             grpc::StatusCode::UNAVAILABLE);
-  EXPECT_TRUE(GetToken(testing::kActiveId, &resp, absl::Minutes(59)).ok());
+  EXPECT_TRUE(GetToken(testing::kActiveId, &resp, absl::Minutes(54)).ok());
+  EXPECT_EQ(GetToken(testing::kActiveId, &resp, absl::Minutes(56)).error_code(),
+            grpc::StatusCode::UNAVAILABLE);  // past valid_until, though before expiry
 }
 
 TEST_F(GrpcServiceTest, ListConnectionsPagesThroughTenThousand) {
@@ -301,7 +306,8 @@ TEST_F(GrpcServiceTest, TakenPortIsAStartupError) {
   grpc_api::GrpcServerOptions options;
   options.listen = absl::StrCat("127.0.0.1:", server_->port());
   auto second = grpc_api::GrpcServer::Start(
-      options, {broker_, cache_, flow_parts_.flow, flow_parts_.run_blocking()});
+      options,
+      {broker_, cache_, flow_parts_.flow, flow_parts_.refresher, flow_parts_.run_blocking()});
   EXPECT_EQ(second.status().code(), absl::StatusCode::kUnavailable);
 }
 
@@ -408,12 +414,22 @@ TEST_F(GrpcServiceTest, WatchTokenOnUnservableConnectionEndsWithItsError) {
   }
 }
 
-TEST_F(GrpcServiceTest, RefreshAndRevokeAreNotYetAvailable) {
-  grpc::ClientContext ctx;
-  v1::RefreshRequest req;
-  req.set_connection_id(testing::kActiveId);
-  v1::RefreshResponse resp;
-  EXPECT_EQ(tokens_->Refresh(&ctx, req, &resp).error_code(), grpc::StatusCode::UNIMPLEMENTED);
+TEST_F(GrpcServiceTest, RefreshOnUnservableConnectionsGivesTheirErrors) {
+  for (const auto& [id, code, reason] :
+       std::vector<std::tuple<std::string, grpc::StatusCode, std::string>>{
+           {testing::kPendingId, grpc::StatusCode::FAILED_PRECONDITION, "NOT_CONNECTED"},
+           {testing::kRevokedId, grpc::StatusCode::FAILED_PRECONDITION, "REVOKED"},
+           {testing::kNeedsReauthId, grpc::StatusCode::FAILED_PRECONDITION, "NEEDS_REAUTH"},
+           {"never-existed", grpc::StatusCode::NOT_FOUND, ""},
+           {"bad id", grpc::StatusCode::INVALID_ARGUMENT, ""}}) {
+    grpc::ClientContext ctx;
+    v1::RefreshRequest req;
+    req.set_connection_id(id);
+    v1::RefreshResponse resp;
+    const grpc::Status s = tokens_->Refresh(&ctx, req, &resp);
+    EXPECT_EQ(s.error_code(), code) << id;
+    EXPECT_EQ(ReasonOf(s), reason) << id;
+  }
 }
 
 }  // namespace

@@ -58,7 +58,7 @@ int main(int argc, char** argv) {
   }
   tb::testing::FlowParts flow_parts(clock, broker);
   auto grpc = tb::grpc_api::GrpcServer::Start(
-      {}, {broker, cache, flow_parts.flow, flow_parts.run_blocking()});
+      {}, {broker, cache, flow_parts.flow, flow_parts.refresher, flow_parts.run_blocking()});
   if (!grpc.ok()) {
     std::fprintf(stderr, "seeded_broker: %s\n", grpc.status().ToString().c_str());
     return 1;

@@ -7,6 +7,7 @@
 #include "server/src/crypto/openssl_digest.h"
 #include "server/src/crypto/openssl_random.h"
 #include "server/src/oauth/authorization_flow.h"
+#include "server/src/oauth/refresher.h"
 #include "server/src/store/in_memory_flow_store.h"
 #include "tests/fakes/fake_provider_client.h"
 #include "tests/support/test_secrets.h"
@@ -18,7 +19,8 @@ namespace tb::testing {
 // before the first link is minted.
 struct FlowParts {
   FlowParts(const Clock& clock, oauth::Broker& broker)
-      : flow(Options(), providers, clock, random, digest, store, provider, broker) {}
+      : flow(Options(), providers, clock, random, digest, store, provider, broker),
+        refresher({}, providers, clock, broker, provider, run_blocking()) {}
 
   static oauth::FlowOptions Options() {
     oauth::FlowOptions o;
@@ -35,7 +37,8 @@ struct FlowParts {
   store::InMemoryFlowStore store;
   FakeProviderClient provider;
   oauth::AuthorizationFlow flow;
-  WorkPool pool{2, "test-work"};  // last: stopped (drained) first
+  oauth::Refresher refresher;
+  WorkPool pool{2, "test-work"};  // last: destroyed (drained) first, while all else lives
 };
 
 }  // namespace tb::testing

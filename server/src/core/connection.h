@@ -63,6 +63,10 @@ struct Connection {
   Reason reason = Reason::kNotConnected;  // why it is not serving, kNone when active
   std::string last_error;                 // operator-facing detail, never a secret
   std::optional<Grant> grant;
+  // A refresh of this generation was sent and its outcome is not known yet (or was lost): set
+  // before the provider call, cleared when the rotated grant is stored. An invalid_grant seen
+  // while it is set means the provider rotated and we lost the answer (ROTATION_LOST).
+  std::optional<uint64_t> refresh_intent;
   absl::Time created_at = absl::InfinitePast();
   absl::Time updated_at = absl::InfinitePast();
 

@@ -40,10 +40,11 @@ class GrpcServer::Impl {
  public:
   Impl(const GrpcServerOptions& options, GrpcDomain domain)
       : options_(options),
-        token_service_(domain.broker, domain.cache,
-                       options.cq_threads > 0
-                           ? options.cq_threads
-                           : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))),
+        token_service_(
+            {domain.broker, domain.cache, domain.flow, domain.refresher, domain.run_blocking},
+            options.cq_threads > 0
+                ? options.cq_threads
+                : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))),
         admin_service_(domain.broker, domain.flow, std::move(domain.run_blocking)) {}
 
   absl::Status Start() {

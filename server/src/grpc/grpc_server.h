@@ -10,6 +10,7 @@
 #include "server/src/common/work_pool.h"
 #include "server/src/oauth/authorization_flow.h"
 #include "server/src/oauth/broker.h"
+#include "server/src/oauth/refresher.h"
 
 namespace tb::grpc_api {
 
@@ -34,6 +35,7 @@ struct GrpcDomain {
   oauth::Broker& broker;
   cache::ConnectionCache& cache;
   oauth::AuthorizationFlow& flow;
+  oauth::Refresher& refresher;
   RunBlocking run_blocking;
 };
 

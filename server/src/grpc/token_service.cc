@@ -65,8 +65,13 @@ grpc::Status ServeGetToken(const oauth::Broker& broker, const v1::GetTokenReques
 
 class TokenService::Impl final : public TokenService::Service {
  public:
-  Impl(oauth::Broker& broker, cache::ConnectionCache& cache, int cq_threads)
-      : broker_(broker), cache_(cache), cq_threads_(cq_threads) {}
+  Impl(Deps deps, int cq_threads)
+      : broker_(deps.broker),
+        cache_(deps.cache),
+        flow_(deps.flow),
+        refresher_(deps.refresher),
+        run_blocking_(std::move(deps.run_blocking)),
+        cq_threads_(cq_threads) {}
 
   void RegisterWith(grpc::ServerBuilder& builder) {
     builder.RegisterService(this);
@@ -87,20 +92,42 @@ class TokenService::Impl final : public TokenService::Service {
     threads_.clear();
   }
 
-  // Callback methods: not yet implemented.
-  grpc::ServerUnaryReactor* Refresh(grpc::CallbackServerContext* ctx, const v1::RefreshRequest*,
-                                    v1::RefreshResponse*) override {
+  // Refresh: joins (or starts) the connection's single refresh flight and answers from its
+  // completion; nothing blocks a gRPC thread. A caller whose deadline passes gets
+  // DEADLINE_EXCEEDED from gRPC while the flight goes on.
+  grpc::ServerUnaryReactor* Refresh(grpc::CallbackServerContext* ctx, const v1::RefreshRequest* req,
+                                    v1::RefreshResponse* resp) override {
     grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
-    r->Finish(
-        grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "Refresh is not available in this version"));
+    if (absl::Status s = core::ValidateConnectionId(req->connection_id()); !s.ok()) {
+      r->Finish(ToGrpcStatus(s));
+      return r;
+    }
+    refresher_.Refresh(req->connection_id(), req->if_generation(),
+                       [r, resp](absl::StatusOr<oauth::TokenView> v) {
+                         if (!v.ok()) {
+                           r->Finish(ToGrpcStatus(v.status()));
+                           return;
+                         }
+                         ToProto(*v, resp->mutable_token());
+                         r->Finish(grpc::Status::OK);
+                       });
     return r;
   }
 
-  grpc::ServerUnaryReactor* Revoke(grpc::CallbackServerContext* ctx, const v1::RevokeRequest*,
+  // Revoke: stops serving at once, then revokes at the provider, on the work pool.
+  grpc::ServerUnaryReactor* Revoke(grpc::CallbackServerContext* ctx, const v1::RevokeRequest* req,
                                    v1::RevokeResponse*) override {
     grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
-    r->Finish(
-        grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "Revoke is not available in this version"));
+    if (absl::Status s = core::ValidateConnectionId(req->connection_id()); !s.ok()) {
+      r->Finish(ToGrpcStatus(s));
+      return r;
+    }
+    run_blocking_([this, r, req] {
+      const absl::Status s = flow_.RevokeConnection(req->connection_id());
+      spdlog::info("Revoke connection={} code={}", req->connection_id(),
+                   absl::StatusCodeToString(s.code()));
+      r->Finish(ToGrpcStatus(s));
+    });
     return r;
   }
 
@@ -117,6 +144,9 @@ class TokenService::Impl final : public TokenService::Service {
 
   oauth::Broker& broker_;
   cache::ConnectionCache& cache_;
+  oauth::AuthorizationFlow& flow_;
+  oauth::Refresher& refresher_;
+  const RunBlocking run_blocking_;
   const int cq_threads_;
   std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> cqs_;
   std::vector<std::thread> threads_;
@@ -280,8 +310,8 @@ grpc::ServerWriteReactor<v1::WatchTokenResponse>* TokenService::Impl::WatchToken
   return WatchReactor::Begin(std::make_shared<WatchReactor>(cache_, broker_, req->connection_id()));
 }
 
-TokenService::TokenService(oauth::Broker& broker, cache::ConnectionCache& cache, int cq_threads)
-    : impl_(std::make_unique<Impl>(broker, cache, cq_threads)) {}
+TokenService::TokenService(Deps deps, int cq_threads)
+    : impl_(std::make_unique<Impl>(std::move(deps), cq_threads)) {}
 
 TokenService::~TokenService() = default;
 

@@ -8,7 +8,10 @@
 #include <vector>
 
 #include "server/src/cache/connection_cache.h"
+#include "server/src/common/work_pool.h"
+#include "server/src/oauth/authorization_flow.h"
 #include "server/src/oauth/broker.h"
+#include "server/src/oauth/refresher.h"
 #include "tokenbroker/v1/token_broker.grpc.pb.h"
 
 namespace tb::grpc_api {
@@ -30,7 +33,15 @@ class TokenService {
               tokenbroker::v1::TokenBroker::WithCallbackMethod_WatchToken<
                   tokenbroker::v1::TokenBroker::Service>>>>;
 
-  TokenService(oauth::Broker& broker, cache::ConnectionCache& cache, int cq_threads);
+  // What the service calls; all must outlive it.
+  struct Deps {
+    oauth::Broker& broker;
+    cache::ConnectionCache& cache;
+    oauth::AuthorizationFlow& flow;
+    oauth::Refresher& refresher;
+    RunBlocking run_blocking;
+  };
+  TokenService(Deps deps, int cq_threads);
   ~TokenService();
 
   // Registers the service and creates its completion queues.

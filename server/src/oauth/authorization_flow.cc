@@ -306,6 +306,19 @@ absl::StatusOr<core::ConnectionId> AuthorizationFlow::Complete(const Callback& c
   return auth.connection_id;
 }
 
+absl::Status AuthorizationFlow::RevokeConnection(const core::ConnectionId& id) {
+  TB_ASSIGN_OR_RETURN(std::shared_ptr<const core::Connection> c, broker_.GetConnection(id));
+  TB_RETURN_IF_ERROR(core::StatusErrorFor(*c));
+  // Stop serving first: from here on no caller gets this grant's token.
+  TB_RETURN_IF_ERROR(broker_.MarkRevoked(id));
+  Event("connection_revoked", id, absl::OkStatus());
+  TB_ASSIGN_OR_RETURN(const core::ProviderSpec* spec, Spec(c->provider));
+  const absl::Status revoked =
+      provider_client_.Revoke(*spec, *c, clock_.Now() + options_.exchange_timeout);
+  Event("grant_revoked_at_provider", id, revoked);
+  return revoked;
+}
+
 absl::Status AuthorizationFlow::DeleteConnection(const core::ConnectionId& id) {
   TB_ASSIGN_OR_RETURN(std::shared_ptr<const core::Connection> c, broker_.GetConnection(id));
   if (c->status == core::ConnectionStatus::kActive && c->grant) {

@@ -82,6 +82,12 @@ class AuthorizationFlow {
   // Returns the connection now active. Errors carry a FlowErrorKind; nothing is stored then.
   absl::StatusOr<core::ConnectionId> Complete(const Callback& callback);
 
+  // Revoke RPC: stops serving at once (REVOKED), then revokes the grant at the provider
+  // (Zendesk by token id, else RFC 7009). Blocks on the provider. Errors: NOT_FOUND,
+  // FAILED_PRECONDITION (not active), UNAVAILABLE (the provider did not confirm; the connection
+  // is revoked here all the same).
+  absl::Status RevokeConnection(const core::ConnectionId& id);
+
   // DeleteConnection: revokes the grant at the provider (best effort: a provider that is down
   // must not keep an operator from removing a connection; the failure is reported as an
   // event), then removes the connection. Blocks on the provider. Errors: NOT_FOUND, store errors.

@@ -12,13 +12,41 @@ namespace {
 constexpr size_t kMaxPageSize = 1000;
 }  // namespace
 
-Broker::Broker(const Clock& clock, core::TokenStore& store, cache::ConnectionCache& cache)
-    : clock_(clock), store_(store), cache_(cache) {}
+Broker::Broker(const Clock& clock, core::TokenStore& store, cache::ConnectionCache& cache,
+               BrokerOptions options)
+    : clock_(clock), store_(store), cache_(cache), options_(std::move(options)) {}
+
+void Broker::Schedule(core::Grant& grant) const {
+  const absl::Duration jitter = options_.jitter ? options_.jitter() : absl::ZeroDuration();
+  grant.refresh_at = core::RefreshAt(grant, options_.refresh, jitter);
+}
+
+void Broker::Changed(const std::shared_ptr<const core::Connection>& c,
+                     const core::ConnectionId& id) const {
+  if (options_.on_change) {
+    options_.on_change(c, id);
+  }
+}
+
+std::vector<std::shared_ptr<const core::Connection>> Broker::Snapshot() const {
+  std::vector<std::shared_ptr<const core::Connection>> out;
+  std::string after;
+  for (;;) {
+    cache::ConnectionCache::Page page = cache_.List({}, 10'000, after);
+    out.insert(out.end(), page.entries.begin(), page.entries.end());
+    if (page.next_after.empty()) {
+      return out;
+    }
+    after = page.next_after;
+  }
+}
 
 absl::Status Broker::Load() {
   TB_ASSIGN_OR_RETURN(std::vector<core::Connection> all, store_.LoadAll());
   for (core::Connection& c : all) {
-    cache_.Publish(std::make_shared<const core::Connection>(std::move(c)));
+    auto entry = std::make_shared<const core::Connection>(std::move(c));
+    cache_.Publish(entry);
+    Changed(entry, entry->id);
   }
   return absl::OkStatus();
 }
@@ -81,17 +109,21 @@ absl::StatusOr<std::shared_ptr<const core::Connection>> Broker::CreatePending(
   if (!cache_.PublishIf(nullptr, c)) {
     return absl::AbortedError("connection changed concurrently; retry");
   }
+  Changed(c, id);
   return std::shared_ptr<const core::Connection>(std::move(c));
 }
 
 absl::Status Broker::Replace(const std::shared_ptr<const core::Connection>& current,
                              std::shared_ptr<const core::Connection> next) {
   TB_RETURN_IF_ERROR(store_.Update(*next, current->generation(), current->status));
+  const core::ConnectionId id = next->id;
+  std::shared_ptr<const core::Connection> published = next;
   if (!cache_.PublishIf(current, std::move(next))) {
     // The store accepted our write, so the cache can only have moved on through a delete
     // that came after it; the delete wins in both places.
     return absl::AbortedError("connection changed concurrently; retry");
   }
+  Changed(published, id);
   return absl::OkStatus();
 }
 
@@ -103,10 +135,59 @@ absl::StatusOr<std::shared_ptr<const core::Connection>> Broker::Activate(
   }
   auto next = std::make_shared<core::Connection>(*current);
   grant.generation = current->generation() + 1;
+  Schedule(grant);
   next->grant = std::move(grant);
+  next->refresh_intent.reset();
   next->status = core::ConnectionStatus::kActive;
   next->reason = core::Reason::kNone;
   next->last_error.clear();
+  next->updated_at = clock_.Now();
+  std::shared_ptr<const core::Connection> published = next;
+  TB_RETURN_IF_ERROR(Replace(current, std::move(next)));
+  return published;
+}
+
+absl::StatusOr<bool> Broker::RecordRefreshIntent(const core::ConnectionId& id,
+                                                 uint64_t generation) {
+  std::shared_ptr<const core::Connection> current = cache_.Get(id);
+  if (current == nullptr) {
+    return absl::NotFoundError("unknown connection");
+  }
+  if (current->status != core::ConnectionStatus::kActive || current->generation() != generation) {
+    return absl::AbortedError("connection changed before the refresh");
+  }
+  const bool earlier_unknown = current->refresh_intent == generation;
+  if (earlier_unknown) {
+    return true;  // already recorded: nothing to write
+  }
+  auto next = std::make_shared<core::Connection>(*current);
+  next->refresh_intent = generation;
+  TB_RETURN_IF_ERROR(Replace(current, std::move(next)));
+  return false;
+}
+
+absl::StatusOr<std::shared_ptr<const core::Connection>> Broker::Rotate(const core::ConnectionId& id,
+                                                                       uint64_t expected_generation,
+                                                                       core::Grant grant) {
+  std::shared_ptr<const core::Connection> current = cache_.Get(id);
+  if (current == nullptr) {
+    return absl::NotFoundError("unknown connection");
+  }
+  if (current->status != core::ConnectionStatus::kActive ||
+      current->generation() != expected_generation || !current->grant) {
+    return absl::AbortedError("connection was revoked, reconnected or refreshed meanwhile");
+  }
+  if (!grant.refresh_token || grant.refresh_token->empty()) {
+    grant.refresh_token = current->grant->refresh_token;  // the provider kept the old one
+  }
+  if (grant.scopes.empty()) {
+    grant.scopes = current->grant->scopes;
+  }
+  grant.generation = expected_generation + 1;
+  Schedule(grant);
+  auto next = std::make_shared<core::Connection>(*current);
+  next->grant = std::move(grant);
+  next->refresh_intent.reset();
   next->updated_at = clock_.Now();
   std::shared_ptr<const core::Connection> published = next;
   TB_RETURN_IF_ERROR(Replace(current, std::move(next)));
@@ -162,6 +243,7 @@ absl::Status Broker::Delete(const core::ConnectionId& id) {
       break;
     }
   }
+  Changed(nullptr, id);
   return absl::OkStatus();
 }
 

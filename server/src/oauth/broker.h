@@ -2,9 +2,11 @@
 #define TB_OAUTH_BROKER_H_
 
 #include <cstddef>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -12,9 +14,21 @@
 #include "server/src/cache/connection_cache.h"
 #include "server/src/common/clock.h"
 #include "server/src/core/connection.h"
+#include "server/src/core/refresh_policy.h"
 #include "server/src/core/token_store.h"
 
 namespace tb::oauth {
+
+struct BrokerOptions {
+  core::RefreshPolicy refresh;
+  // Random delay added to each grant's refresh time (see RefreshPolicy::max_jitter); empty:
+  // none. Injected so that tests see exact times.
+  std::function<absl::Duration()> jitter;
+  // Called after every published change (new grant, status change, delete: nullptr), outside
+  // any lock; the refresh scheduler tracks refresh_at through it. Must not block.
+  std::function<void(const std::shared_ptr<const core::Connection>&, const core::ConnectionId&)>
+      on_change;
+};
 
 // A token as handed to a caller: the connection snapshot it came from plus the promise.
 struct TokenView {
@@ -34,7 +48,8 @@ struct TokenView {
 // `clock`, `store` and `cache` must outlive the broker.
 class Broker {
  public:
-  Broker(const Clock& clock, core::TokenStore& store, cache::ConnectionCache& cache);
+  Broker(const Clock& clock, core::TokenStore& store, cache::ConnectionCache& cache,
+         BrokerOptions options = {});
 
   // Loads every stored connection into the cache. Called once at start, before serving.
   absl::Status Load();
@@ -60,10 +75,26 @@ class Broker {
       const core::ConnectionId& id, const std::string& provider,
       std::map<std::string, std::string> params);
 
-  // Stores `grant` as the connection's new token set (generation = previous + 1) and makes it
-  // `active`. Errors: NOT_FOUND, ABORTED (concurrent change), store errors.
+  // Stores `grant` as the connection's new token set (generation = previous + 1, refresh_at per
+  // the refresh policy) and makes it `active`. Errors: NOT_FOUND, ABORTED (concurrent change),
+  // store errors.
   absl::StatusOr<std::shared_ptr<const core::Connection>> Activate(const core::ConnectionId& id,
                                                                    core::Grant grant);
+
+  // Records that a refresh of `generation` is about to be sent (the durable intent). Returns
+  // whether an intent for that same generation was already recorded, i.e. an earlier refresh's
+  // outcome is unknown. Errors: NOT_FOUND, ABORTED (the generation or status moved on).
+  absl::StatusOr<bool> RecordRefreshIntent(const core::ConnectionId& id, uint64_t generation);
+
+  // Stores a refreshed grant over `expected_generation` (compare-and-set) and publishes it; a
+  // grant without a refresh token keeps the old one. Clears the intent.
+  // Errors: NOT_FOUND, ABORTED (revoked, reconnected or refreshed meanwhile), store errors.
+  absl::StatusOr<std::shared_ptr<const core::Connection>> Rotate(const core::ConnectionId& id,
+                                                                 uint64_t expected_generation,
+                                                                 core::Grant grant);
+
+  // Every connection, for the refresh scheduler's start. Reads the cache only.
+  std::vector<std::shared_ptr<const core::Connection>> Snapshot() const;
 
   // Moves an active connection to `needs_reauth` with `reason` (kNeedsReauth or kRotationLost).
   // Errors: NOT_FOUND, ABORTED, store errors.
@@ -82,9 +113,14 @@ class Broker {
   absl::Status Replace(const std::shared_ptr<const core::Connection>& current,
                        std::shared_ptr<const core::Connection> next);
 
+  void Schedule(core::Grant& grant) const;
+  void Changed(const std::shared_ptr<const core::Connection>& c,
+               const core::ConnectionId& id) const;
+
   const Clock& clock_;
   core::TokenStore& store_;
   cache::ConnectionCache& cache_;
+  const BrokerOptions options_;
 };
 
 }  // namespace tb::oauth

@@ -57,7 +57,6 @@ TEST_F(BrokerTest, PendingConnectionIsNotConnected) {
 TEST_F(BrokerTest, ActivatedConnectionServesItsTokenWithPromise) {
   ASSERT_TRUE(broker_.CreatePending("acme", "zendesk", {}).ok());
   core::Grant g = NewGrant(absl::Minutes(30));
-  g.refresh_at = clock_.Now() + absl::Minutes(20);
   const std::string raw(g.access_token.Reveal());
   ASSERT_TRUE(broker_.Activate("acme", g).ok());
 
@@ -66,8 +65,10 @@ TEST_F(BrokerTest, ActivatedConnectionServesItsTokenWithPromise) {
   ASSERT_TRUE(v.ok()) << v.status();
   EXPECT_EQ(v->grant().access_token.Reveal(), raw);
   EXPECT_EQ(v->grant().generation, 1u);
-  EXPECT_EQ(v->valid_until, *g.refresh_at);  // the earlier of expiry and refresh_at
-  EXPECT_EQ(v->valid_for, absl::Minutes(15));
+  // refresh_at = expiry - 5 min (the default margin); valid_until is the earlier of the two.
+  EXPECT_EQ(v->grant().refresh_at, *g.expires_at - absl::Minutes(5));
+  EXPECT_EQ(v->valid_until, *g.expires_at - absl::Minutes(5));
+  EXPECT_EQ(v->valid_for, absl::Minutes(20));
 }
 
 TEST_F(BrokerTest, TokenWithoutExpiryIsValidUntilRevoked) {
@@ -83,9 +84,9 @@ TEST_F(BrokerTest, TokenWithoutExpiryIsValidUntilRevoked) {
 }
 
 TEST_F(BrokerTest, ExpiredOrTooShortTokenIsUnavailable) {
-  CreateActive("acme", absl::Minutes(10));
-  EXPECT_TRUE(broker_.GetToken("acme", absl::Minutes(9)).ok());
-  EXPECT_EQ(broker_.GetToken("acme", absl::Minutes(11)).status().code(),
+  CreateActive("acme", absl::Minutes(10));  // refresh_at: 5 min in
+  EXPECT_TRUE(broker_.GetToken("acme", absl::Minutes(4)).ok());
+  EXPECT_EQ(broker_.GetToken("acme", absl::Minutes(6)).status().code(),
             absl::StatusCode::kUnavailable);
   clock_.Advance(absl::Minutes(10));
   EXPECT_EQ(broker_.GetToken("acme").status().code(), absl::StatusCode::kUnavailable);
