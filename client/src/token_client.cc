@@ -147,6 +147,47 @@ absl::Status TokenClient::DeleteConnection(absl::string_view connection_id,
   return Finish(admin_->DeleteConnection(&ctx, req, &resp));
 }
 
+absl::StatusOr<v1::Token> TokenClient::Refresh(absl::string_view connection_id,
+                                               uint64_t if_generation, absl::Duration timeout) {
+  v1::RefreshRequest req;
+  req.set_connection_id(std::string(connection_id));
+  req.set_if_generation(if_generation);
+  v1::RefreshResponse resp;
+  grpc::ClientContext ctx;
+  SetDeadline(ctx, timeout);
+  if (absl::Status s = Finish(broker_->Refresh(&ctx, req, &resp)); !s.ok()) {
+    return s;
+  }
+  return resp.token();
+}
+
+absl::Status TokenClient::Revoke(absl::string_view connection_id, absl::Duration timeout) {
+  v1::RevokeRequest req;
+  req.set_connection_id(std::string(connection_id));
+  v1::RevokeResponse resp;
+  grpc::ClientContext ctx;
+  SetDeadline(ctx, timeout);
+  return Finish(broker_->Revoke(&ctx, req, &resp));
+}
+
+absl::Status TokenClient::Watch(absl::string_view connection_id,
+                                const std::function<bool(const v1::Token&)>& on_token) {
+  v1::WatchTokenRequest req;
+  req.set_connection_id(std::string(connection_id));
+  grpc::ClientContext ctx;
+  std::unique_ptr<grpc::ClientReader<v1::WatchTokenResponse>> reader =
+      broker_->WatchToken(&ctx, req);
+  v1::WatchTokenResponse msg;
+  while (reader->Read(&msg)) {
+    if (!on_token(msg.token())) {
+      ctx.TryCancel();
+      (void)reader->Finish();
+      return absl::OkStatus();
+    }
+  }
+  return Finish(reader->Finish());
+}
+
 absl::StatusOr<v1::CreateConnectLinkResponse> TokenClient::CreateConnectLink(
     absl::string_view connection_id, absl::string_view provider,
     const std::map<std::string, std::string>& params, absl::Duration ttl, bool reconnect,

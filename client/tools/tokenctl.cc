@@ -44,6 +44,9 @@ ABSL_FLAG(std::vector<std::string>, params, {},
           "link: provider parameters as name=value, comma-separated (e.g. subdomain=acme)");
 ABSL_FLAG(absl::Duration, ttl, absl::ZeroDuration(), "link: how long the link works (0: default)");
 ABSL_FLAG(bool, reconnect, false, "link: allow the link to replace an active grant");
+ABSL_FLAG(uint64_t, if_generation, 0,
+          "refresh: only if the current generation is still this one (0: unconditionally)");
+ABSL_FLAG(int, count, 0, "watch: stop after this many tokens (0: until the stream ends)");
 
 namespace {
 
@@ -72,11 +75,18 @@ commands:
       mint a connect link for an account admin; prints the URL on stdout
   revoke-link <link-id>
       withdraw a connect link
+  refresh <connection-id> [--if_generation=N]
+      get a new token (after a 401); prints it on stdout
+  revoke <connection-id>
+      stop serving the connection and revoke its grant at the provider
+  watch <connection-id> [--count=N]
+      print "<generation> <token>" for the current token and each new one
 
 flags:
 )";
 
-constexpr char kCommandList[] = "get, list, show, delete, health, link, revoke-link";
+constexpr char kCommandList[] =
+    "get, list, show, delete, health, link, revoke-link, refresh, revoke, watch";
 
 // Flags by the commands they apply to; the global ones apply to all.
 const std::set<std::string>& GlobalFlags() {
@@ -93,6 +103,9 @@ const std::map<std::string, std::set<std::string>>& CommandFlags() {
       {"health", {"service"}},
       {"link", {"provider", "params", "ttl", "reconnect"}},
       {"revoke-link", {}},
+      {"refresh", {"if_generation"}},
+      {"revoke", {}},
+      {"watch", {"count"}},
   };
   return *kFlags;
 }
@@ -526,6 +539,45 @@ int RunRevokeLink(tb::client::TokenClient& client, const Call& call) {
   return kExitOk;
 }
 
+int RunRefresh(tb::client::TokenClient& client, const Call& call) {
+  absl::StatusOr<v1::Token> token =
+      client.Refresh(call.connection_id, absl::GetFlag(FLAGS_if_generation), call.timeout);
+  if (!token.ok()) {
+    return RpcFailure(call, token.status());
+  }
+  absl::PrintF("%s\n", token->access_token());
+  if (absl::GetFlag(FLAGS_verbose)) {
+    absl::FPrintF(stderr, "generation %d, valid for %ds\n", token->generation(),
+                  token->valid_for().seconds());
+  }
+  return kExitOk;
+}
+
+int RunRevoke(tb::client::TokenClient& client, const Call& call) {
+  if (absl::Status s = client.Revoke(call.connection_id, call.timeout); !s.ok()) {
+    return RpcFailure(call, s);
+  }
+  absl::PrintF("revoked connection %s\n", Quoted(call.connection_id));
+  return kExitOk;
+}
+
+int RunWatch(tb::client::TokenClient& client, const Call& call) {
+  const int count = absl::GetFlag(FLAGS_count);
+  if (count < 0) {
+    return Fail(kExitUsage, "--count must not be negative");
+  }
+  int seen = 0;
+  const absl::Status s = client.Watch(call.connection_id, [&](const v1::Token& t) {
+    absl::PrintF("%d %s\n", t.generation(), t.access_token());
+    std::fflush(stdout);
+    return count == 0 || ++seen < count;
+  });
+  if (!s.ok()) {
+    return RpcFailure(call, s);
+  }
+  return kExitOk;
+}
+
 int RunHealth(tb::client::TokenClient& client, const Call& call) {
   absl::StatusOr<HealthStatus::ServingStatus> status = client.Check(call.service, call.timeout);
   if (!status.ok()) {
@@ -564,7 +616,8 @@ int Run(int argc, char** argv) {
   const std::vector<std::string> operands(args.positional.begin() + 1, args.positional.end());
   const bool takes_id = call.command == "get" || call.command == "show" ||
                         call.command == "delete" || call.command == "link" ||
-                        call.command == "revoke-link";
+                        call.command == "revoke-link" || call.command == "refresh" ||
+                        call.command == "revoke" || call.command == "watch";
   if (takes_id) {
     if (operands.empty()) {
       return Fail(kExitUsage, absl::StrFormat("missing connection id: tokenctl %s <connection-id>",
@@ -607,6 +660,12 @@ int Run(int argc, char** argv) {
     rc = RunLink(*client, call);
   } else if (call.command == "revoke-link") {
     rc = RunRevokeLink(*client, call);
+  } else if (call.command == "refresh") {
+    rc = RunRefresh(*client, call);
+  } else if (call.command == "revoke") {
+    rc = RunRevoke(*client, call);
+  } else if (call.command == "watch") {
+    rc = RunWatch(*client, call);
   }
   // A script reading `$(tokenctl get ...)` must not take a truncated token for a good one.
   if (std::fflush(stdout) != 0 || std::ferror(stdout)) {

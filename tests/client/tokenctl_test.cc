@@ -368,3 +368,36 @@ TEST_F(TokenctlTest, ClosedPortCannotBeReached) {
 
 }  // namespace
 }  // namespace tb::testing
+
+namespace tb::testing {
+namespace {
+
+TEST_F(TokenctlTest, WatchPrintsGenerationAndToken) {
+  const std::string token = DirectToken("active-co");
+  const RunResult r = Tokenctl({"watch", "active-co", "--count=1"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(r.out == "1 " + token + "\n") << "stdout is not '1 <token>'";
+}
+
+TEST_F(TokenctlTest, RefreshAndRevokeOfAConnectionThatCannotServeExitOne) {
+  for (const char* command : {"refresh", "revoke", "watch"}) {
+    const RunResult r = Tokenctl({command, "pending-co"});
+    EXPECT_EQ(r.exit_code, 1) << command;
+    EXPECT_THAT(r.err, HasSubstr("NOT_CONNECTED")) << command;
+  }
+  const RunResult unknown = Tokenctl({"refresh", "nobody"});
+  EXPECT_EQ(unknown.exit_code, 1);
+  EXPECT_THAT(unknown.err, HasSubstr("NOT_FOUND"));
+}
+
+TEST_F(TokenctlTest, LinkNeedsAProvider) {
+  const RunResult r = Tokenctl({"link", "acme"});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_THAT(r.err, HasSubstr("--provider"));
+  const RunResult unknown = Tokenctl({"link", "acme", "--provider=nope"});
+  EXPECT_EQ(unknown.exit_code, 1);
+  EXPECT_THAT(unknown.err, HasSubstr("INVALID_ARGUMENT"));
+}
+
+}  // namespace
+}  // namespace tb::testing

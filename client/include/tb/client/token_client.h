@@ -10,6 +10,7 @@
 #include <grpcpp/channel.h>
 #include <grpcpp/support/status.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -81,6 +82,22 @@ class TokenClient {
   // Revokes (best effort) and removes a connection. Errors: NOT_FOUND, INVALID_ARGUMENT.
   absl::Status DeleteConnection(absl::string_view connection_id,
                                 absl::Duration timeout = kDefaultTimeout);
+
+  // Refresh(if_generation): a new token unless one newer than `if_generation` exists (0:
+  // unconditionally). Errors as GetToken, plus RESOURCE_EXHAUSTED (refreshed on request moments
+  // ago) and NOT_REFRESHABLE.
+  absl::StatusOr<tokenbroker::v1::Token> Refresh(absl::string_view connection_id,
+                                                 uint64_t if_generation,
+                                                 absl::Duration timeout = kDefaultTimeout);
+
+  // Revokes the grant (stops serving at once, then at the provider). Errors: NOT_FOUND,
+  // FAILED_PRECONDITION (not active), UNAVAILABLE (the provider did not confirm).
+  absl::Status Revoke(absl::string_view connection_id, absl::Duration timeout = kDefaultTimeout);
+
+  // WatchToken: calls `on_token` with the current token and each new generation until the
+  // stream ends (its status is returned) or `on_token` returns false (then OK).
+  absl::Status Watch(absl::string_view connection_id,
+                     const std::function<bool(const tokenbroker::v1::Token&)>& on_token);
 
   // Mints a connect link (ConnectionAdmin.CreateConnectLink). `ttl` zero: the server's default.
   // Errors: INVALID_ARGUMENT (unknown provider, bad parameters), FAILED_PRECONDITION with flow
