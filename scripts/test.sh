@@ -44,7 +44,7 @@ phase_done "asan+ubsan tests"
 
 bash scripts/build.sh tsan
 phase_done "clang thread-safety+tsan build"
-export TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1
+export TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:suppressions=$PWD/tests/support/tsan.supp
 ctest --test-dir build/tsan -j"$jobs" -L domain --output-on-failure --timeout 600
 phase_done "tsan domain tests"
 
