@@ -35,16 +35,19 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 0' INT TERM
 
-if [[ -n ${ZENDESK_SUBDOMAIN:-} && -n ${ZENDESK_CLIENT_ID:-} && -n ${ZENDESK_CLIENT_SECRET:-} ]]; then
-  provider=zendesk
-  connection=${ZENDESK_SUBDOMAIN}
-  params="subdomain=${ZENDESK_SUBDOMAIN}"
-  cat >"$run/config.yaml" <<YAML
+cat >"$run/config.yaml" <<YAML
 grpc: {listen: "127.0.0.1:$grpc_port", probe_listen: "127.0.0.1:$probe_port"}
 http: {public_listen: "127.0.0.1:$public_port", admin_listen: "127.0.0.1:$admin_port"}
 public_base_url: "http://127.0.0.1:$public_port"
 links: {signing_key_file: "$run/link-key"}
 providers:
+YAML
+
+if [[ -n ${ZENDESK_SUBDOMAIN:-} && -n ${ZENDESK_CLIENT_ID:-} && -n ${ZENDESK_CLIENT_SECRET:-} ]]; then
+  provider=zendesk
+  connection=${ZENDESK_SUBDOMAIN}
+  params="subdomain=${ZENDESK_SUBDOMAIN}"
+  cat >>"$run/config.yaml" <<YAML
   zendesk:
     preset: zendesk
     client_id: "$ZENDESK_CLIENT_ID"
@@ -61,12 +64,7 @@ else
   pids+=($!)
   for _ in $(seq 100); do [[ -s $run/dev-provider-ca.pem ]] && break; sleep 0.1; done
   base="https://127.0.0.1:$provider_port"
-  cat >"$run/config.yaml" <<YAML
-grpc: {listen: "127.0.0.1:$grpc_port", probe_listen: "127.0.0.1:$probe_port"}
-http: {public_listen: "127.0.0.1:$public_port", admin_listen: "127.0.0.1:$admin_port"}
-public_base_url: "http://127.0.0.1:$public_port"
-links: {signing_key_file: "$run/link-key"}
-providers:
+  cat >>"$run/config.yaml" <<YAML
   dev-zendesk:
     preset: zendesk
     client_id: token-broker-dev

@@ -1,4 +1,5 @@
 #include "tests/fake_provider/fake_provider.h"
+#include "server/src/http/oauth_routes.h"
 #include "tests/support/test_secrets.h"
 
 // Two halves. `State` is the authorization server's logic: it maps a parsed request to a reply
@@ -174,30 +175,9 @@ std::string PercentEncode(std::string_view in) {
   return out;
 }
 
+// The broker's own escaping: one implementation to trust.
 std::string HtmlEscape(std::string_view in) {
-  std::string out;
-  for (const char c : in) {
-    switch (c) {
-      case '&':
-        out += "&amp;";
-        break;
-      case '<':
-        out += "&lt;";
-        break;
-      case '>':
-        out += "&gt;";
-        break;
-      case '"':
-        out += "&quot;";
-        break;
-      case '\'':
-        out += "&#39;";
-        break;
-      default:
-        out += c;
-    }
-  }
-  return out;
+  return tb::http::HtmlEscape(absl::string_view(in.data(), in.size()));
 }
 
 // Parses "a=1&b=2" (a query string or a form body). A name given twice is an error (RFC 6749
