@@ -88,17 +88,23 @@ void Refresher::Join(const core::ConnectionId& id, bool scheduled, Done done) {
 }
 
 void Refresher::Finish(const core::ConnectionId& id, const absl::StatusOr<TokenView>& result) {
+  // Read before taking mu_: no lock is held across a call into another component.
+  std::optional<Due> retry;
+  if (!result.ok() && Retryable(result.status())) {
+    if (std::shared_ptr<const core::Connection> c = broker_.GetConnection(id).value_or(nullptr);
+        c != nullptr && c->grant) {
+      retry = Due{clock_.Now() + kScheduledRetry, id, c->generation()};
+    }
+  }
   std::vector<Done> waiters;
   {
     MutexLock lock(&mu_);
     waiters = std::move(in_flight_[id]);
     in_flight_.erase(id);
     const bool was_scheduled = scheduled_in_flight_.erase(id) > 0;
-    if (was_scheduled && !result.ok() && Retryable(result.status())) {
-      if (std::shared_ptr<const core::Connection> c = broker_.GetConnection(id).value_or(nullptr);
-          c != nullptr && c->grant) {
-        due_.push(Due{clock_.Now() + kScheduledRetry, id, c->generation()});
-      }
+    if (was_scheduled && retry) {
+      tracked_[id] = {retry->generation, retry->at};
+      due_.push(*retry);
     }
   }
   wake_.SignalAll();
@@ -164,14 +170,22 @@ absl::StatusOr<TokenView> Refresher::RefreshNow(const core::ConnectionId& id) {
   return broker_.GetToken(id);
 }
 
-void Refresher::Track(const std::shared_ptr<const core::Connection>& c, const core::ConnectionId&) {
+void Refresher::Track(const std::shared_ptr<const core::Connection>& c,
+                      const core::ConnectionId& id) {
   if (c == nullptr || c->status != core::ConnectionStatus::kActive || !c->grant ||
       !c->grant->refresh_at) {
+    MutexLock lock(&mu_);
+    tracked_.erase(id);
     return;
   }
   {
     MutexLock lock(&mu_);
-    due_.push(Due{*c->grant->refresh_at, c->id, c->generation()});
+    const auto it = tracked_.find(id);
+    if (it != tracked_.end() && it->second.first == c->generation()) {
+      return;  // this grant is already scheduled (or being retried)
+    }
+    tracked_[id] = {c->generation(), *c->grant->refresh_at};
+    due_.push(Due{*c->grant->refresh_at, id, c->generation()});
   }
   wake_.SignalAll();
 }
@@ -183,8 +197,13 @@ absl::Time Refresher::RunDue() {
     MutexLock lock(&mu_);
     while (!due_.empty() && due_.top().at <= now &&
            scheduled_in_flight_.size() + ready.size() < options_.max_concurrent) {
-      ready.push_back(due_.top());
+      const Due d = due_.top();
       due_.pop();
+      const auto it = tracked_.find(d.id);
+      if (it == tracked_.end() || it->second != std::make_pair(d.generation, d.at)) {
+        continue;  // superseded
+      }
+      ready.push_back(d);
     }
   }
   for (const Due& d : ready) {

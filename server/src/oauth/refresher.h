@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <queue>
 #include <string>
 #include <vector>
@@ -100,6 +101,10 @@ class Refresher {
   absl::flat_hash_map<core::ConnectionId, absl::Time> last_caller_refresh_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_set<std::string> misconfigured_ ABSL_GUARDED_BY(mu_);
   std::priority_queue<Due, std::vector<Due>, std::greater<Due>> due_ ABSL_GUARDED_BY(mu_);
+  // The one live schedule entry per connection (generation, time); heap entries that differ
+  // are stale and dropped, so repeated notifications for one grant never refresh it twice.
+  absl::flat_hash_map<core::ConnectionId, std::pair<uint64_t, absl::Time>> tracked_
+      ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread thread_;
 };

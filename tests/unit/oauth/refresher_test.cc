@@ -121,6 +121,25 @@ TEST_F(RefresherTest, ScheduledRefreshHappensAtRefreshAtAndNeverBefore) {
   EXPECT_FALSE(store_.Load("acme")->refresh_intent.has_value());
 }
 
+TEST_F(RefresherTest, FailedScheduledRefreshIsRetriedLaterWhileTheOldTokenServes) {
+  Connect("acme", absl::Hours(1));
+  provider_.NextRefreshReturns(absl::UnavailableError("provider down"));
+  clock_.Advance(absl::Minutes(55));
+  refresher_.RunDue();
+  provider_.AwaitRefreshCalls(1);
+  for (int i = 0; i < 2000 && refresher_.RunDue() == absl::InfiniteFuture(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));  // until the retry is queued
+  }
+  EXPECT_EQ(broker_.GetConnection("acme").value()->generation(), 1u);
+  clock_.Advance(absl::Seconds(29));
+  refresher_.RunDue();
+  EXPECT_EQ(provider_.refresh_calls(), 1);  // not before the retry delay
+  provider_.NextRefreshReturns(NewGrant(absl::Hours(1)));
+  clock_.Advance(absl::Seconds(1));
+  RunDueAndAwait(2);
+  EXPECT_EQ(broker_.GetConnection("acme").value()->generation(), 2u);
+}
+
 TEST_F(RefresherTest, TwoSecondTokensDoNotLoop) {
   Connect("acme", absl::Seconds(2));
   provider_.NextRefreshReturns(NewGrant(absl::Seconds(2)));
