@@ -145,6 +145,25 @@ bool SplitEntry(absl::string_view entry, std::string* host, std::optional<uint16
   return true;
 }
 
+// The URL's host in lower case: an IP literal, or a plain DNS name; nullopt for anything else
+// (registered names with odd characters, no host at all).
+std::optional<std::string> LowerHost(const urls::url_view& u) {
+  switch (u.host_type()) {
+    case urls::host_type::ipv4:
+    case urls::host_type::ipv6:
+      return absl::AsciiStrToLower(ToString(u.host_address()));
+    case urls::host_type::name: {
+      std::string host = absl::AsciiStrToLower(ToString(u.host_address()));
+      if (!IsPlainHostName(host)) {
+        return std::nullopt;
+      }
+      return host;
+    }
+    default:
+      return std::nullopt;
+  }
+}
+
 }  // namespace
 
 absl::StatusOr<ParsedUrl> ParseHttpUrl(absl::string_view url) {
@@ -166,20 +185,11 @@ absl::StatusOr<ParsedUrl> ParseHttpUrl(absl::string_view url) {
     if (u.has_userinfo()) {
       return absl::InvalidArgumentError("URL must not carry userinfo");
     }
-    switch (u.host_type()) {
-      case urls::host_type::ipv4:
-      case urls::host_type::ipv6:
-        out.host = absl::AsciiStrToLower(ToString(u.host_address()));
-        break;
-      case urls::host_type::name:
-        out.host = absl::AsciiStrToLower(ToString(u.host_address()));
-        if (!IsPlainHostName(out.host)) {
-          return absl::InvalidArgumentError("URL host is not a valid host name");
-        }
-        break;
-      default:
-        return absl::InvalidArgumentError("URL has no usable host");
+    std::optional<std::string> host = LowerHost(u);
+    if (!host) {
+      return absl::InvalidArgumentError("URL has no usable host name or IP address");
     }
+    out.host = *std::move(host);
     const uint16_t default_port = out.tls ? 443 : 80;
     out.port = default_port;
     if (u.has_port() && !u.port().empty()) {
@@ -225,20 +235,11 @@ absl::StatusOr<ProxyConfig> ParseProxyUrl(absl::string_view url) {
       return bad;
     }
     ProxyConfig out;
-    switch (u.host_type()) {
-      case urls::host_type::ipv4:
-      case urls::host_type::ipv6:
-        out.host = absl::AsciiStrToLower(ToString(u.host_address()));
-        break;
-      case urls::host_type::name:
-        out.host = absl::AsciiStrToLower(ToString(u.host_address()));
-        if (!IsPlainHostName(out.host)) {
-          return bad;
-        }
-        break;
-      default:
-        return bad;
+    std::optional<std::string> host = LowerHost(u);
+    if (!host) {
+      return bad;
     }
+    out.host = *std::move(host);
     out.port = 80;
     if (u.has_port() && !u.port().empty()) {
       const std::optional<uint16_t> port = ParsePort(ToString(u.port()));
