@@ -47,12 +47,25 @@ struct Grant {
   absl::Time issued_at = absl::InfinitePast();
   std::optional<absl::Time> expires_at;  // absent: valid until revoked
   std::optional<absl::Time> refresh_at;  // absent: no refresh scheduled
-  std::string provider_token_id;         // for revocation by id (Zendesk)
-  uint64_t generation = 0;               // increases with every new token
+  // When the refresh token dies if unused (Zendesk: refresh_token_expires_in). Absent: unknown.
+  // Idle connections are refreshed before half of its lifetime has passed.
+  std::optional<absl::Time> refresh_token_expires_at;
+  std::string provider_token_id;  // for revocation by id (Zendesk)
+  uint64_t generation = 0;        // increases with every new token
 
   // The promise made to callers: the earlier of expiry and the scheduled refresh.
   // InfiniteFuture() when the token never expires and no refresh is scheduled.
   absl::Time ValidUntil() const;
+};
+
+// A refresh that was sent (or was about to be) and whose outcome is not known yet: written to
+// the store before the provider call, cleared when the rotated grant is stored.
+struct RefreshIntent {
+  uint64_t generation = 0;                // the generation being refreshed
+  std::string refresh_token_fingerprint;  // Fingerprint() of the refresh token sent
+  absl::Time recorded_at = absl::InfinitePast();
+
+  friend bool operator==(const RefreshIntent&, const RefreshIntent&) = default;
 };
 
 struct Connection {
@@ -63,10 +76,19 @@ struct Connection {
   Reason reason = Reason::kNotConnected;  // why it is not serving, kNone when active
   std::string last_error;                 // operator-facing detail, never a secret
   std::optional<Grant> grant;
-  // A refresh of this generation was sent and its outcome is not known yet (or was lost): set
-  // before the provider call, cleared when the rotated grant is stored. An invalid_grant seen
-  // while it is set means the provider rotated and we lost the answer (ROTATION_LOST).
-  std::optional<uint64_t> refresh_intent;
+  // A refresh of this grant was sent and its outcome is not known yet (or was lost). An
+  // invalid_grant seen while it is set means the provider rotated and we lost the answer
+  // (ROTATION_LOST).
+  std::optional<RefreshIntent> refresh_intent;
+  // Grants that must still be revoked at the provider (revoke, reconnect, a refresh that lost
+  // to a revoke), kept with their secrets until the provider confirms. Retried with backoff.
+  std::vector<Grant> to_revoke;
+  // Non-empty: the stored secrets of this record could not be read back (wrong key, corrupted
+  // ciphertext); it answers DATA_LOSS until reconnected. Says why, never a secret.
+  std::string data_loss;
+  // Increases with every stored write of this record; the store's compare-and-set key. Set by
+  // the broker (current + 1) before each write.
+  uint64_t revision = 0;
   absl::Time created_at = absl::InfinitePast();
   absl::Time updated_at = absl::InfinitePast();
 

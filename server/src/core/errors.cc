@@ -83,6 +83,11 @@ std::optional<FlowErrorKind> FlowErrorOf(const absl::Status& status) {
 }
 
 absl::Status StatusErrorFor(const Connection& c) {
+  if (!c.data_loss.empty() && c.status != ConnectionStatus::kRevoked) {
+    return absl::DataLossError(
+        "the stored token set of this connection cannot be read (see the broker's log); "
+        "reconnect the account or restore the encryption key");
+  }
   switch (c.status) {
     case ConnectionStatus::kActive:
       return absl::OkStatus();

@@ -42,7 +42,8 @@ std::optional<FlowErrorKind> FlowErrorOf(const absl::Status& status);
 
 // The error a connection in a non-serving state answers GetToken with.
 // kPending -> FAILED_PRECONDITION/NOT_CONNECTED, kNeedsReauth -> FAILED_PRECONDITION/<its reason>,
-// kRevoked -> FAILED_PRECONDITION/REVOKED. OkStatus for kActive.
+// kRevoked -> FAILED_PRECONDITION/REVOKED; a record with data_loss set (and not revoked) ->
+// DATA_LOSS. OkStatus for kActive.
 absl::Status StatusErrorFor(const Connection& c);
 
 }  // namespace tb::core

@@ -2,36 +2,68 @@
 #define TB_CORE_TOKEN_STORE_H_
 
 #include <cstdint>
+#include <functional>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "server/src/core/connection.h"
 
 namespace tb::core {
 
+// The right to refresh one connection, held by one broker process at a time (several replicas
+// on one database). `fence` increases every time the lease changes hands; a write carrying an
+// older fence is refused, so a holder that lost its lease can never overwrite what the next
+// holder wrote.
+struct Lease {
+  ConnectionId id;
+  std::string owner;
+  uint64_t fence = 0;
+  // Until when the lease is held, converted from the store's clock to ours at acquisition.
+  absl::Time expires_at = absl::InfinitePast();
+};
+
 // Where connections and their grants live durably. Implementations are thread-safe.
-// Every write is compare-and-set on a per-connection revision so a stale writer never overwrites
-// a newer record.
-// Errors: kNotFound (no such connection), kAborted (revision conflict: reload and retry),
-// kAlreadyExists (Create of an existing id), kUnavailable (store unreachable, retryable),
-// kDataLoss (a record that cannot be read back).
+// Every write is compare-and-set on the record's revision (Connection::revision), so a stale
+// writer never overwrites a newer record.
+// Errors: kNotFound (no such connection), kAborted (revision conflict or lost lease: reload and
+// retry), kAlreadyExists (Create of an existing id), kUnavailable (store unreachable,
+// retryable), kDataLoss (a record that cannot be read back, e.g. it fails to decrypt).
 class TokenStore {
  public:
   virtual ~TokenStore() = default;
 
-  // Every stored connection, for loading the cache at start.
+  // Every stored connection, for loading the cache at start. A record whose secrets cannot be
+  // read back (kDataLoss: wrong key, corrupted ciphertext) does not fail the load: it comes back
+  // with its metadata and Connection::data_loss set, so that it alone answers DATA_LOSS and is
+  // never dropped silently. Load() does the same for one record.
   virtual absl::StatusOr<std::vector<Connection>> LoadAll() = 0;
   virtual absl::StatusOr<Connection> Load(const ConnectionId& id) = 0;
 
   // Inserts a connection that must not exist yet.
   virtual absl::Status Create(const Connection& c) = 0;
-  // Replaces `c.id` only if its stored generation equals `expected_generation` and its stored
-  // status equals `expected_status`, so a concurrent lifecycle change is never lost.
-  virtual absl::Status Update(const Connection& c, uint64_t expected_generation,
-                              ConnectionStatus expected_status) = 0;
+  // Replaces `c.id` (whose c.revision is expected_revision + 1) only if the stored revision is
+  // still `expected_revision`, so a concurrent change is never lost. With `fence`, also only if
+  // no other process took the connection's refresh lease since `fence` was granted.
+  virtual absl::Status Update(const Connection& c, uint64_t expected_revision,
+                              const Lease* fence) = 0;
   virtual absl::Status Delete(const ConnectionId& id) = 0;
+
+  // Takes (or renews) the refresh lease of `id` for `ttl`, measured on the store's clock.
+  // nullopt: another process holds it. Stores with a single owning process grant every request.
+  virtual absl::StatusOr<std::optional<Lease>> AcquireLease(const ConnectionId& id,
+                                                            absl::Duration ttl) = 0;
+  virtual absl::Status ReleaseLease(const Lease& lease) = 0;
+
+  // Calls `on_change` (on a store thread, never under a lock of the caller's) with the id of
+  // each connection another process changed, as soon as the store learns of it. Stores with a
+  // single owning process never call it. Call once, before serving.
+  virtual void WatchRemoteChanges(std::function<void(const ConnectionId&)> on_change) {
+    (void)on_change;
+  }
 };
 
 }  // namespace tb::core

@@ -114,8 +114,9 @@ absl::StatusOr<std::shared_ptr<const core::Connection>> Broker::CreatePending(
 }
 
 absl::Status Broker::Replace(const std::shared_ptr<const core::Connection>& current,
-                             std::shared_ptr<const core::Connection> next) {
-  TB_RETURN_IF_ERROR(store_.Update(*next, current->generation(), current->status));
+                             std::shared_ptr<core::Connection> next) {
+  next->revision = current->revision + 1;
+  TB_RETURN_IF_ERROR(store_.Update(*next, current->revision, nullptr));
   const core::ConnectionId id = next->id;
   std::shared_ptr<const core::Connection> published = next;
   if (!cache_.PublishIf(current, std::move(next))) {
@@ -156,12 +157,19 @@ absl::StatusOr<bool> Broker::RecordRefreshIntent(const core::ConnectionId& id,
   if (current->status != core::ConnectionStatus::kActive || current->generation() != generation) {
     return absl::AbortedError("connection changed before the refresh");
   }
-  const bool earlier_unknown = current->refresh_intent == generation;
+  const bool earlier_unknown =
+      current->refresh_intent && current->refresh_intent->generation == generation;
   if (earlier_unknown) {
     return true;  // already recorded: nothing to write
   }
   auto next = std::make_shared<core::Connection>(*current);
-  next->refresh_intent = generation;
+  core::RefreshIntent intent;
+  intent.generation = generation;
+  if (current->grant && current->grant->refresh_token) {
+    intent.refresh_token_fingerprint = Fingerprint(current->grant->refresh_token->Reveal());
+  }
+  intent.recorded_at = clock_.Now();
+  next->refresh_intent = std::move(intent);
   TB_RETURN_IF_ERROR(Replace(current, std::move(next)));
   return false;
 }

@@ -111,7 +111,7 @@ class Broker {
  private:
   // Persists `next` over `current` (compare-and-set) and publishes it.
   absl::Status Replace(const std::shared_ptr<const core::Connection>& current,
-                       std::shared_ptr<const core::Connection> next);
+                       std::shared_ptr<core::Connection> next);
 
   void Schedule(core::Grant& grant) const;
   void Changed(const std::shared_ptr<const core::Connection>& c,

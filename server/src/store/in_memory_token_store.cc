@@ -41,8 +41,8 @@ absl::Status InMemoryTokenStore::Create(const core::Connection& c) {
   return absl::OkStatus();
 }
 
-absl::Status InMemoryTokenStore::Update(const core::Connection& c, uint64_t expected_generation,
-                                        core::ConnectionStatus expected_status) {
+absl::Status InMemoryTokenStore::Update(const core::Connection& c, uint64_t expected_revision,
+                                        const core::Lease*) {
   MutexLock lock(&mu_);
   if (absl::Status s = TakeInjectedFailure(); !s.ok()) {
     return s;
@@ -51,7 +51,7 @@ absl::Status InMemoryTokenStore::Update(const core::Connection& c, uint64_t expe
   if (it == rows_.end()) {
     return absl::NotFoundError("no such connection");
   }
-  if (it->second.generation() != expected_generation || it->second.status != expected_status) {
+  if (it->second.revision != expected_revision) {
     return absl::AbortedError("connection changed concurrently; reload and retry");
   }
   it->second = c;
@@ -70,6 +70,18 @@ absl::Status InMemoryTokenStore::Delete(const core::ConnectionId& id) {
   ++writes_;
   return absl::OkStatus();
 }
+
+absl::StatusOr<std::optional<core::Lease>> InMemoryTokenStore::AcquireLease(
+    const core::ConnectionId& id, absl::Duration ttl) {
+  core::Lease lease;
+  lease.id = id;
+  lease.owner = "memory";
+  lease.fence = 1;
+  lease.expires_at = absl::Now() + ttl;
+  return lease;
+}
+
+absl::Status InMemoryTokenStore::ReleaseLease(const core::Lease&) { return absl::OkStatus(); }
 
 void InMemoryTokenStore::FailNextWrite(absl::Status status) {
   MutexLock lock(&mu_);

@@ -19,9 +19,13 @@ class InMemoryTokenStore final : public core::TokenStore {
   absl::StatusOr<core::Connection> Load(const core::ConnectionId& id) override
       ABSL_LOCKS_EXCLUDED(mu_);
   absl::Status Create(const core::Connection& c) override ABSL_LOCKS_EXCLUDED(mu_);
-  absl::Status Update(const core::Connection& c, uint64_t expected_generation,
-                      core::ConnectionStatus expected_status) override ABSL_LOCKS_EXCLUDED(mu_);
+  absl::Status Update(const core::Connection& c, uint64_t expected_revision,
+                      const core::Lease* fence) override ABSL_LOCKS_EXCLUDED(mu_);
   absl::Status Delete(const core::ConnectionId& id) override ABSL_LOCKS_EXCLUDED(mu_);
+  // One process owns the memory: every lease is granted.
+  absl::StatusOr<std::optional<core::Lease>> AcquireLease(const core::ConnectionId& id,
+                                                          absl::Duration ttl) override;
+  absl::Status ReleaseLease(const core::Lease& lease) override;
 
   // Test knob: the next write fails with `status` (then writes work again).
   void FailNextWrite(absl::Status status) ABSL_LOCKS_EXCLUDED(mu_);

@@ -220,7 +220,7 @@ TEST_F(RefresherTest, InvalidGrantAfterAnUnknownOutcomeIsRotationLost) {
   Connect("acme");
   provider_.NextRefreshReturns(absl::DeadlineExceededError("no answer"));  // rotated? unknown
   EXPECT_EQ(RefreshAndWait("acme", 1).status().code(), absl::StatusCode::kDeadlineExceeded);
-  EXPECT_EQ(store_.Load("acme")->refresh_intent, 1u);  // the intent was durable
+  EXPECT_EQ(store_.Load("acme")->refresh_intent->generation, 1u);  // the intent was durable
   EXPECT_TRUE(broker_.GetToken("acme").ok());          // the old token still serves
   clock_.Advance(absl::Seconds(11));
   provider_.NextRefreshReturns(core::ReasonError(absl::StatusCode::kFailedPrecondition,
