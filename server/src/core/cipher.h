@@ -40,6 +40,10 @@ class Cipher {
   virtual std::string current_key_id() const = 0;
   // Ids of every key that Open accepts, oldest first.
   virtual std::vector<std::string> key_ids() const = 0;
+  // A value that identifies key `key_id` without revealing it (a keyed digest of a constant),
+  // stored beside the data so that a wrong key under a known id is a clear start-up error
+  // instead of every row failing to open. Errors: NOT_FOUND (no such key).
+  virtual absl::StatusOr<std::string> KeyCheck(absl::string_view key_id) const = 0;
 };
 
 }  // namespace tb::core
