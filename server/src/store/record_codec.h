@@ -34,18 +34,31 @@ struct ConnectionRow {
   uint64_t revision = 0;
   std::optional<int64_t> refresh_at_unix_ms;  // for operators' queries; the truth is in meta
   int64_t updated_at_unix_ms = 0;
-  std::string meta;  // serialized storage.v1.ConnectionMeta (no secret)
+  std::string meta;     // serialized storage.v1.ConnectionMeta (no secret)
   core::Sealed sealed;  // serialized storage.v1.ConnectionSecrets, sealed
 };
 
 // Errors: INTERNAL (cipher).
 absl::StatusOr<ConnectionRow> EncodeConnection(const core::Connection& c,
                                                const core::Cipher& cipher);
+// As above, for a write that replaces `previous` (the row as stored; may be null): the fields
+// of its metadata and of its secrets that this binary does not know (written by a newer
+// release) are carried over, so that running binary N on schema N+1 loses nothing. Fields
+// inside repeated elements (to_revoke) are not carried over. A previous row that does not
+// decode is simply not merged. Errors: INTERNAL (cipher).
+absl::StatusOr<ConnectionRow> EncodeConnection(const core::Connection& c,
+                                               const core::Cipher& cipher,
+                                               const ConnectionRow* previous);
 // Never fails on the secrets: a sealed blob that does not open gives a Connection with its
 // metadata and `data_loss` set (the caller logs and counts it). Errors: DATA_LOSS only when
 // the metadata itself is unreadable (then nothing about the row can be trusted).
 absl::StatusOr<core::Connection> DecodeConnection(const ConnectionRow& row,
                                                   const core::Cipher& cipher);
+// What a store returns for a row whose metadata does not decode (DecodeConnection failed with
+// `why`): the id, provider, status, generation and revision from the plaintext columns, and
+// `data_loss` saying why, so that this connection alone answers DATA_LOSS and is never
+// dropped silently.
+core::Connection UnreadableConnection(const ConnectionRow& row, const absl::Status& why);
 
 // One row of the `links` table (no secret in a link record, but sealed all the same so that
 // the same code path protects everything a store holds).
@@ -69,9 +82,25 @@ struct AuthorizationRow {
 std::string StateHash(absl::string_view state);  // SHA-256, raw bytes
 absl::StatusOr<AuthorizationRow> EncodeAuthorization(const core::PendingAuthorization& auth,
                                                      const core::Cipher& cipher);
+// The raw state is stored nowhere, not even sealed, so the result's `state` is empty: the
+// caller, who looked the row up by the state, sets it (or uses the overload below).
 // Errors: DATA_LOSS.
 absl::StatusOr<core::PendingAuthorization> DecodeAuthorization(const AuthorizationRow& row,
                                                                const core::Cipher& cipher);
+// As above, with `state` the value the row was looked up by: sets it in the result.
+// Errors: DATA_LOSS (also when StateHash(state) is not the row's state_hash).
+absl::StatusOr<core::PendingAuthorization> DecodeAuthorization(const AuthorizationRow& row,
+                                                               absl::string_view state,
+                                                               const core::Cipher& cipher);
+
+// Key rotation: the row's sealed blob opened and sealed again under the cipher's current key,
+// its plaintext unchanged byte for byte (fields a newer release wrote included).
+// Errors: DATA_LOSS (the blob, or for a connection its metadata, does not open: the row must
+// be left as it is), INTERNAL (cipher).
+absl::StatusOr<core::Sealed> ResealConnection(const ConnectionRow& row, const core::Cipher& cipher);
+absl::StatusOr<core::Sealed> ResealLink(const LinkRow& row, const core::Cipher& cipher);
+absl::StatusOr<core::Sealed> ResealAuthorization(const AuthorizationRow& row,
+                                                 const core::Cipher& cipher);
 
 }  // namespace tb::store
 
