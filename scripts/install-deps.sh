@@ -10,6 +10,7 @@ packages=(
   libspdlog-dev libfmt-dev libyaml-cpp-dev libssl-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-grpcio python3-protobuf
+  postgresql-15 libpq-dev libsqlite3-dev sqlite3
 )
 
 missing=()

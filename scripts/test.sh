@@ -6,6 +6,8 @@
 #   3. a clang build with -Wthread-safety -Werror and ThreadSanitizer, running the threaded
 #      domain tests (label "domain": no in-process gRPC servers, since Debian's gRPC and Abseil
 #      are not instrumented and give false reports)
+# The tests run against a private PostgreSQL 15 (scripts/postgres.sh), started after the
+# dependencies are installed and stopped on exit.
 # Prints each phase's time; fails if the whole run passes 75 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +32,13 @@ jobs=$(nproc)
 
 bash scripts/install-deps.sh
 phase_done "install dependencies"
+
+# A private PostgreSQL 15 for the store tests (they fail without it), stopped however we exit.
+trap 'bash scripts/postgres.sh stop || true' EXIT
+pg_env=$(bash scripts/postgres.sh start)  # a separate assignment, so that set -e sees a failure
+eval "$pg_env"
+export TB_TEST_POSTGRES_URL
+phase_done "start postgresql"
 
 bash scripts/build.sh release
 phase_done "release build (-Werror)"
