@@ -9,6 +9,8 @@
 #        postgres.sh env       print `export TB_TEST_POSTGRES_URL=postgresql://...`
 #        postgres.sh restart   restart the server on the same folder and port (tests of
 #                              reconnection use this on a private instance, see TB_PG_DIR)
+#        postgres.sh pause     stop the server but keep the folder: `start` brings the same
+#                              cluster back on the same port (tests of an outage use this)
 #        postgres.sh stop      stop it and remove the folder (nothing to do if not running)
 #
 #   eval "$(bash scripts/postgres.sh start)"
@@ -135,6 +137,13 @@ start() {
     print_env
     return 0
   fi
+  # A paused cluster comes back as it was, on its port.
+  if [[ -d $data && -s $dir/port ]] &&
+    as_pg "$bin/pg_ctl" -D "$data" -l "$dir/postgres.log" -w -t 60 start >/dev/null 2>&1 9>&-; then
+    log "PostgreSQL 15 resumed on 127.0.0.1:$(cat "$dir/port")"
+    print_env
+    return 0
+  fi
   log "initializing a PostgreSQL 15 cluster in $dir"
   init_cluster
   local port
@@ -169,8 +178,8 @@ stop() {
 
 cmd=${1:-}
 case $cmd in
-  start | stop | restart | env) ;;
-  *) die "usage: postgres.sh start|stop|env|restart" ;;
+  start | stop | restart | pause | env) ;;
+  *) die "usage: postgres.sh start|stop|env|restart|pause" ;;
 esac
 
 # One command at a time per instance: two concurrent starts must not both initdb.
@@ -183,6 +192,11 @@ case $cmd in
   env)
     running || die "not running; start it with: eval \"\$(bash scripts/postgres.sh start)\""
     print_env
+    ;;
+  pause)
+    if running; then
+      as_pg "$bin/pg_ctl" -D "$data" -m fast -w -t 60 stop >/dev/null
+    fi
     ;;
   restart)
     running || die "not running; start it with: eval \"\$(bash scripts/postgres.sh start)\""
