@@ -4,6 +4,8 @@
 
 #include <signal.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -35,6 +37,7 @@
 #include "server/src/oauth/authorization_flow.h"
 #include "server/src/oauth/broker.h"
 #include "server/src/oauth/refresher.h"
+#include "server/src/oauth/revoker.h"
 #include "server/src/provider/https_provider_client.h"
 #include "server/src/store/in_memory_flow_store.h"
 #include "server/src/store/in_memory_token_store.h"
@@ -144,10 +147,16 @@ int main(int argc, char** argv) {
   // anything can publish concurrently (Load() runs after and Start() snapshots what is there).
   tb::oauth::Refresher* refresher_hook = nullptr;
   tb::oauth::BrokerOptions broker_options;
-  broker_options.jitter = [&random] {
-    uint8_t b[2];
+  broker_options.refresh.margin = config->refresh.margin;
+  broker_options.refresh.max_jitter = config->refresh.max_jitter;
+  broker_options.max_min_ttl = config->refresh.max_min_ttl;
+  const int64_t max_jitter_ms =
+      std::max<int64_t>(1, absl::ToInt64Milliseconds(config->refresh.max_jitter));
+  broker_options.jitter = [&random, max_jitter_ms] {
+    uint8_t b[4];
     random.Fill(absl::MakeSpan(b));
-    return absl::Milliseconds((b[0] << 8 | b[1]) % 30'000);
+    const uint32_t r = uint32_t{b[0]} << 24 | uint32_t{b[1]} << 16 | uint32_t{b[2]} << 8 | b[3];
+    return absl::Milliseconds(r % max_jitter_ms);
   };
   broker_options.on_change = [&refresher_hook](const auto& c, const auto& id) {
     if (refresher_hook != nullptr) {
@@ -184,28 +193,43 @@ int main(int argc, char** argv) {
         "links.signing_key is not configured: using a random key, so connect links stop "
         "working when this process exits (set links.signing_key_file in production)");
   }
-  tb::oauth::AuthorizationFlow flow(
-      flow_options, config->providers, clock, random, digest, flow_store, **provider_client, broker,
-      [](absl::string_view event, const tb::core::ConnectionId& id, const absl::Status& s) {
-        if (s.ok()) {
-          spdlog::info("oauth {} connection={}", std::string(event), id);
-        } else {
-          spdlog::warn("oauth {} connection={}: {}", std::string(event), id, s.ToString());
-        }
-      });
+  // Background and flow events of the domain, which does not log itself.
+  const tb::oauth::EventSink events = [](absl::string_view event, const tb::core::ConnectionId& id,
+                                         const absl::Status& s) {
+    if (s.ok()) {
+      spdlog::info("oauth {} connection={}", std::string(event), id);
+    } else {
+      spdlog::warn("oauth {} connection={}: {}", std::string(event), id, s.ToString());
+    }
+  };
+  tb::oauth::RevokerOptions revoker_options;
+  revoker_options.provider_timeout = config->refresh.provider_timeout;
+  tb::oauth::Revoker revoker(revoker_options, config->providers, clock, broker, **provider_client,
+                             events);
+  tb::oauth::AuthorizationFlow flow(flow_options, config->providers, clock, random, digest,
+                                    flow_store, **provider_client, broker, revoker, events);
   // Blocking domain work (provider calls, store writes) runs here, never on io or gRPC threads.
   tb::WorkPool work(4, "work");
   const tb::RunBlocking run_blocking = [&work](std::function<void()> task) {
     work.Post(std::move(task));
   };
 
-  tb::oauth::Refresher refresher({}, config->providers, clock, broker, **provider_client,
-                                 run_blocking);
+  tb::oauth::RefresherOptions refresher_options;
+  refresher_options.provider_timeout = config->refresh.provider_timeout;
+  refresher_options.caller_refresh_interval = config->refresh.caller_refresh_interval;
+  refresher_options.max_concurrent = static_cast<size_t>(config->refresh.max_concurrent);
+  refresher_options.hot_window = config->refresh.hot_window;
+  refresher_options.retry_delay = config->refresh.retry_delay;
+  refresher_options.max_wait = config->refresh.max_wait;
+  tb::oauth::Refresher refresher(refresher_options, config->providers, clock, broker,
+                                 **provider_client, revoker, run_blocking, events);
   refresher_hook = &refresher;
 
   absl::StatusOr<std::unique_ptr<tb::grpc_api::GrpcServer>> grpc_server =
       tb::grpc_api::GrpcServer::Start(
-          {config->grpc.listen, config->grpc.probe_listen, config->grpc.threads},
+          {config->grpc.listen, config->grpc.probe_listen, config->grpc.threads,
+           static_cast<size_t>(config->grpc.max_watch_streams),
+           static_cast<size_t>(config->grpc.max_watch_streams_per_caller)},
           {broker, cache, flow, refresher, run_blocking});
   if (!grpc_server.ok()) {
     return Fail(grpc_server.status());

@@ -32,9 +32,10 @@ class FakeProviderClient final : public core::ProviderClient {
     MutexLock lock(&mu_);
     refreshes_.push_back(std::move(result));
   }
+  // Queues the result of the next Revoke; with none queued it succeeds.
   void NextRevokeReturns(absl::Status status) {
     MutexLock lock(&mu_);
-    revoke_result_ = std::move(status);
+    revokes_.push_back(std::move(status));
   }
 
   absl::StatusOr<core::Grant> ExchangeCode(const core::ProviderSpec& spec,
@@ -79,7 +80,12 @@ class FakeProviderClient final : public core::ProviderClient {
     MutexLock lock(&mu_);
     revoked_.push_back(connection.grant ? std::string(connection.grant->access_token.Reveal())
                                         : std::string());
-    return revoke_result_;
+    if (revokes_.empty()) {
+      return absl::OkStatus();
+    }
+    absl::Status s = std::move(revokes_.front());
+    revokes_.pop_front();
+    return s;
   }
 
   std::vector<ExchangeCall> exchange_calls() const {
@@ -109,7 +115,7 @@ class FakeProviderClient final : public core::ProviderClient {
   mutable Mutex mu_;
   std::deque<absl::StatusOr<core::Grant>> exchanges_ ABSL_GUARDED_BY(mu_);
   std::deque<absl::StatusOr<core::Grant>> refreshes_ ABSL_GUARDED_BY(mu_);
-  absl::Status revoke_result_ ABSL_GUARDED_BY(mu_);
+  std::deque<absl::Status> revokes_ ABSL_GUARDED_BY(mu_);
   std::vector<ExchangeCall> exchange_calls_ ABSL_GUARDED_BY(mu_);
   int refresh_calls_ ABSL_GUARDED_BY(mu_) = 0;
   bool hold_refreshes_ ABSL_GUARDED_BY(mu_) = false;

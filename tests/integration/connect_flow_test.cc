@@ -99,15 +99,18 @@ class ConnectFlowTest : public ::testing::Test {
     oauth::FlowOptions options;
     options.public_base_url = absl::StrCat("http://127.0.0.1:", public_http_->port());
     options.link_key = KeyMaterial(testing::NewTestSecret("link-key"));
-    flow_ = std::make_unique<oauth::AuthorizationFlow>(
-        options, providers_, clock_, random_, digest_, flow_store_, *provider_client_, broker_);
+    revoker_ = std::make_unique<oauth::Revoker>(oauth::RevokerOptions{}, providers_, clock_,
+                                                broker_, *provider_client_);
+    flow_ = std::make_unique<oauth::AuthorizationFlow>(options, providers_, clock_, random_,
+                                                       digest_, flow_store_, *provider_client_,
+                                                       broker_, *revoker_);
     const RunBlocking run = [this](std::function<void()> task) { work_.Post(std::move(task)); };
     http::OAuthRoutesOptions routes;
     routes.secure_cookies = false;
     routes_ = http::MakeOAuthHandler(*flow_, run, routes);
 
     refresher_ = std::make_unique<oauth::Refresher>(oauth::RefresherOptions{}, providers_, clock_,
-                                                    broker_, *provider_client_, run);
+                                                    broker_, *provider_client_, *revoker_, run);
     auto grpc = grpc_api::GrpcServer::Start({}, {broker_, cache_, *flow_, *refresher_, run});
     ASSERT_TRUE(grpc.ok());
     grpc_ = *std::move(grpc);
@@ -118,6 +121,7 @@ class ConnectFlowTest : public ::testing::Test {
   }
 
   void TearDown() override {
+    refresher_->Stop();
     grpc_->Shutdown(absl::Now() + absl::Seconds(5));
     public_http_->Stop();
     work_.Stop();
@@ -210,11 +214,21 @@ class ConnectFlowTest : public ::testing::Test {
   store::InMemoryTokenStore token_store_;
   store::InMemoryFlowStore flow_store_;
   cache::ConnectionCache cache_;
-  oauth::Broker broker_{clock_, token_store_, cache_};
+  // Every change reaches the refresher once it exists, as main wires it.
+  oauth::Broker broker_{clock_, token_store_, cache_, [this] {
+                          oauth::BrokerOptions o;
+                          o.on_change = [this](const auto& c, const auto& id) {
+                            if (refresher_ != nullptr) {
+                              refresher_->Track(c, id);
+                            }
+                          };
+                          return o;
+                        }()};
   std::unique_ptr<provider::HttpsProviderClient> provider_client_;
   std::unique_ptr<provider::HttpClient> browser_;
   http::AsyncHandler routes_;
   std::unique_ptr<http::HttpServer> public_http_;
+  std::unique_ptr<oauth::Revoker> revoker_;
   std::unique_ptr<oauth::AuthorizationFlow> flow_;
   std::unique_ptr<oauth::Refresher> refresher_;
   std::unique_ptr<grpc_api::GrpcServer> grpc_;
@@ -505,6 +519,116 @@ TEST_F(RefreshRpcTest, RevokeStopsServingAndReachesTheProviderById) {
   EXPECT_FALSE(fake_->IsAccessTokenValid(first_.access_token()));
   EXPECT_EQ(fake_->calls(CallKind::kRevokeById), 1);
   EXPECT_EQ(fake_->calls(CallKind::kRevokeCurrent), 0);  // the quirk revokes nothing
+}
+
+TEST_F(RefreshRpcTest, RevokeOfATokenTheProviderNoLongerTakesRefreshesFirst) {
+  fake_->ExpireAllAccessTokens();  // Zendesk: the token cannot authorize its own revocation
+  grpc::ClientContext ctx;
+  v1::RevokeRequest req;
+  req.set_connection_id("acme");
+  v1::RevokeResponse resp;
+  ASSERT_TRUE(tokens_->Revoke(&ctx, req, &resp).ok());
+  EXPECT_TRUE(resp.provider_confirmed());
+  EXPECT_EQ(fake_->calls(CallKind::kTokenRefresh), 1);  // refreshed to get a live token...
+  EXPECT_EQ(fake_->calls(CallKind::kRevokeById), 2);    // ...which revoked itself by id
+  EXPECT_EQ(fake_->refresh_token_reuse_attempts(), 0);
+  const core::Connection stored = *token_store_.Load("acme");
+  EXPECT_TRUE(stored.to_revoke.empty());
+  EXPECT_EQ(stored.status, core::ConnectionStatus::kRevoked);
+}
+
+TEST_F(RefreshRpcTest, RevokeWhileTheProviderIsDownIsRetriedOnRequest) {
+  testing::Failure down;
+  down.http_status = 503;
+  fake_->FailNext(CallKind::kRevokeById, down);
+  grpc::ClientContext ctx;
+  v1::RevokeRequest req;
+  req.set_connection_id("acme");
+  v1::RevokeResponse resp;
+  ASSERT_TRUE(tokens_->Revoke(&ctx, req, &resp).ok());
+  EXPECT_FALSE(resp.provider_confirmed());
+  EXPECT_TRUE(fake_->IsAccessTokenValid(first_.access_token()));  // not yet revoked there
+  v1::Token t;
+  EXPECT_EQ(GetToken("acme", &t).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+
+  grpc::ClientContext again;
+  ASSERT_TRUE(tokens_->Revoke(&again, req, &resp).ok());
+  EXPECT_TRUE(resp.provider_confirmed());
+  EXPECT_FALSE(fake_->IsAccessTokenValid(first_.access_token()));
+}
+
+// Zendesk tokens of 4 s (valid_until 2 s in): the scheduler refreshes each at its refresh_at,
+// and callers that need more life than is left wait for that refresh instead of causing one.
+class ShortTokenTest : public ConnectFlowTest {
+ protected:
+  void SetUp() override {
+    ConnectFlowTest::SetUp();
+    providers_["zendesk"].expires_in = 4;
+    refresher_->Start();
+    absl::StatusOr<v1::CreateConnectLinkResponse> link = CreateLink("acme", "zendesk");
+    ASSERT_TRUE(link.ok());
+    ASSERT_EQ(WalkLink(link->url()).status, 200);
+    ASSERT_TRUE(GetToken("acme", &first_).ok());
+  }
+
+  grpc::Status GetTokenFor(absl::Duration min_ttl, v1::Token* out) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+    v1::GetTokenRequest req;
+    req.set_connection_id("acme");
+    req.mutable_min_ttl()->set_seconds(absl::ToInt64Seconds(min_ttl));
+    req.mutable_min_ttl()->set_nanos(
+        static_cast<int32_t>(absl::ToInt64Nanoseconds(min_ttl % absl::Seconds(1))));
+    v1::GetTokenResponse resp;
+    const grpc::Status s = tokens_->GetToken(&ctx, req, &resp);
+    *out = resp.token();
+    return s;
+  }
+
+  v1::Token first_;
+};
+
+TEST_F(ShortTokenTest, CallersNeedingMoreLifeWaitForTheScheduledRefresh) {
+  EXPECT_LE(first_.valid_for().seconds(), 2);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // now less than 1.95 s is left
+  std::vector<std::thread> callers;
+  std::atomic<int> newer{0};
+  for (int i = 0; i < 20; ++i) {
+    callers.emplace_back([&] {
+      v1::Token t;
+      // 1.95 s: more than the first token has left, less than a fresh one is promised.
+      const grpc::Status s = GetTokenFor(absl::Milliseconds(1950), &t);
+      EXPECT_TRUE(s.ok()) << s.error_code() << " " << s.error_message();
+      EXPECT_GE(t.generation(), 2u);
+      EXPECT_GE(t.valid_for().seconds() * 1000 + t.valid_for().nanos() / 1'000'000, 1950);
+      if (s.ok() && t.generation() >= 2 &&
+          t.valid_for().seconds() * 1000 + t.valid_for().nanos() / 1'000'000 >= 1950) {
+        ++newer;
+      }
+    });
+  }
+  for (std::thread& t : callers) {
+    t.join();
+  }
+  EXPECT_EQ(newer.load(), 20);
+  // One scheduled refresh served them all (the next is due 2 s after it).
+  EXPECT_EQ(fake_->calls(CallKind::kTokenRefresh), 1);
+  EXPECT_FALSE(fake_->IsAccessTokenValid(first_.access_token()));
+  EXPECT_EQ(fake_->refresh_token_reuse_attempts(), 0);
+}
+
+TEST_F(ShortTokenTest, ShortLivedTokensAreRefreshedOnScheduleWithoutLooping) {
+  std::this_thread::sleep_for(std::chrono::seconds(5));
+  // Refreshes at about 2 s and 4 s: a schedule that ignored the half-lifetime floor would
+  // have looped hundreds of times.
+  const int calls = fake_->calls(CallKind::kTokenRefresh);
+  EXPECT_GE(calls, 1);
+  EXPECT_LE(calls, 3);
+  v1::Token t;
+  ASSERT_TRUE(GetToken("acme", &t).ok());
+  EXPECT_TRUE(fake_->IsAccessTokenValid(t.access_token()));
+  EXPECT_EQ(t.generation(), static_cast<uint64_t>(calls) + 1);
+  EXPECT_EQ(fake_->refresh_token_reuse_attempts(), 0);
 }
 
 }  // namespace

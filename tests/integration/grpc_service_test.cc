@@ -4,16 +4,21 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
+#include <atomic>
+#include <chrono>
 #include <memory>
 #include <set>
 #include <string>
+#include <thread>
 #include <tuple>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "google/rpc/error_details.pb.h"
 #include "google/rpc/status.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
+#include "server/src/core/provider_presets.h"
 #include "server/src/grpc/grpc_server.h"
 #include "server/src/store/in_memory_token_store.h"
 #include "tests/fakes/fake_clock.h"
@@ -48,6 +53,11 @@ std::string ReasonOf(const grpc::Status& s) {
 class GrpcServiceTest : public ::testing::Test {
  protected:
   void SetUp() override {
+    // The seeded connections' provider; its refreshes go to the scriptable fake client, which
+    // fails them (UNAVAILABLE) unless a test queues a result.
+    core::ProviderSpec zendesk = *core::PresetSpec("zendesk");
+    zendesk.name = "zendesk";
+    flow_parts_.providers["zendesk"] = zendesk;
     ASSERT_TRUE(testing::SeedEveryStatus(broker_, clock_.Now()).ok());
     auto server = grpc_api::GrpcServer::Start(
         {}, {broker_, cache_, flow_parts_.flow, flow_parts_.refresher, flow_parts_.run_blocking()});
@@ -95,7 +105,14 @@ class GrpcServiceTest : public ::testing::Test {
   testing::FakeClock clock_;
   store::InMemoryTokenStore store_;
   cache::ConnectionCache cache_;
-  oauth::Broker broker_{clock_, store_, cache_};
+  // The refresher follows every change, as main wires it: waiting GetTokens are woken by it.
+  oauth::Broker broker_{clock_, store_, cache_, [this] {
+                          oauth::BrokerOptions o;
+                          o.on_change = [this](const auto& c, const auto& id) {
+                            flow_parts_.refresher.Track(c, id);
+                          };
+                          return o;
+                        }()};
   testing::FlowParts flow_parts_{clock_, broker_};
   std::unique_ptr<grpc_api::GrpcServer> server_;
   std::shared_ptr<grpc::Channel> channel_;
@@ -163,10 +180,11 @@ TEST_F(GrpcServiceTest, GetTokenRejectsBadArguments) {
   EXPECT_EQ(GetToken(testing::kActiveId, &resp, absl::Seconds(-5)).error_code(),
             grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(GetToken(testing::kActiveId, &resp, absl::Hours(2)).error_code(),
-            grpc::StatusCode::UNAVAILABLE);
+            grpc::StatusCode::INVALID_ARGUMENT);  // above the 1 h cap
   EXPECT_TRUE(GetToken(testing::kActiveId, &resp, absl::Minutes(54)).ok());
+  // Past valid_until, though before expiry: no token of this connection is promised that long.
   EXPECT_EQ(GetToken(testing::kActiveId, &resp, absl::Minutes(56)).error_code(),
-            grpc::StatusCode::UNAVAILABLE);  // past valid_until, though before expiry
+            grpc::StatusCode::OUT_OF_RANGE);
 }
 
 TEST_F(GrpcServiceTest, ListConnectionsPagesThroughTenThousand) {
@@ -430,6 +448,182 @@ TEST_F(GrpcServiceTest, RefreshOnUnservableConnectionsGivesTheirErrors) {
     EXPECT_EQ(s.error_code(), code) << id;
     EXPECT_EQ(ReasonOf(s), reason) << id;
   }
+}
+
+// --- GetToken that waits, Revoke, stream limits ----------------------------------------------
+
+core::Grant FreshGrant(const Clock& clock, absl::Duration lifetime) {
+  core::Grant g;
+  g.access_token = AccessToken(testing::NewTestSecret("access"));
+  g.refresh_token = RefreshToken(testing::NewTestSecret("refresh"));
+  g.issued_at = clock.Now();
+  g.expires_at = clock.Now() + lifetime;
+  return g;
+}
+
+// Polls `cond` for up to 10 s (it turns true from another thread).
+template <typename F>
+bool Eventually(F cond) {
+  for (int i = 0; i < 2000; ++i) {
+    if (cond()) {
+      return true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return cond();
+}
+
+TEST_F(GrpcServiceTest, HundredGetTokensOnADueTokenWaitForOneRefresh) {
+  clock_.Advance(absl::Minutes(55));  // active-co's valid_until: due now
+  testing::FakeProviderClient& provider = flow_parts_.provider;
+  provider.HoldRefreshes();
+  provider.NextRefreshReturns(FreshGrant(clock_, absl::Hours(1)));
+  std::atomic<int> ok{0};
+  std::vector<std::thread> callers;
+  for (int i = 0; i < 100; ++i) {
+    callers.emplace_back([&] {
+      v1::GetTokenResponse resp;
+      if (GetToken(testing::kActiveId, &resp).ok() && resp.token().generation() == 2) {
+        ++ok;
+      }
+    });
+  }
+  ASSERT_TRUE(Eventually([&] { return flow_parts_.refresher.waiters() == 100; }));
+  EXPECT_EQ(provider.refresh_calls(), 1);
+  provider.ReleaseRefreshes();
+  for (std::thread& t : callers) {
+    t.join();
+  }
+  EXPECT_EQ(ok.load(), 100);
+  EXPECT_EQ(provider.refresh_calls(), 1);
+}
+
+TEST_F(GrpcServiceTest, GetTokenWithAFiftyMillisecondDeadlineDuringASlowRefresh) {
+  clock_.Advance(absl::Minutes(55));
+  testing::FakeProviderClient& provider = flow_parts_.provider;
+  provider.HoldRefreshes();
+  const core::Grant next = FreshGrant(clock_, absl::Hours(1));
+  provider.NextRefreshReturns(next);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(50));
+  v1::GetTokenRequest req;
+  req.set_connection_id(testing::kActiveId);
+  v1::GetTokenResponse resp;
+  EXPECT_EQ(tokens_->GetToken(&ctx, req, &resp).error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  provider.AwaitRefreshCalls(1);
+  provider.ReleaseRefreshes();  // the refresh outlives its caller and is stored
+  ASSERT_TRUE(Eventually([&] { return store_.Load(testing::kActiveId)->generation() == 2; }));
+  EXPECT_EQ(store_.Load(testing::kActiveId)->grant->access_token, next.access_token);
+  ASSERT_TRUE(GetToken(testing::kActiveId, &resp).ok());
+  EXPECT_EQ(resp.token().generation(), 2u);
+}
+
+TEST_F(GrpcServiceTest, GetTokenWithMinGenerationWaitsForSomeoneElsesRefresh) {
+  std::thread waiter_thread;
+  grpc::Status waited;
+  v1::GetTokenResponse waited_resp;
+  waiter_thread = std::thread([&] {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+    v1::GetTokenRequest req;
+    req.set_connection_id(testing::kActiveId);
+    req.set_min_generation(2);
+    waited = tokens_->GetToken(&ctx, req, &waited_resp);
+  });
+  ASSERT_TRUE(Eventually([&] { return flow_parts_.refresher.waiters() == 1; }));
+  EXPECT_EQ(flow_parts_.provider.refresh_calls(), 0);  // waiting triggers no refresh
+
+  flow_parts_.provider.NextRefreshReturns(FreshGrant(clock_, absl::Hours(1)));
+  grpc::ClientContext ctx;
+  v1::RefreshRequest req;
+  req.set_connection_id(testing::kActiveId);
+  req.set_if_generation(1);
+  v1::RefreshResponse resp;
+  ASSERT_TRUE(tokens_->Refresh(&ctx, req, &resp).ok());
+  waiter_thread.join();
+  ASSERT_TRUE(waited.ok()) << waited.error_message();
+  EXPECT_EQ(waited_resp.token().generation(), 2u);
+  EXPECT_EQ(flow_parts_.provider.refresh_calls(), 1);
+}
+
+TEST_F(GrpcServiceTest, ShutdownAnswersGetTokensStillWaiting) {
+  grpc::Status waited;
+  std::thread waiter_thread([&] {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+    v1::GetTokenRequest req;
+    req.set_connection_id(testing::kActiveId);
+    req.set_min_generation(5);
+    v1::GetTokenResponse resp;
+    waited = tokens_->GetToken(&ctx, req, &resp);
+  });
+  ASSERT_TRUE(Eventually([&] { return flow_parts_.refresher.waiters() == 1; }));
+  server_->Shutdown(absl::Now() + absl::Milliseconds(200));
+  waiter_thread.join();
+  EXPECT_FALSE(waited.ok());
+  EXPECT_EQ(flow_parts_.refresher.waiters(), 0u);
+}
+
+TEST_F(GrpcServiceTest, RevokeSaysWhetherTheProviderConfirmed) {
+  flow_parts_.provider.NextRevokeReturns(absl::UnavailableError("provider down"));
+  grpc::ClientContext ctx;
+  v1::RevokeRequest req;
+  req.set_connection_id(testing::kActiveId);
+  v1::RevokeResponse resp;
+  ASSERT_TRUE(tokens_->Revoke(&ctx, req, &resp).ok());
+  EXPECT_FALSE(resp.provider_confirmed());
+  v1::GetTokenResponse token;
+  const grpc::Status s = GetToken(testing::kActiveId, &token);
+  EXPECT_EQ(ReasonOf(s), "REVOKED");  // stopped serving all the same
+
+  grpc::ClientContext again;
+  ASSERT_TRUE(tokens_->Revoke(&again, req, &resp).ok());  // idempotent: retries what is owed
+  EXPECT_TRUE(resp.provider_confirmed());
+  EXPECT_TRUE(store_.Load(testing::kActiveId)->to_revoke.empty());
+}
+
+TEST_F(GrpcServiceTest, WatchTokenStreamsAreLimitedPerCaller) {
+  grpc_api::GrpcServerOptions options;
+  options.max_watch_streams_per_caller = 2;
+  auto limited = grpc_api::GrpcServer::Start(
+      options,
+      {broker_, cache_, flow_parts_.flow, flow_parts_.refresher, flow_parts_.run_blocking()});
+  ASSERT_TRUE(limited.ok());
+  auto stub = v1::TokenBroker::NewStub(grpc::CreateChannel(
+      absl::StrCat("127.0.0.1:", (*limited)->port()), grpc::InsecureChannelCredentials()));
+  v1::WatchTokenRequest req;
+  req.set_connection_id(testing::kActiveId);
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
+  std::vector<std::unique_ptr<grpc::ClientReader<v1::WatchTokenResponse>>> open;
+  for (int i = 0; i < 2; ++i) {
+    contexts.push_back(std::make_unique<grpc::ClientContext>());
+    open.push_back(stub->WatchToken(contexts.back().get(), req));
+    v1::WatchTokenResponse msg;
+    ASSERT_TRUE(open.back()->Read(&msg));
+  }
+  grpc::ClientContext third_ctx;
+  auto third = stub->WatchToken(&third_ctx, req);
+  v1::WatchTokenResponse msg;
+  EXPECT_FALSE(third->Read(&msg));
+  EXPECT_EQ(third->Finish().error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+
+  // Closing one frees its place.
+  contexts[0]->TryCancel();
+  EXPECT_EQ(open[0]->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  bool reopened = Eventually([&] {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    auto r = stub->WatchToken(&ctx, req);
+    v1::WatchTokenResponse m;
+    const bool got = r->Read(&m);
+    ctx.TryCancel();
+    r->Finish();
+    return got;
+  });
+  EXPECT_TRUE(reopened);
+  contexts[1]->TryCancel();
+  open[1]->Finish();
+  (*limited)->Shutdown(absl::Now() + absl::Seconds(5));
 }
 
 }  // namespace

@@ -19,8 +19,9 @@ namespace tb::testing {
 // before the first link is minted.
 struct FlowParts {
   FlowParts(const Clock& clock, oauth::Broker& broker)
-      : flow(Options(), providers, clock, random, digest, store, provider, broker),
-        refresher({}, providers, clock, broker, provider, run_blocking()) {}
+      : revoker({}, providers, clock, broker, provider),
+        flow(Options(), providers, clock, random, digest, store, provider, broker, revoker),
+        refresher({}, providers, clock, broker, provider, revoker, run_blocking()) {}
 
   static oauth::FlowOptions Options() {
     oauth::FlowOptions o;
@@ -36,6 +37,7 @@ struct FlowParts {
   crypto::OpenSslDigest digest;
   store::InMemoryFlowStore store;
   FakeProviderClient provider;
+  oauth::Revoker revoker;
   oauth::AuthorizationFlow flow;
   oauth::Refresher refresher;
   WorkPool pool{2, "test-work"};  // last: destroyed (drained) first, while all else lives

@@ -19,7 +19,33 @@ ConnectionCache::Entry ConnectionCache::Get(const core::ConnectionId& id) const 
   const Shard& shard = ShardFor(id);
   ReaderLock lock(&shard.mu);
   const auto it = shard.entries.find(id);
-  return it == shard.entries.end() ? nullptr : it->second;
+  return it == shard.entries.end() ? nullptr : it->second.entry;
+}
+
+ConnectionCache::Entry ConnectionCache::Use(const core::ConnectionId& id, absl::Time now) const {
+  const int64_t now_s = absl::ToUnixSeconds(now);
+  const Shard& shard = ShardFor(id);
+  ReaderLock lock(&shard.mu);
+  const auto it = shard.entries.find(id);
+  if (it == shard.entries.end()) {
+    return nullptr;
+  }
+  std::atomic<int64_t>& last = *it->second.last_used;
+  if (last.load(std::memory_order_relaxed) != now_s) {
+    last.store(now_s, std::memory_order_relaxed);
+  }
+  return it->second.entry;
+}
+
+absl::Time ConnectionCache::LastUsed(const core::ConnectionId& id) const {
+  const Shard& shard = ShardFor(id);
+  ReaderLock lock(&shard.mu);
+  const auto it = shard.entries.find(id);
+  if (it == shard.entries.end()) {
+    return absl::InfinitePast();
+  }
+  const int64_t s = it->second.last_used->load(std::memory_order_relaxed);
+  return s == kNeverUsed ? absl::InfinitePast() : absl::FromUnixSeconds(s);
 }
 
 std::vector<ConnectionCache::Watcher> ConnectionCache::WatchersOf(const Shard& shard,
@@ -41,14 +67,14 @@ bool ConnectionCache::PublishIf(const Entry& expected, Entry next) {
   {
     WriterLock lock(&shard.mu);
     auto it = shard.entries.find(next->id);
-    const Entry current = it == shard.entries.end() ? nullptr : it->second;
+    const Entry current = it == shard.entries.end() ? nullptr : it->second.entry;
     if (current != expected) {
       return false;
     }
     if (it == shard.entries.end()) {
-      shard.entries.emplace(next->id, next);
+      shard.entries.emplace(next->id, Slot{next});
     } else {
-      it->second = next;
+      it->second.entry = next;
     }
     to_notify = WatchersOf(shard, next->id);
   }
@@ -63,7 +89,10 @@ void ConnectionCache::Publish(Entry next) {
   std::vector<Watcher> to_notify;
   {
     WriterLock lock(&shard.mu);
-    shard.entries.insert_or_assign(next->id, next);
+    auto [it, inserted] = shard.entries.try_emplace(next->id, Slot{next});
+    if (!inserted) {
+      it->second.entry = next;
+    }
     to_notify = WatchersOf(shard, next->id);
   }
   for (const Watcher& w : to_notify) {
@@ -77,7 +106,7 @@ bool ConnectionCache::EraseIf(const core::ConnectionId& id, const Entry& expecte
   {
     WriterLock lock(&shard.mu);
     auto it = shard.entries.find(id);
-    if (it == shard.entries.end() || it->second != expected) {
+    if (it == shard.entries.end() || it->second.entry != expected) {
       return false;
     }
     shard.entries.erase(it);
@@ -106,7 +135,8 @@ ConnectionCache::Page ConnectionCache::List(const Filter& filter, size_t page_si
   std::vector<Entry> matches;
   for (const Shard& shard : shards_) {
     ReaderLock lock(&shard.mu);
-    for (const auto& [id, entry] : shard.entries) {
+    for (const auto& [id, slot] : shard.entries) {
+      const Entry& entry = slot.entry;
       if (id <= after && !after.empty()) {
         continue;
       }

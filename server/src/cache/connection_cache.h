@@ -13,6 +13,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 #include "server/src/common/mutex.h"
 #include "server/src/core/connection.h"
 
@@ -46,6 +47,12 @@ class ConnectionCache {
 
   // The current snapshot of `id`, nullptr if there is none.
   Entry Get(const core::ConnectionId& id) const;
+  // Get() for a caller that uses the token: also records `now` as the connection's last use
+  // (second resolution; a relaxed atomic store at most once a second per connection, so
+  // concurrent readers of one hot connection do not fight over a cache line).
+  Entry Use(const core::ConnectionId& id, absl::Time now) const;
+  // When `id` was last Use()d; InfinitePast() if never (or unknown id). Survives Publish.
+  absl::Time LastUsed(const core::ConnectionId& id) const;
 
   // Publishes `next` only if the current entry of next->id is still `expected` (pointer
   // identity; nullptr means "absent"). Returns false, publishing nothing, when another writer
@@ -68,9 +75,17 @@ class ConnectionCache {
 
  private:
   static constexpr size_t kShards = 64;
+  // A published snapshot and its last use, in unix seconds (kNeverUsed: never). The atomic sits
+  // behind a pointer because the map moves its values when it grows.
+  static constexpr int64_t kNeverUsed = INT64_MIN;
+  struct Slot {
+    Entry entry;
+    std::unique_ptr<std::atomic<int64_t>> last_used =
+        std::make_unique<std::atomic<int64_t>>(kNeverUsed);
+  };
   struct Shard {
     mutable SharedMutex mu;
-    absl::flat_hash_map<core::ConnectionId, Entry> entries ABSL_GUARDED_BY(mu);
+    absl::flat_hash_map<core::ConnectionId, Slot> entries ABSL_GUARDED_BY(mu);
     absl::flat_hash_map<core::ConnectionId, absl::flat_hash_map<uint64_t, Watcher>> watchers
         ABSL_GUARDED_BY(mu);
   };

@@ -24,6 +24,13 @@ bool WorkPool::Post(std::function<void()> task) {
   return true;
 }
 
+void WorkPool::Drain() {
+  MutexLock lock(&mu_);
+  while (!queue_.empty() || running_ > 0) {
+    cv_.Wait(&mu_);
+  }
+}
+
 void WorkPool::Stop() {
   {
     MutexLock lock(&mu_);
@@ -50,8 +57,14 @@ void WorkPool::Run() {
       }
       task = std::move(queue_.front());
       queue_.pop_front();
+      ++running_;
     }
     task();
+    {
+      MutexLock lock(&mu_);
+      --running_;
+    }
+    cv_.SignalAll();  // for Drain()
   }
 }
 

@@ -30,6 +30,9 @@ class WorkPool {
 
   // Queues `task`. Returns false (and drops it) once Stop() has begun.
   bool Post(std::function<void()> task) ABSL_LOCKS_EXCLUDED(mu_);
+  // Blocks until every task queued so far, and every task those queue meanwhile, has run.
+  // The pool keeps running. Not from a pool thread.
+  void Drain() ABSL_LOCKS_EXCLUDED(mu_);
   void Stop() ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
@@ -39,6 +42,7 @@ class WorkPool {
   Mutex mu_;
   CondVar cv_;
   std::deque<std::function<void()>> queue_ ABSL_GUARDED_BY(mu_);
+  int running_ ABSL_GUARDED_BY(mu_) = 0;  // tasks being run right now
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> threads_;  // joined by Stop(), which only the owner calls
 };

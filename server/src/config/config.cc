@@ -340,14 +340,27 @@ absl::Status ParseInto(const YAML::Node& root, Config& c, const EnvLookup& env) 
   TB_RETURN_IF_ERROR(ReadSection(
       root, "",
       {
-          {"grpc", Section({{"listen", String(&c.grpc.listen)},
-                            {"probe_listen", String(&c.grpc.probe_listen)},
-                            {"threads", Int(&c.grpc.threads)}})},
+          {"grpc",
+           Section({{"listen", String(&c.grpc.listen)},
+                    {"probe_listen", String(&c.grpc.probe_listen)},
+                    {"threads", Int(&c.grpc.threads)},
+                    {"max_watch_streams", Int(&c.grpc.max_watch_streams)},
+                    {"max_watch_streams_per_caller", Int(&c.grpc.max_watch_streams_per_caller)}})},
           {"http", Section({{"public_listen", String(&c.http.public_listen)},
                             {"admin_listen", String(&c.http.admin_listen)},
                             {"threads", Int(&c.http.threads)}})},
           {"store", Section({{"url", String(&c.store.url)}})},
           {"log", Section({{"level", String(&c.log.level)}, {"format", String(&c.log.format)}})},
+          {"refresh",
+           Section({{"margin", Duration(&c.refresh.margin)},
+                    {"max_jitter", Duration(&c.refresh.max_jitter)},
+                    {"hot_window", Duration(&c.refresh.hot_window)},
+                    {"provider_timeout", Duration(&c.refresh.provider_timeout)},
+                    {"caller_refresh_interval", Duration(&c.refresh.caller_refresh_interval)},
+                    {"retry_delay", Duration(&c.refresh.retry_delay)},
+                    {"max_concurrent", Int(&c.refresh.max_concurrent)},
+                    {"max_min_ttl", Duration(&c.refresh.max_min_ttl)},
+                    {"max_wait", Duration(&c.refresh.max_wait)}})},
           {"public_base_url", String(&c.public_base_url)},
           {"links", Section({{"signing_key_file", String(&link_key.file)},
                              {"signing_key_env", String(&link_key.env)},
@@ -407,6 +420,33 @@ absl::Status Validate(const Config& c) {
   }
   if (c.grpc.threads < 0 || c.grpc.threads > 256) {
     return absl::InvalidArgumentError("grpc.threads must be 0 (one per core) to 256");
+  }
+  if (c.grpc.max_watch_streams < 1 || c.grpc.max_watch_streams_per_caller < 1 ||
+      c.grpc.max_watch_streams_per_caller > c.grpc.max_watch_streams) {
+    return absl::InvalidArgumentError(
+        "grpc.max_watch_streams and grpc.max_watch_streams_per_caller must be at least 1, the "
+        "per-caller limit no larger than the total");
+  }
+  const RefreshConfig& r = c.refresh;
+  for (const auto& [name, d] : {std::pair<const char*, absl::Duration>{"margin", r.margin},
+                                {"max_jitter", r.max_jitter},
+                                {"hot_window", r.hot_window}}) {
+    if (d < absl::ZeroDuration()) {
+      return absl::InvalidArgumentError(absl::StrCat("refresh.", name, " must not be negative"));
+    }
+  }
+  for (const auto& [name, d] :
+       {std::pair<const char*, absl::Duration>{"provider_timeout", r.provider_timeout},
+        {"caller_refresh_interval", r.caller_refresh_interval},
+        {"retry_delay", r.retry_delay},
+        {"max_min_ttl", r.max_min_ttl},
+        {"max_wait", r.max_wait}}) {
+    if (d <= absl::ZeroDuration()) {
+      return absl::InvalidArgumentError(absl::StrCat("refresh.", name, " must be positive"));
+    }
+  }
+  if (r.max_concurrent < 1 || r.max_concurrent > 10'000) {
+    return absl::InvalidArgumentError("refresh.max_concurrent must be 1 to 10000");
   }
   if (c.http.threads < 1 || c.http.threads > 256) {
     return absl::InvalidArgumentError("http.threads must be 1 to 256");

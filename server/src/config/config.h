@@ -18,6 +18,9 @@ struct GrpcConfig {
   std::string listen = "127.0.0.1:8443";
   std::string probe_listen = "127.0.0.1:8081";
   int threads = 0;  // completion-queue threads; 0: one per core
+  // Open WatchToken streams at most, in all and per caller.
+  int max_watch_streams = 10'000;
+  int max_watch_streams_per_caller = 1'000;
 };
 
 struct HttpConfig {
@@ -33,6 +36,21 @@ struct StoreConfig {
 struct LogConfig {
   std::string level = "info";   // trace, debug, info, warn, error
   std::string format = "text";  // text or json
+};
+
+// When and how tokens are refreshed (README, "Refresh").
+struct RefreshConfig {
+  absl::Duration margin = absl::Minutes(5);       // refresh this long before expiry...
+  absl::Duration max_jitter = absl::Seconds(30);  // ...plus up to this random delay
+  // Zero: refresh every connection ahead. Positive: only those used within this window; idle
+  // ones refresh on next use, and before half their refresh token's lifetime has passed.
+  absl::Duration hot_window = absl::ZeroDuration();
+  absl::Duration provider_timeout = absl::Seconds(30);
+  absl::Duration caller_refresh_interval = absl::Seconds(10);  // Refresh RPC, per connection
+  absl::Duration retry_delay = absl::Seconds(30);              // after a failed refresh
+  int max_concurrent = 16;                                     // scheduled refreshes in flight
+  absl::Duration max_min_ttl = absl::Hours(1);  // GetToken.min_ttl above: INVALID_ARGUMENT
+  absl::Duration max_wait = absl::Seconds(60);  // longest GetToken wait, whatever the deadline
 };
 
 struct LinksConfig {
@@ -57,6 +75,7 @@ struct Config {
   HttpConfig http;
   StoreConfig store;
   LogConfig log;
+  RefreshConfig refresh;
   // The broker's origin as browsers see it; redirect_uri and link URLs are built from it.
   std::string public_base_url = "http://127.0.0.1:8080";
   LinksConfig links;

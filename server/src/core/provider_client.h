@@ -14,7 +14,8 @@ namespace tb::core {
 // `deadline` and is never cancelled by a caller once sent (see DESIGN.md).
 // Errors: kUnavailable (transport or 5xx, retryable), kDeadlineExceeded,
 // kFailedPrecondition with Reason kNeedsReauth (`invalid_grant`) or kProviderMisconfigured
-// (`invalid_client`, `unauthorized_client`), kResourceExhausted (429).
+// (`invalid_client`, `unauthorized_client`), kResourceExhausted (429), kUnauthenticated (an API
+// call authorized by the grant's access token was refused: that token is dead).
 class ProviderClient {
  public:
   virtual ~ProviderClient() = default;

@@ -22,11 +22,17 @@ struct RefreshPolicy {
 };
 
 // The refresh time of `grant`: max(issued_at + fraction * lifetime, expires_at - margin) plus
-// `jitter` (clamped to [0, min(max_jitter, lifetime / 10)]), never past expires_at. nullopt for
-// a grant without expiry (valid until revoked) or without a refresh token (nothing to refresh
-// with: it serves until it expires). Pure: no clock, no randomness.
+// `jitter` (clamped to [0, min(max_jitter, lifetime / 10)]), never past expires_at nor past
+// KeepAliveAt(grant). nullopt for a grant without expiry (valid until revoked) or without a
+// refresh token (nothing to refresh with: it serves until it expires). Pure: no clock, no
+// randomness.
 std::optional<absl::Time> RefreshAt(const Grant& grant, const RefreshPolicy& policy,
                                     absl::Duration jitter);
+
+// The latest time an unused connection must be refreshed so that its refresh token never dies
+// unused: half of the refresh token's lifetime. nullopt when the grant has no refresh token or
+// its refresh token's expiry is unknown.
+std::optional<absl::Time> KeepAliveAt(const Grant& grant);
 
 }  // namespace tb::core
 

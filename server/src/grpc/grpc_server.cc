@@ -42,9 +42,10 @@ class GrpcServer::Impl {
       : options_(options),
         token_service_(
             {domain.broker, domain.cache, domain.flow, domain.refresher, domain.run_blocking},
-            options.cq_threads > 0
-                ? options.cq_threads
-                : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))),
+            {options.cq_threads > 0
+                 ? options.cq_threads
+                 : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())),
+             options.max_watch_streams, options.max_watch_streams_per_caller}),
         admin_service_(domain.broker, domain.flow, std::move(domain.run_blocking)) {}
 
   absl::Status Start() {

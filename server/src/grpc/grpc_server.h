@@ -18,6 +18,9 @@ struct GrpcServerOptions {
   std::string listen = "127.0.0.1:0";        // main port: every service
   std::string probe_listen = "127.0.0.1:0";  // plaintext probe port: grpc.health.v1 only
   int cq_threads = 0;                        // 0: one per core
+  // Open WatchToken streams at most, in all and per caller.
+  size_t max_watch_streams = 10'000;
+  size_t max_watch_streams_per_caller = 1'000;
 };
 
 // Health service names.

@@ -53,7 +53,10 @@ void ToProto(const oauth::TokenView& view, v1::Token* out) {
   }
   if (view.valid_until != absl::InfiniteFuture()) {
     SetTimestamp(view.valid_until, out->mutable_valid_until());
-    out->mutable_valid_for()->set_seconds(absl::ToInt64Seconds(view.valid_for));
+    // Rounded down to the microsecond: never a promise longer than the one made.
+    const int64_t micros = absl::ToInt64Microseconds(view.valid_for);
+    out->mutable_valid_for()->set_seconds(micros / 1'000'000);
+    out->mutable_valid_for()->set_nanos(static_cast<int32_t>(micros % 1'000'000) * 1000);
   }
   out->set_generation(g.generation);
 }

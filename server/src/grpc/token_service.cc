@@ -2,10 +2,13 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+#include <functional>
 #include <optional>
 #include <string>
 #include <utility>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "server/src/common/mutex.h"
 #include "server/src/common/secret_format.h"
@@ -34,44 +37,65 @@ absl::StatusOr<absl::Duration> ParseMinTtl(const v1::GetTokenRequest& req) {
   return d;
 }
 
-// The whole of GetToken's logic: parse, one domain call, map. No I/O, no waiting.
-grpc::Status ServeGetToken(const oauth::Broker& broker, const v1::GetTokenRequest& req,
-                           v1::GetTokenResponse* resp) {
+// The whole of GetToken's fast path: parse, one domain lookup, map. No I/O, no waiting, no
+// allocation beyond the response. nullopt: the call must wait (the refresher completes it).
+std::optional<grpc::Status> ServeGetToken(const oauth::Broker& broker,
+                                          const v1::GetTokenRequest& req,
+                                          v1::GetTokenResponse* resp, absl::Duration* min_ttl) {
   if (absl::Status s = core::ValidateConnectionId(req.connection_id()); !s.ok()) {
     return ToGrpcStatus(s);
   }
-  absl::StatusOr<absl::Duration> min_ttl = ParseMinTtl(req);
-  if (!min_ttl.ok()) {
-    return ToGrpcStatus(min_ttl.status());
+  absl::StatusOr<absl::Duration> ttl = ParseMinTtl(req);
+  if (!ttl.ok()) {
+    return ToGrpcStatus(ttl.status());
   }
-  absl::StatusOr<oauth::TokenView> view = broker.GetToken(req.connection_id(), *min_ttl);
-  if (!view.ok()) {
-    return ToGrpcStatus(view.status());
-  }
-  if (view->grant().generation < req.min_generation()) {
-    // Waiting for a future generation arrives with the refresh scheduler; until then a newer
-    // generation can only come from a reconnect, so there is nothing to wait for.
-    return grpc::Status(grpc::StatusCode::UNAVAILABLE, "requested generation is not available");
+  *min_ttl = *ttl;
+  oauth::TokenLookup l = broker.Lookup(req.connection_id(), *ttl, req.min_generation());
+  switch (l.kind) {
+    case oauth::TokenLookup::Kind::kServe:
+      break;
+    case oauth::TokenLookup::Kind::kError:
+      return ToGrpcStatus(l.error);
+    case oauth::TokenLookup::Kind::kAwaitGeneration:
+    case oauth::TokenLookup::Kind::kAwaitRefresh:
+      return std::nullopt;
   }
   if (spdlog::should_log(spdlog::level::trace)) {
     spdlog::trace("GetToken connection={} generation={} token={}", req.connection_id(),
-                  view->grant().generation, view->grant().access_token);
+                  l.view.grant().generation, l.view.grant().access_token);
   }
-  ToProto(*view, resp->mutable_token());
+  ToProto(l.view, resp->mutable_token());
   return grpc::Status::OK;
+}
+
+// Who opened a stream, for per-caller limits: the authenticated peer identity when there is
+// one, else the peer's address without its port.
+std::string CallerKey(const grpc::CallbackServerContext* ctx) {
+  if (std::shared_ptr<const grpc::AuthContext> auth = ctx->auth_context();
+      auth != nullptr && auth->IsPeerAuthenticated()) {
+    const std::vector<grpc::string_ref> ids = auth->GetPeerIdentity();
+    if (!ids.empty()) {
+      return absl::StrCat("id:", absl::string_view(ids[0].data(), ids[0].size()));
+    }
+  }
+  std::string peer = ctx->peer();  // "ipv4:127.0.0.1:54321", "ipv6:[::1]:54321"
+  if (const size_t colon = peer.rfind(':'); colon != std::string::npos && colon > 5) {
+    peer.resize(colon);
+  }
+  return peer;
 }
 
 }  // namespace
 
 class TokenService::Impl final : public TokenService::Service {
  public:
-  Impl(Deps deps, int cq_threads)
+  Impl(Deps deps, Options options)
       : broker_(deps.broker),
         cache_(deps.cache),
-        flow_(deps.flow),
         refresher_(deps.refresher),
         run_blocking_(std::move(deps.run_blocking)),
-        cq_threads_(cq_threads) {}
+        options_(options),
+        cq_threads_(std::max(1, options.cq_threads)) {}
 
   void RegisterWith(grpc::ServerBuilder& builder) {
     builder.RegisterService(this);
@@ -83,6 +107,7 @@ class TokenService::Impl final : public TokenService::Service {
   void Start();
 
   void Shutdown() {
+    AnswerWaitingCalls();
     for (auto& cq : cqs_) {
       cq->Shutdown();
     }
@@ -116,18 +141,24 @@ class TokenService::Impl final : public TokenService::Service {
 
   // Revoke: stops serving at once, then revokes at the provider, on the work pool.
   grpc::ServerUnaryReactor* Revoke(grpc::CallbackServerContext* ctx, const v1::RevokeRequest* req,
-                                   v1::RevokeResponse*) override {
+                                   v1::RevokeResponse* resp) override {
     grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
     if (absl::Status s = core::ValidateConnectionId(req->connection_id()); !s.ok()) {
       r->Finish(ToGrpcStatus(s));
       return r;
     }
-    run_blocking_([this, r, req] {
-      const absl::Status s = flow_.RevokeConnection(req->connection_id());
-      spdlog::info("Revoke connection={} code={}", req->connection_id(),
-                   absl::StatusCodeToString(s.code()));
-      r->Finish(ToGrpcStatus(s));
-    });
+    refresher_.Revoke(req->connection_id(),
+                      [r, resp, id = req->connection_id()](absl::StatusOr<bool> confirmed) {
+                        spdlog::info("Revoke connection={} code={} provider_confirmed={}", id,
+                                     absl::StatusCodeToString(confirmed.status().code()),
+                                     confirmed.ok() && *confirmed);
+                        if (!confirmed.ok()) {
+                          r->Finish(ToGrpcStatus(confirmed.status()));
+                          return;
+                        }
+                        resp->set_provider_confirmed(*confirmed);
+                        r->Finish(grpc::Status::OK);
+                      });
     return r;
   }
 
@@ -142,17 +173,44 @@ class TokenService::Impl final : public TokenService::Service {
   // returns false from Proceed when it is over and the loop destroys it.
   void Drive(grpc::ServerCompletionQueue* cq);
 
+  // GetToken calls that wait: registered with the refresher, answered from its callback.
+  void Wait(GetTokenCall* call, absl::Duration min_ttl) ABSL_LOCKS_EXCLUDED(wait_mu_);
+  void CompleteWait(GetTokenCall* call, absl::StatusOr<oauth::TokenView> result)
+      ABSL_LOCKS_EXCLUDED(wait_mu_);
+  // At shutdown: every waiting call gets an answer before the completion queues close.
+  void AnswerWaitingCalls() ABSL_LOCKS_EXCLUDED(wait_mu_);
+
+  // WatchToken stream accounting. Acquire returns false when a limit is reached.
+  bool AcquireStream(const std::string& caller) ABSL_LOCKS_EXCLUDED(watch_mu_);
+  void ReleaseStream(const std::string& caller) ABSL_LOCKS_EXCLUDED(watch_mu_);
+
   oauth::Broker& broker_;
   cache::ConnectionCache& cache_;
-  oauth::AuthorizationFlow& flow_;
   oauth::Refresher& refresher_;
   const RunBlocking run_blocking_;
+  const Options options_;
   const int cq_threads_;
   std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> cqs_;
   std::vector<std::thread> threads_;
+
+  Mutex wait_mu_;
+  CondVar wait_cv_;
+  // Waiting call -> its refresher handle (0 until AwaitToken returned).
+  absl::flat_hash_map<GetTokenCall*, uint64_t> waiting_calls_ ABSL_GUARDED_BY(wait_mu_);
+  int completing_ ABSL_GUARDED_BY(wait_mu_) = 0;  // answers being sent right now
+  bool shutting_down_ ABSL_GUARDED_BY(wait_mu_) = false;
+
+  Mutex watch_mu_;
+  size_t watch_streams_ ABSL_GUARDED_BY(watch_mu_) = 0;
+  absl::flat_hash_map<std::string, size_t> watch_streams_by_caller_ ABSL_GUARDED_BY(watch_mu_);
 };
 
-// A GetToken in flight on the CQ model: requested -> finishing -> done.
+// A GetToken in flight on the CQ model: requested -> (waiting ->) finishing -> done.
+//
+// Lifetime: the CQ loop owns the call and deletes it when its Finish tag comes back. Each CQ has
+// exactly one thread, so that tag cannot be processed while Proceed() still runs on it: a call
+// that starts waiting inside Proceed() may be answered from another thread at once, and
+// Proceed() touches nothing of it afterwards.
 class TokenService::Impl::GetTokenCall {
  public:
   GetTokenCall(Impl& impl, grpc::ServerCompletionQueue* cq)
@@ -167,24 +225,144 @@ class TokenService::Impl::GetTokenCall {
     }
     new GetTokenCall(impl_, cq_);  // keep a request armed for the next caller
     finishing_ = true;
-    v1::GetTokenResponse response;
-    const grpc::Status status = ServeGetToken(impl_.broker_, request_, &response);
+    absl::Duration min_ttl;
+    if (std::optional<grpc::Status> status =
+            ServeGetToken(impl_.broker_, request_, &response_, &min_ttl)) {
+      Finish(*status);
+      return true;
+    }
+    impl_.Wait(this, min_ttl);  // answered later, from the refresher's callback
+    return true;
+  }
+
+  void Finish(const grpc::Status& status) {
     if (status.ok()) {
-      responder_.Finish(response, status, this);
+      responder_.Finish(response_, status, this);
     } else {
       responder_.FinishWithError(status, this);
     }
-    return true;
   }
+
+  const v1::GetTokenRequest& request() const { return request_; }
+  absl::Time deadline() const { return absl::FromChrono(ctx_.deadline()); }
+  v1::GetTokenResponse& response() { return response_; }
 
  private:
   Impl& impl_;
   grpc::ServerCompletionQueue* const cq_;
   grpc::ServerContext ctx_;
   v1::GetTokenRequest request_;
+  v1::GetTokenResponse response_;
   grpc::ServerAsyncResponseWriter<v1::GetTokenResponse> responder_;
   bool finishing_ = false;
 };
+
+void TokenService::Impl::Wait(GetTokenCall* call, absl::Duration min_ttl) {
+  bool shutting_down = false;
+  {
+    MutexLock lock(&wait_mu_);
+    shutting_down = shutting_down_;
+    if (!shutting_down) {
+      waiting_calls_.emplace(call, 0);
+    }
+  }
+  if (shutting_down) {
+    call->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the broker is shutting down"));
+    return;
+  }
+  const v1::GetTokenRequest& req = call->request();
+  const uint64_t handle = refresher_.AwaitToken(
+      req.connection_id(), min_ttl, req.min_generation(), call->deadline(),
+      [this, call](absl::StatusOr<oauth::TokenView> r) { CompleteWait(call, std::move(r)); });
+  MutexLock lock(&wait_mu_);
+  if (const auto it = waiting_calls_.find(call); it != waiting_calls_.end()) {
+    it->second = handle;
+  }
+}
+
+void TokenService::Impl::CompleteWait(GetTokenCall* call, absl::StatusOr<oauth::TokenView> result) {
+  {
+    MutexLock lock(&wait_mu_);
+    // Unregistered before Finish: once answered, the call may be deleted and its address reused.
+    waiting_calls_.erase(call);
+    ++completing_;
+  }
+  grpc::Status status = grpc::Status::OK;
+  if (result.ok()) {
+    ToProto(*result, call->response().mutable_token());
+  } else {
+    status = ToGrpcStatus(result.status());
+  }
+  call->Finish(status);
+  {
+    MutexLock lock(&wait_mu_);
+    --completing_;
+  }
+  wait_cv_.SignalAll();
+}
+
+void TokenService::Impl::AnswerWaitingCalls() {
+  for (;;) {
+    std::vector<std::pair<GetTokenCall*, uint64_t>> calls;
+    {
+      MutexLock lock(&wait_mu_);
+      shutting_down_ = true;
+      if (waiting_calls_.empty() && completing_ == 0) {
+        return;
+      }
+      calls.assign(waiting_calls_.begin(), waiting_calls_.end());
+    }
+    for (const auto& [call, handle] : calls) {
+      // handle 0: AwaitToken has not returned yet; look again shortly. Not cancelled: the
+      // callback is answering it right now. Cancelled: its callback will never run, so the
+      // answer is ours to send.
+      if (handle == 0 || !refresher_.CancelWait(handle)) {
+        continue;
+      }
+      bool mine = false;
+      {
+        MutexLock lock(&wait_mu_);
+        mine = waiting_calls_.erase(call) > 0;
+        if (mine) {
+          ++completing_;
+        }
+      }
+      if (mine) {
+        call->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the broker is shutting down"));
+        MutexLock lock(&wait_mu_);
+        --completing_;
+      }
+    }
+    MutexLock lock(&wait_mu_);
+    if (!waiting_calls_.empty() || completing_ > 0) {
+      wait_cv_.WaitFor(&wait_mu_, std::chrono::milliseconds(10));
+    }
+  }
+}
+
+bool TokenService::Impl::AcquireStream(const std::string& caller) {
+  MutexLock lock(&watch_mu_);
+  size_t& mine = watch_streams_by_caller_[caller];
+  if (watch_streams_ >= options_.max_watch_streams ||
+      mine >= options_.max_watch_streams_per_caller) {
+    if (mine == 0) {
+      watch_streams_by_caller_.erase(caller);
+    }
+    return false;
+  }
+  ++mine;
+  ++watch_streams_;
+  return true;
+}
+
+void TokenService::Impl::ReleaseStream(const std::string& caller) {
+  MutexLock lock(&watch_mu_);
+  --watch_streams_;
+  if (const auto it = watch_streams_by_caller_.find(caller);
+      it != watch_streams_by_caller_.end() && --it->second == 0) {
+    watch_streams_by_caller_.erase(it);
+  }
+}
 
 void TokenService::Impl::Start() {
   for (auto& cq : cqs_) {
@@ -214,13 +392,20 @@ void TokenService::Impl::Drive(grpc::ServerCompletionQueue* cq) {
 class TokenService::Impl::WatchReactor final
     : public grpc::ServerWriteReactor<v1::WatchTokenResponse> {
  public:
-  WatchReactor(cache::ConnectionCache& cache, const oauth::Broker& broker, std::string id)
-      : cache_(cache), broker_(broker), id_(std::move(id)) {}
+  // `release` runs once when the stream is over (the stream-limit accounting); empty: none.
+  WatchReactor(cache::ConnectionCache& cache, const oauth::Broker& broker, std::string id,
+               std::function<void()> release)
+      : cache_(cache), broker_(broker), id_(std::move(id)), release_(std::move(release)) {}
 
-  // Starts the stream: subscribes, then sends the current token (or ends with its error).
-  static WatchReactor* Begin(std::shared_ptr<WatchReactor> self) {
+  // Starts the stream: subscribes, then sends the current token (or ends with its error, or
+  // with `refusal` when that is not OK).
+  static WatchReactor* Begin(std::shared_ptr<WatchReactor> self, const grpc::Status& refusal) {
     WatchReactor* raw = self.get();
     raw->self_ = self;
+    if (!refusal.ok()) {
+      raw->End(refusal);
+      return raw;
+    }
     if (absl::Status s = core::ValidateConnectionId(raw->id_); !s.ok()) {
       raw->End(ToGrpcStatus(s));
       return raw;
@@ -252,6 +437,9 @@ class TokenService::Impl::WatchReactor final
   void OnDone() override {
     if (handle_ != 0) {
       cache_.Unsubscribe(id_, handle_);
+    }
+    if (release_) {
+      release_();
     }
     self_.reset();  // may destroy this reactor: nothing after this line
   }
@@ -294,6 +482,7 @@ class TokenService::Impl::WatchReactor final
   cache::ConnectionCache& cache_;
   const oauth::Broker& broker_;
   const std::string id_;
+  const std::function<void()> release_;
   std::shared_ptr<WatchReactor> self_;  // keeps the reactor alive until OnDone
   uint64_t handle_ = 0;                 // set before any notification can arrive
 
@@ -306,12 +495,23 @@ class TokenService::Impl::WatchReactor final
 };
 
 grpc::ServerWriteReactor<v1::WatchTokenResponse>* TokenService::Impl::WatchToken(
-    grpc::CallbackServerContext*, const v1::WatchTokenRequest* req) {
-  return WatchReactor::Begin(std::make_shared<WatchReactor>(cache_, broker_, req->connection_id()));
+    grpc::CallbackServerContext* ctx, const v1::WatchTokenRequest* req) {
+  std::string caller = CallerKey(ctx);
+  if (!AcquireStream(caller)) {
+    spdlog::warn("WatchToken refused: stream limit reached caller={}", caller);
+    return WatchReactor::Begin(
+        std::make_shared<WatchReactor>(cache_, broker_, req->connection_id(), nullptr),
+        grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                     "too many WatchToken streams open; close some or use fewer"));
+  }
+  return WatchReactor::Begin(
+      std::make_shared<WatchReactor>(cache_, broker_, req->connection_id(),
+                                     [this, caller = std::move(caller)] { ReleaseStream(caller); }),
+      grpc::Status::OK);
 }
 
-TokenService::TokenService(Deps deps, int cq_threads)
-    : impl_(std::make_unique<Impl>(std::move(deps), cq_threads)) {}
+TokenService::TokenService(Deps deps, Options options)
+    : impl_(std::make_unique<Impl>(std::move(deps), options)) {}
 
 TokenService::~TokenService() = default;
 

@@ -20,8 +20,10 @@ namespace tb::grpc_api {
 //
 // GetToken, the hot path, runs on the completion-queue async model (one CQ and one thread per
 // core): it answers from the broker's in-memory cache and completes inline, never blocking a CQ
-// thread. WatchToken, Refresh and Revoke use the callback API, which costs more per call but
-// is simpler for streams and for calls that wait on the domain.
+// thread. A GetToken that must wait (min_ttl, min_generation) becomes a callback in the
+// refresher and is completed from whichever thread publishes its token. WatchToken, Refresh and
+// Revoke use the callback API, which costs more per call but is simpler for streams and for calls
+// that wait on the domain.
 //
 // Lifecycle: construct, RegisterWith(builder) before BuildAndStart, Start() after, and
 // Shutdown() after the server's Shutdown(). `broker` and `cache` must outlive it.
@@ -33,6 +35,12 @@ class TokenService {
               tokenbroker::v1::TokenBroker::WithCallbackMethod_WatchToken<
                   tokenbroker::v1::TokenBroker::Service>>>>;
 
+  struct Options {
+    int cq_threads = 1;
+    // Open WatchToken streams at most, in all and per caller (RESOURCE_EXHAUSTED beyond).
+    size_t max_watch_streams = 10'000;
+    size_t max_watch_streams_per_caller = 1'000;
+  };
   // What the service calls; all must outlive it.
   struct Deps {
     oauth::Broker& broker;
@@ -41,14 +49,15 @@ class TokenService {
     oauth::Refresher& refresher;
     RunBlocking run_blocking;
   };
-  TokenService(Deps deps, int cq_threads);
+  TokenService(Deps deps, Options options);
   ~TokenService();
 
   // Registers the service and creates its completion queues.
   void RegisterWith(grpc::ServerBuilder& builder);
   // Starts the CQ threads. Call after the server is built.
   void Start();
-  // Drains and joins the CQ threads. Call after grpc::Server::Shutdown().
+  // Answers every GetToken still waiting (UNAVAILABLE), then drains and joins the CQ threads.
+  // Call after grpc::Server::Shutdown().
   void Shutdown();
 
  private:

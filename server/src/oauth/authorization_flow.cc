@@ -47,7 +47,7 @@ AuthorizationFlow::AuthorizationFlow(FlowOptions options, const core::ProviderRe
                                      const Clock& clock, core::Random& random,
                                      const core::Digest& digest, core::FlowStore& store,
                                      core::ProviderClient& provider_client, Broker& broker,
-                                     FlowEventSink events)
+                                     Revoker& revoker, FlowEventSink events)
     : options_(std::move(options)),
       redirect_uri_(TrimSlash(options_.public_base_url) + "/oauth/callback"),
       providers_(providers),
@@ -57,6 +57,7 @@ AuthorizationFlow::AuthorizationFlow(FlowOptions options, const core::ProviderRe
       store_(store),
       provider_client_(provider_client),
       broker_(broker),
+      revoker_(revoker),
       events_(std::move(events)) {}
 
 void AuthorizationFlow::Event(absl::string_view event, const core::ConnectionId& id,
@@ -297,36 +298,27 @@ absl::StatusOr<core::ConnectionId> AuthorizationFlow::Complete(const Callback& c
     Event("link_mark_failed", auth.connection_id, s);
   }
   Event("connected", auth.connection_id, absl::OkStatus());
-  // The new grant is stored; only now may the previous one go.
-  if (auth.reconnect && current->status == core::ConnectionStatus::kActive && current->grant) {
-    const absl::Status revoked =
-        provider_client_.Revoke(*spec, *current, clock_.Now() + options_.exchange_timeout);
-    Event("previous_grant_revoked", auth.connection_id, revoked);
+  // The new grant is stored, and the previous one with it in to_revoke: only now may it go.
+  if (!(*activated)->to_revoke.empty()) {
+    absl::StatusOr<bool> revoked = revoker_.RevokePending(auth.connection_id);
+    Event("previous_grant_revoked", auth.connection_id,
+          !revoked.ok() ? revoked.status()
+          : *revoked    ? absl::OkStatus()
+                        : absl::UnavailableError("not confirmed yet; the refresher retries"));
   }
   return auth.connection_id;
 }
 
-absl::Status AuthorizationFlow::RevokeConnection(const core::ConnectionId& id) {
-  TB_ASSIGN_OR_RETURN(std::shared_ptr<const core::Connection> c, broker_.GetConnection(id));
-  TB_RETURN_IF_ERROR(core::StatusErrorFor(*c));
-  // Stop serving first: from here on no caller gets this grant's token.
-  TB_RETURN_IF_ERROR(broker_.MarkRevoked(id));
-  Event("connection_revoked", id, absl::OkStatus());
-  TB_ASSIGN_OR_RETURN(const core::ProviderSpec* spec, Spec(c->provider));
-  const absl::Status revoked =
-      provider_client_.Revoke(*spec, *c, clock_.Now() + options_.exchange_timeout);
-  Event("grant_revoked_at_provider", id, revoked);
-  return revoked;
-}
-
 absl::Status AuthorizationFlow::DeleteConnection(const core::ConnectionId& id) {
   TB_ASSIGN_OR_RETURN(std::shared_ptr<const core::Connection> c, broker_.GetConnection(id));
-  if (c->status == core::ConnectionStatus::kActive && c->grant) {
-    if (absl::StatusOr<const core::ProviderSpec*> spec = Spec(c->provider); spec.ok()) {
-      const absl::Status revoked =
-          provider_client_.Revoke(**spec, *c, clock_.Now() + options_.exchange_timeout);
-      Event("grant_revoked_on_delete", id, revoked);
-    }
+  if (c->status != core::ConnectionStatus::kRevoked) {
+    TB_RETURN_IF_ERROR(broker_.MarkRevoked(id));  // stops serving; tokens move to to_revoke
+  }
+  absl::StatusOr<bool> revoked = revoker_.RevokePending(id);
+  if (!revoked.ok() || !*revoked) {
+    Event("revoke_on_delete_failed", id,
+          revoked.ok() ? absl::UnavailableError("the provider did not confirm the revocation")
+                       : revoked.status());
   }
   TB_RETURN_IF_ERROR(broker_.Delete(id));
   Event("connection_deleted", id, absl::OkStatus());

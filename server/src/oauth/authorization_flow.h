@@ -15,6 +15,8 @@
 #include "server/src/core/provider_spec.h"
 #include "server/src/core/random.h"
 #include "server/src/oauth/broker.h"
+#include "server/src/oauth/events.h"
+#include "server/src/oauth/revoker.h"
 
 namespace tb::oauth {
 
@@ -30,8 +32,7 @@ struct FlowOptions {
 };
 
 // Things that happened, for the log and metrics; never carries a secret. Optional.
-using FlowEventSink = std::function<void(absl::string_view event, const core::ConnectionId& id,
-                                         const absl::Status& status)>;
+using FlowEventSink = EventSink;
 
 // The authorization-code flow (RFC 6749 4.1 with PKCE, as RFC 9700 asks): connect links,
 // /oauth/start and /oauth/callback, in words of the domain.
@@ -43,7 +44,7 @@ class AuthorizationFlow {
   AuthorizationFlow(FlowOptions options, const core::ProviderRegistry& providers,
                     const Clock& clock, core::Random& random, const core::Digest& digest,
                     core::FlowStore& store, core::ProviderClient& provider_client, Broker& broker,
-                    FlowEventSink events = nullptr);
+                    Revoker& revoker, FlowEventSink events = nullptr);
 
   struct MintedLink {
     std::string url;  // <public_base_url>/oauth/start?link=<signed token>
@@ -78,19 +79,16 @@ class AuthorizationFlow {
     std::string browser_binding;    // the cookie, empty if the browser sent none
   };
   // /oauth/callback: consumes the state, checks its cookie, exchanges the code, stores the
-  // token set, marks the link used, and for a reconnect revokes the previous grant.
+  // token set (a reconnect's previous grant joins to_revoke in the same write), marks the link
+  // used, then revokes the previous grant (the refresher retries if the provider is down).
   // Returns the connection now active. Errors carry a FlowErrorKind; nothing is stored then.
   absl::StatusOr<core::ConnectionId> Complete(const Callback& callback);
 
-  // Revoke RPC: stops serving at once (REVOKED), then revokes the grant at the provider
-  // (Zendesk by token id, else RFC 7009). Blocks on the provider. Errors: NOT_FOUND,
-  // FAILED_PRECONDITION (not active), UNAVAILABLE (the provider did not confirm; the connection
-  // is revoked here all the same).
-  absl::Status RevokeConnection(const core::ConnectionId& id);
-
-  // DeleteConnection: revokes the grant at the provider (best effort: a provider that is down
-  // must not keep an operator from removing a connection; the failure is reported as an
-  // event), then removes the connection. Blocks on the provider. Errors: NOT_FOUND, store errors.
+  // DeleteConnection: stops serving, revokes every grant of the connection at the provider
+  // (one attempt, refreshing first where the provider needs it; a provider that is down must
+  // not keep an operator from removing a connection, so a failure is reported as an event and
+  // the connection is removed all the same), then removes the connection. Blocks on the
+  // provider. Errors: NOT_FOUND, store errors.
   absl::Status DeleteConnection(const core::ConnectionId& id);
 
   const std::string& redirect_uri() const { return redirect_uri_; }
@@ -111,6 +109,7 @@ class AuthorizationFlow {
   core::FlowStore& store_;
   core::ProviderClient& provider_client_;
   Broker& broker_;
+  Revoker& revoker_;
   const FlowEventSink events_;
 };
 

@@ -1,5 +1,7 @@
 #include "server/src/oauth/broker.h"
 
+#include <algorithm>
+#include <functional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -51,24 +53,80 @@ absl::Status Broker::Load() {
   return absl::OkStatus();
 }
 
-absl::StatusOr<TokenView> Broker::GetToken(const core::ConnectionId& id,
-                                           absl::Duration min_ttl) const {
-  std::shared_ptr<const core::Connection> c = cache_.Get(id);
-  if (c == nullptr) {
-    return absl::NotFoundError("unknown connection");
-  }
-  TB_RETURN_IF_ERROR(core::StatusErrorFor(*c));
-  if (!c->grant) {
-    return absl::InternalError("active connection without a grant");
+TokenLookup Broker::Lookup(const core::ConnectionId& id, absl::Duration min_ttl,
+                           uint64_t min_generation) const {
+  TokenLookup out;
+  if (min_ttl < absl::ZeroDuration() || min_ttl > options_.max_min_ttl) {
+    out.error = absl::InvalidArgumentError(
+        absl::StrCat("min_ttl must be between 0 and ", absl::FormatDuration(options_.max_min_ttl)));
+    return out;
   }
   const absl::Time now = clock_.Now();
-  const absl::Time valid_until = c->grant->ValidUntil();
+  std::shared_ptr<const core::Connection> c = cache_.Use(id, now);
+  if (c == nullptr) {
+    out.error = absl::NotFoundError("unknown connection");
+    return out;
+  }
+  if (absl::Status s = core::StatusErrorFor(*c); !s.ok()) {
+    out.error = std::move(s);
+    return out;
+  }
+  if (!c->grant) {
+    out.error = absl::InternalError("active connection without a grant");
+    return out;
+  }
+  const core::Grant& g = *c->grant;
+  if (g.generation < min_generation) {
+    out.kind = TokenLookup::Kind::kAwaitGeneration;
+    return out;
+  }
+  const absl::Time valid_until = g.ValidUntil();
   const absl::Duration valid_for =
       valid_until == absl::InfiniteFuture() ? absl::InfiniteDuration() : valid_until - now;
-  if (valid_for <= absl::ZeroDuration() || valid_for < min_ttl) {
-    return absl::UnavailableError("no token with the requested lifetime left");
+  if (valid_for > absl::ZeroDuration() && valid_for >= min_ttl) {
+    out.kind = TokenLookup::Kind::kServe;
+    out.view = TokenView{std::move(c), valid_until, valid_for};
+    return out;
   }
-  return TokenView{std::move(c), valid_until, valid_for};
+  // Not enough life left. Say now if waiting cannot help.
+  const bool refreshable = g.refresh_token && !g.refresh_token->empty();
+  if (!refreshable) {
+    out.error = valid_for <= absl::ZeroDuration()
+                    ? core::ReasonError(absl::StatusCode::kFailedPrecondition,
+                                        core::Reason::kNotRefreshable,
+                                        "the token expired and the grant has no refresh token; "
+                                        "reconnect the account")
+                    : absl::OutOfRangeError(
+                          absl::StrCat("the token lives ", absl::FormatDuration(valid_for),
+                                       " more and cannot be refreshed; ask for a smaller min_ttl"));
+    return out;
+  }
+  // A fresh token of this connection is promised for about as long as the current one was.
+  const absl::Duration promised = valid_until - g.issued_at;
+  if (min_ttl > promised) {
+    out.error = absl::OutOfRangeError(
+        absl::StrCat("tokens of this connection are promised for at most ",
+                     absl::FormatDuration(promised), "; ask for a smaller min_ttl"));
+    return out;
+  }
+  out.kind = TokenLookup::Kind::kAwaitRefresh;
+  out.refresh_due = !g.refresh_at || now >= *g.refresh_at;
+  return out;
+}
+
+absl::StatusOr<TokenView> Broker::GetToken(const core::ConnectionId& id,
+                                           absl::Duration min_ttl) const {
+  TokenLookup l = Lookup(id, min_ttl, 0);
+  switch (l.kind) {
+    case TokenLookup::Kind::kServe:
+      return std::move(l.view);
+    case TokenLookup::Kind::kError:
+      return std::move(l.error);
+    case TokenLookup::Kind::kAwaitGeneration:
+    case TokenLookup::Kind::kAwaitRefresh:
+      break;
+  }
+  return absl::UnavailableError("no token with the requested lifetime left");
 }
 
 absl::StatusOr<std::shared_ptr<const core::Connection>> Broker::GetConnection(
@@ -137,6 +195,10 @@ absl::StatusOr<std::shared_ptr<const core::Connection>> Broker::Activate(
   auto next = std::make_shared<core::Connection>(*current);
   grant.generation = current->generation() + 1;
   Schedule(grant);
+  if (current->grant && !current->grant->access_token.empty()) {
+    next->to_revoke.push_back(*current->grant);  // the reconnected account's old grant
+  }
+  next->data_loss.clear();
   next->grant = std::move(grant);
   next->refresh_intent.reset();
   next->status = core::ConnectionStatus::kActive;
@@ -202,6 +264,89 @@ absl::StatusOr<std::shared_ptr<const core::Connection>> Broker::Rotate(const cor
   return published;
 }
 
+absl::Status Broker::Modify(const core::ConnectionId& id,
+                            const std::function<bool(core::Connection&)>& change) {
+  // A handful of attempts: conflicts come from a concurrent refresh or revoke of the same
+  // connection, which settle quickly.
+  constexpr int kAttempts = 5;
+  absl::Status last;
+  for (int i = 0; i < kAttempts; ++i) {
+    std::shared_ptr<const core::Connection> current = cache_.Get(id);
+    if (current == nullptr) {
+      return absl::NotFoundError("unknown connection");
+    }
+    auto next = std::make_shared<core::Connection>(*current);
+    if (!change(*next)) {
+      return absl::OkStatus();
+    }
+    next->updated_at = clock_.Now();
+    last = Replace(current, std::move(next));
+    if (last.code() != absl::StatusCode::kAborted) {
+      return last;
+    }
+  }
+  return last;
+}
+
+absl::Status Broker::Reschedule(const core::ConnectionId& id, uint64_t generation, absl::Time at) {
+  absl::Status wrong_grant = absl::OkStatus();
+  absl::Status s = Modify(id, [&](core::Connection& c) {
+    if (c.status != core::ConnectionStatus::kActive || !c.grant || c.generation() != generation) {
+      wrong_grant = absl::AbortedError("the grant changed before its refresh was rescheduled");
+      return false;
+    }
+    if (c.grant->expires_at) {
+      at = std::min(at, *c.grant->expires_at);
+    }
+    if (c.grant->refresh_at == at) {
+      return false;
+    }
+    c.grant->refresh_at = at;
+    return true;
+  });
+  return s.ok() ? wrong_grant : s;
+}
+
+namespace {
+// Revocation entries are told apart by their access token.
+bool SameGrant(const core::Grant& a, const core::Grant& b) {
+  return a.access_token == b.access_token;
+}
+}  // namespace
+
+absl::Status Broker::AddRevocation(const core::ConnectionId& id, core::Grant grant) {
+  return Modify(id, [&](core::Connection& c) {
+    for (const core::Grant& g : c.to_revoke) {
+      if (SameGrant(g, grant)) {
+        return false;
+      }
+    }
+    c.to_revoke.push_back(grant);
+    return true;
+  });
+}
+
+absl::Status Broker::ReplaceRevocation(const core::ConnectionId& id, const core::Grant& old,
+                                       core::Grant replacement) {
+  return Modify(id, [&](core::Connection& c) {
+    for (core::Grant& g : c.to_revoke) {
+      if (SameGrant(g, old)) {
+        g = replacement;
+        return true;
+      }
+    }
+    c.to_revoke.push_back(replacement);  // whatever became of `old`, this one is owed too
+    return true;
+  });
+}
+
+absl::Status Broker::ResolveRevocation(const core::ConnectionId& id, const core::Grant& revoked) {
+  return Modify(id, [&](core::Connection& c) {
+    return std::erase_if(c.to_revoke, [&](const core::Grant& g) { return SameGrant(g, revoked); }) >
+           0;
+  });
+}
+
 absl::Status Broker::MarkNeedsReauth(const core::ConnectionId& id, core::Reason reason,
                                      std::string last_error) {
   if (reason != core::Reason::kNeedsReauth && reason != core::Reason::kRotationLost) {
@@ -227,8 +372,12 @@ absl::Status Broker::MarkRevoked(const core::ConnectionId& id) {
   auto next = std::make_shared<core::Connection>(*current);
   next->status = core::ConnectionStatus::kRevoked;
   next->reason = core::Reason::kRevoked;
-  // Keep the generation so that compare-and-set stays monotonic, but drop every secret.
+  // Keep the generation so that compare-and-set stays monotonic; the tokens move to to_revoke
+  // until the provider confirms their revocation.
   if (next->grant) {
+    if (!next->grant->access_token.empty()) {
+      next->to_revoke.push_back(*next->grant);
+    }
     core::Grant tombstone;
     tombstone.generation = next->grant->generation;
     tombstone.scopes = next->grant->scopes;

@@ -21,6 +21,9 @@ namespace tb::oauth {
 
 struct BrokerOptions {
   core::RefreshPolicy refresh;
+  // The largest min_ttl a GetToken may ask for (larger: INVALID_ARGUMENT). It bounds how long a
+  // caller can wait for a scheduled refresh.
+  absl::Duration max_min_ttl = absl::Hours(1);
   // Random delay added to each grant's refresh time (see RefreshPolicy::max_jitter); empty:
   // none. Injected so that tests see exact times.
   std::function<absl::Duration()> jitter;
@@ -39,6 +42,22 @@ struct TokenView {
   const core::Grant& grant() const { return *connection->grant; }
 };
 
+// What GetToken can answer without waiting (Broker::Lookup).
+struct TokenLookup {
+  enum class Kind {
+    kServe,            // `view` serves the request
+    kError,            // `error` is the final answer
+    kAwaitGeneration,  // the caller asked for a newer generation than there is: wait for it
+    kAwaitRefresh,     // the token does not live min_ttl more: wait for its refresh
+  };
+  Kind kind = Kind::kError;
+  TokenView view;      // kServe
+  absl::Status error;  // kError
+  // kAwaitRefresh: the connection is past its refresh_at, so a refresh may start now without
+  // breaking any promise (otherwise the scheduled one, at refresh_at, is what to wait for).
+  bool refresh_due = false;
+};
+
 // The connection lifecycle and the serving path (DESIGN.md, "Words").
 //
 // Thread-safe. Reads (GetToken, GetConnection, ListConnections) touch only the cache: no store
@@ -54,11 +73,22 @@ class Broker {
   // Loads every stored connection into the cache. Called once at start, before serving.
   absl::Status Load();
 
-  // A token that serves for at least `min_ttl` more.
-  // Errors: NOT_FOUND (unknown or deleted), FAILED_PRECONDITION with Reason NOT_CONNECTED /
-  // NEEDS_REAUTH / ROTATION_LOST / REVOKED, UNAVAILABLE (no token with `min_ttl` left).
+  // The serving decision for a token that serves at least `min_ttl` more and has at least
+  // `min_generation`; records the use (ConnectionCache::Use). Never blocks, never does I/O.
+  // kError errors: INVALID_ARGUMENT (min_ttl negative or above max_min_ttl), NOT_FOUND,
+  // FAILED_PRECONDITION with Reason NOT_CONNECTED / NEEDS_REAUTH / ROTATION_LOST / REVOKED /
+  // NOT_REFRESHABLE (expired, no refresh token), DATA_LOSS (unreadable record), OUT_OF_RANGE
+  // (no token of this connection will ever live min_ttl: it cannot be refreshed, or its
+  // tokens are promised for less).
+  TokenLookup Lookup(const core::ConnectionId& id, absl::Duration min_ttl,
+                     uint64_t min_generation) const;
+
+  // Lookup() for callers that do not wait: a kAwait* answer is UNAVAILABLE.
   absl::StatusOr<TokenView> GetToken(const core::ConnectionId& id,
                                      absl::Duration min_ttl = absl::ZeroDuration()) const;
+
+  // When the connection was last served (Lookup/GetToken); InfinitePast() if never.
+  absl::Time LastUsed(const core::ConnectionId& id) const { return cache_.LastUsed(id); }
 
   // Errors: NOT_FOUND.
   absl::StatusOr<std::shared_ptr<const core::Connection>> GetConnection(
@@ -76,8 +106,9 @@ class Broker {
       std::map<std::string, std::string> params);
 
   // Stores `grant` as the connection's new token set (generation = previous + 1, refresh_at per
-  // the refresh policy) and makes it `active`. Errors: NOT_FOUND, ABORTED (concurrent change),
-  // store errors.
+  // the refresh policy) and makes it `active`. A previous grant that still holds tokens
+  // (reconnect) joins `to_revoke` in the same write, so it is revoked at the provider even if
+  // we crash right after. Errors: NOT_FOUND, ABORTED (concurrent change), store errors.
   absl::StatusOr<std::shared_ptr<const core::Connection>> Activate(const core::ConnectionId& id,
                                                                    core::Grant grant);
 
@@ -93,6 +124,21 @@ class Broker {
                                                                  uint64_t expected_generation,
                                                                  core::Grant grant);
 
+  // Moves the refresh of the current grant of `generation` to `at` (never past its expiry):
+  // a refresh that failed is retried then, and until then the token keeps being served with
+  // that promise. Errors: NOT_FOUND, ABORTED (the grant changed), store errors.
+  absl::Status Reschedule(const core::ConnectionId& id, uint64_t generation, absl::Time at);
+
+  // Revocations at the provider that are still owed (Connection::to_revoke):
+  // AddRevocation appends `grant` (a refresh that lost to a revoke); ReplaceRevocation swaps
+  // the entry with `old`'s access token for `replacement` (refreshed first to be revocable);
+  // ResolveRevocation removes it once the provider confirmed. Each retries compare-and-set
+  // conflicts. Errors: NOT_FOUND (connection gone), store errors.
+  absl::Status AddRevocation(const core::ConnectionId& id, core::Grant grant);
+  absl::Status ReplaceRevocation(const core::ConnectionId& id, const core::Grant& old,
+                                 core::Grant replacement);
+  absl::Status ResolveRevocation(const core::ConnectionId& id, const core::Grant& revoked);
+
   // Every connection, for the refresh scheduler's start. Reads the cache only.
   std::vector<std::shared_ptr<const core::Connection>> Snapshot() const;
 
@@ -101,8 +147,9 @@ class Broker {
   absl::Status MarkNeedsReauth(const core::ConnectionId& id, core::Reason reason,
                                std::string last_error);
 
-  // Marks the connection `revoked` and forgets its tokens (revocation at the provider is the
-  // caller's job, done before). Errors: NOT_FOUND, ABORTED, store errors.
+  // Marks the connection `revoked`: it stops serving at once. Its grant's tokens move to
+  // `to_revoke` (revocation at the provider is the caller's job, done after); the grant left
+  // holds no secret. Errors: NOT_FOUND, ABORTED, store errors.
   absl::Status MarkRevoked(const core::ConnectionId& id);
 
   // Removes the connection: afterwards it is NOT_FOUND. Errors: NOT_FOUND, store errors.
@@ -113,6 +160,10 @@ class Broker {
   absl::Status Replace(const std::shared_ptr<const core::Connection>& current,
                        std::shared_ptr<core::Connection> next);
 
+  // Applies `change` to the current snapshot and writes it, retrying compare-and-set conflicts.
+  // `change` returns false to write nothing (then OK).
+  absl::Status Modify(const core::ConnectionId& id,
+                      const std::function<bool(core::Connection&)>& change);
   void Schedule(core::Grant& grant) const;
   void Changed(const std::shared_ptr<const core::Connection>& c,
                const core::ConnectionId& id) const;

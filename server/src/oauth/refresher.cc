@@ -1,17 +1,15 @@
 #include "server/src/oauth/refresher.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "server/src/core/errors.h"
+#include "server/src/core/refresh_policy.h"
 
 namespace tb::oauth {
 
 namespace {
-
-// A scheduled refresh that failed transiently is tried again after this long. (Backoff with
-// jitter and Retry-After arrive with the 'Stay up' work.)
-constexpr absl::Duration kScheduledRetry = absl::Seconds(30);
 
 bool Retryable(const absl::Status& s) {
   return s.code() == absl::StatusCode::kUnavailable ||
@@ -19,24 +17,191 @@ bool Retryable(const absl::Status& s) {
          s.code() == absl::StatusCode::kResourceExhausted || s.code() == absl::StatusCode::kAborted;
 }
 
+bool Active(const std::shared_ptr<const core::Connection>& c) {
+  return c != nullptr && c->status == core::ConnectionStatus::kActive && c->grant.has_value();
+}
+
 }  // namespace
 
 Refresher::Refresher(RefresherOptions options, const core::ProviderRegistry& providers,
                      const Clock& clock, Broker& broker, core::ProviderClient& provider_client,
-                     RunBlocking run_blocking)
+                     Revoker& revoker, RunBlocking run_blocking, EventSink events)
     : options_(options),
       providers_(providers),
       clock_(clock),
       broker_(broker),
       provider_client_(provider_client),
-      run_blocking_(std::move(run_blocking)) {}
+      revoker_(revoker),
+      run_blocking_(std::move(run_blocking)),
+      events_(std::move(events)) {}
 
 Refresher::~Refresher() { Stop(); }
+
+void Refresher::Event(absl::string_view event, const core::ConnectionId& id,
+                      const absl::Status& s) const {
+  if (events_) {
+    events_(event, id, s);
+  }
+}
 
 bool Refresher::provider_misconfigured(const std::string& provider) const {
   MutexLock lock(&mu_);
   return misconfigured_.contains(provider);
 }
+
+Refresher::Stats Refresher::stats() const {
+  Stats s;
+  s.refreshed = refreshed_.load(std::memory_order_relaxed);
+  s.failed = failed_.load(std::memory_order_relaxed);
+  s.needs_reauth = needs_reauth_.load(std::memory_order_relaxed);
+  s.rotation_lost = rotation_lost_.load(std::memory_order_relaxed);
+  s.provider_misconfigured = provider_misconfigured_.load(std::memory_order_relaxed);
+  s.wait_timeouts = wait_timeouts_.load(std::memory_order_relaxed);
+  return s;
+}
+
+size_t Refresher::waiters() const {
+  MutexLock lock(&mu_);
+  return waiters_.size();
+}
+
+// --- Waiting for a token -------------------------------------------------------------------
+
+uint64_t Refresher::AwaitToken(const core::ConnectionId& id, absl::Duration min_ttl,
+                               uint64_t min_generation, absl::Time deadline, Done done) {
+  const absl::Time now = clock_.Now();
+  TokenLookup l = broker_.Lookup(id, min_ttl, min_generation);
+  if (l.kind == TokenLookup::Kind::kServe) {
+    done(std::move(l.view));
+    return 0;
+  }
+  if (l.kind == TokenLookup::Kind::kError) {
+    done(std::move(l.error));
+    return 0;
+  }
+  auto w = std::make_shared<Waiter>();
+  w->id = id;
+  w->min_ttl = min_ttl;
+  w->min_generation = min_generation;
+  w->deadline = std::min(deadline, now + options_.max_wait);
+  w->done = std::move(done);
+  absl::Status refused;
+  bool start = false;
+  {
+    MutexLock lock(&mu_);
+    if (waiters_.size() >= options_.max_waiters) {
+      refused = absl::ResourceExhaustedError("too many GetToken calls are waiting; retry later");
+    } else if (l.kind == TokenLookup::Kind::kAwaitRefresh) {
+      const auto nb = not_before_.find(id);
+      if (nb != not_before_.end() && now < nb->second && !in_flight_.contains(id)) {
+        // The last refresh failed moments ago and the token does not serve min_ttl: say so
+        // now rather than hold the caller until the retry.
+        refused = absl::UnavailableError(
+            "the provider did not refresh this token and no token with the requested lifetime "
+            "is left; retrying shortly");
+      } else {
+        start = l.refresh_due;
+      }
+    }
+    if (refused.ok()) {
+      w->handle = next_waiter_++;
+      waiters_.emplace(w->handle, w);
+      waiting_[id].push_back(w);
+      deadlines_.emplace(w->deadline, w->handle);
+    }
+  }
+  if (!refused.ok()) {
+    w->done(std::move(refused));
+    return 0;
+  }
+  const uint64_t handle = w->handle;
+  wake_.SignalAll();  // the scheduling thread wakes at the earliest deadline
+  if (start) {
+    Join(id, Trigger::kUse, nullptr);
+  }
+  // A change published between the lookup and the registration would otherwise be missed.
+  NotifyWaiters(id, nullptr);
+  return handle;
+}
+
+bool Refresher::CancelWait(uint64_t handle) {
+  std::shared_ptr<Waiter> w;
+  {
+    MutexLock lock(&mu_);
+    const auto it = waiters_.find(handle);
+    if (it == waiters_.end()) {
+      return false;
+    }
+    w = it->second;
+  }
+  if (!w->Claim()) {
+    return false;
+  }
+  MutexLock lock(&mu_);
+  Forget(*w);
+  return true;
+}
+
+void Refresher::Forget(const Waiter& w) {
+  waiters_.erase(w.handle);
+  const auto it = waiting_.find(w.id);
+  if (it == waiting_.end()) {
+    return;
+  }
+  std::erase_if(it->second, [&](const std::shared_ptr<Waiter>& x) { return x.get() == &w; });
+  if (it->second.empty()) {
+    waiting_.erase(it);
+  }
+}
+
+void Refresher::Complete(const std::shared_ptr<Waiter>& w, absl::StatusOr<TokenView> result) {
+  if (!w->Claim()) {
+    return;
+  }
+  {
+    MutexLock lock(&mu_);
+    Forget(*w);
+  }
+  w->done(std::move(result));
+}
+
+void Refresher::NotifyWaiters(const core::ConnectionId& id,
+                              const absl::StatusOr<TokenView>* flight) {
+  std::vector<std::shared_ptr<Waiter>> list;
+  {
+    MutexLock lock(&mu_);
+    const auto it = waiting_.find(id);
+    if (it == waiting_.end()) {
+      return;
+    }
+    list = it->second;
+  }
+  for (const std::shared_ptr<Waiter>& w : list) {
+    if (w->claimed.load()) {
+      continue;
+    }
+    TokenLookup l = broker_.Lookup(id, w->min_ttl, w->min_generation);
+    switch (l.kind) {
+      case TokenLookup::Kind::kServe:
+        Complete(w, std::move(l.view));
+        break;
+      case TokenLookup::Kind::kError:
+        Complete(w, std::move(l.error));
+        break;
+      case TokenLookup::Kind::kAwaitGeneration:
+        break;  // only a new generation answers it, whatever happened to a refresh
+      case TokenLookup::Kind::kAwaitRefresh:
+        if (flight != nullptr) {
+          Complete(w, flight->ok() ? absl::UnavailableError(
+                                         "the refreshed token does not live the requested min_ttl")
+                                   : flight->status());
+        }
+        break;
+    }
+  }
+}
+
+// --- Refreshing ----------------------------------------------------------------------------
 
 void Refresher::Refresh(const core::ConnectionId& id, uint64_t if_generation, Done done) {
   absl::StatusOr<std::shared_ptr<const core::Connection>> c = broker_.GetConnection(id);
@@ -52,10 +217,10 @@ void Refresher::Refresh(const core::ConnectionId& id, uint64_t if_generation, Do
     done(broker_.GetToken(id));  // someone already refreshed past what the caller saw
     return;
   }
+  const absl::Time now = clock_.Now();
   {
     MutexLock lock(&mu_);
     if (!in_flight_.contains(id)) {
-      const absl::Time now = clock_.Now();
       const auto last = last_caller_refresh_.find(id);
       if (last != last_caller_refresh_.end() &&
           now - last->second < options_.caller_refresh_interval) {
@@ -67,17 +232,24 @@ void Refresher::Refresh(const core::ConnectionId& id, uint64_t if_generation, Do
       last_caller_refresh_[id] = now;
     }
   }
-  Join(id, /*scheduled=*/false, std::move(done));
+  Join(id, Trigger::kCaller, std::move(done));
 }
 
-void Refresher::Join(const core::ConnectionId& id, bool scheduled, Done done) {
+void Refresher::Join(const core::ConnectionId& id, Trigger trigger, Done done) {
+  const absl::Time now = clock_.Now();
   bool start = false;
   {
     MutexLock lock(&mu_);
+    if (trigger == Trigger::kUse && !in_flight_.contains(id)) {
+      const auto nb = not_before_.find(id);
+      if (nb != not_before_.end() && now < nb->second) {
+        return;  // a refresh failed moments ago; the scheduled retry comes at not_before
+      }
+    }
     std::vector<Done>& waiters = in_flight_[id];
     start = waiters.empty();
-    waiters.push_back(std::move(done));
-    if (scheduled) {
+    waiters.push_back(done ? std::move(done) : [](const absl::StatusOr<TokenView>&) {});
+    if (trigger == Trigger::kScheduled) {
       scheduled_in_flight_.insert(id);
     }
   }
@@ -89,11 +261,14 @@ void Refresher::Join(const core::ConnectionId& id, bool scheduled, Done done) {
 
 void Refresher::Finish(const core::ConnectionId& id, const absl::StatusOr<TokenView>& result) {
   // Read before taking mu_: no lock is held across a call into another component.
+  const absl::Time now = clock_.Now();
   std::optional<Due> retry;
-  if (!result.ok() && Retryable(result.status())) {
-    if (std::shared_ptr<const core::Connection> c = broker_.GetConnection(id).value_or(nullptr);
-        c != nullptr && c->grant) {
-      retry = Due{clock_.Now() + kScheduledRetry, id, c->generation()};
+  const bool transient = !result.ok() && Retryable(result.status());
+  if (transient) {
+    std::shared_ptr<const core::Connection> c = broker_.GetConnection(id).value_or(nullptr);
+    if (Active(c) && c->grant->refresh_at && *c->grant->refresh_at <= now) {
+      // Due and not rescheduled (the store did not take the new refresh_at): retry anyway.
+      retry = Due{now + options_.retry_delay, id, c->generation(), Job::kRefresh};
     }
   }
   std::vector<Done> waiters;
@@ -101,16 +276,22 @@ void Refresher::Finish(const core::ConnectionId& id, const absl::StatusOr<TokenV
     MutexLock lock(&mu_);
     waiters = std::move(in_flight_[id]);
     in_flight_.erase(id);
-    const bool was_scheduled = scheduled_in_flight_.erase(id) > 0;
-    if (was_scheduled && retry) {
+    scheduled_in_flight_.erase(id);
+    if (retry) {
       tracked_[id] = {retry->generation, retry->at};
       due_.push(*retry);
+    }
+    if (transient) {
+      not_before_[id] = now + options_.retry_delay;
+    } else {
+      not_before_.erase(id);
     }
   }
   wake_.SignalAll();
   for (Done& done : waiters) {
     done(result);
   }
+  NotifyWaiters(id, &result);
 }
 
 absl::StatusOr<TokenView> Refresher::RefreshNow(const core::ConnectionId& id) {
@@ -148,12 +329,31 @@ absl::StatusOr<TokenView> Refresher::RefreshNow(const core::ConnectionId& id) {
       const core::Reason why =
           *earlier_unknown ? core::Reason::kRotationLost : core::Reason::kNeedsReauth;
       (void)broker_.MarkNeedsReauth(id, why, std::string(grant.status().message()));
+      (why == core::Reason::kRotationLost ? rotation_lost_ : needs_reauth_)
+          .fetch_add(1, std::memory_order_relaxed);
+      Event(why == core::Reason::kRotationLost ? "rotation_lost" : "needs_reauth", id,
+            grant.status());
       return core::ReasonError(absl::StatusCode::kFailedPrecondition, why,
                                "the provider rejected the refresh token; reconnect the account");
     }
     if (reason == core::Reason::kProviderMisconfigured) {
-      MutexLock lock(&mu_);
-      misconfigured_.insert(c->provider);
+      bool first = false;
+      {
+        MutexLock lock(&mu_);
+        first = misconfigured_.insert(c->provider).second;
+      }
+      provider_misconfigured_.fetch_add(1, std::memory_order_relaxed);
+      if (first) {
+        Event("provider_misconfigured", id, grant.status());
+      }
+      return grant.status();
+    }
+    failed_.fetch_add(1, std::memory_order_relaxed);
+    Event("refresh_failed", id, grant.status());
+    const absl::Time now = clock_.Now();
+    if (Retryable(grant.status()) && c->grant->refresh_at && *c->grant->refresh_at <= now) {
+      // The promise moves with the retry: until then the token keeps being served.
+      (void)broker_.Reschedule(id, generation, now + options_.retry_delay);
     }
     return grant.status();
   }
@@ -162,42 +362,160 @@ absl::StatusOr<TokenView> Refresher::RefreshNow(const core::ConnectionId& id) {
   if (!rotated.ok()) {
     // Revoked, reconnected or deleted while the provider answered: the new grant must not
     // outlive that decision.
-    core::Connection orphan = *c;
-    orphan.grant = *grant;
-    (void)provider_client_.Revoke(spec->second, orphan, clock_.Now() + options_.provider_timeout);
+    core::Grant orphan = *grant;
+    if (!orphan.refresh_token || orphan.refresh_token->empty()) {
+      orphan.refresh_token = c->grant->refresh_token;
+    }
+    if (broker_.AddRevocation(id, orphan).ok()) {
+      (void)revoker_.RevokePending(id);
+    } else {
+      (void)revoker_.RevokeDetached(*c, orphan);
+    }
     return rotated.status();
   }
+  refreshed_.fetch_add(1, std::memory_order_relaxed);
   return broker_.GetToken(id);
 }
 
-void Refresher::Track(const std::shared_ptr<const core::Connection>& c,
-                      const core::ConnectionId& id) {
-  if (c == nullptr || c->status != core::ConnectionStatus::kActive || !c->grant ||
-      !c->grant->refresh_at) {
-    MutexLock lock(&mu_);
-    tracked_.erase(id);
+// --- Revoking ------------------------------------------------------------------------------
+
+absl::Duration Refresher::RevokeBackoff(int attempts) const {
+  absl::Duration d = options_.revoke_retry_min;
+  for (int i = 1; i < attempts && d < options_.revoke_retry_max; ++i) {
+    d *= 2;
+  }
+  return std::min(d, options_.revoke_retry_max);
+}
+
+void Refresher::QueueRevocation(const core::ConnectionId& id, absl::Time at) {
+  RevokeState& st = revocations_[id];
+  if (st.queued) {
     return;
   }
+  st.queued = true;
+  due_.push(Due{at, id, 0, Job::kRevoke});
+}
+
+void Refresher::Revoke(const core::ConnectionId& id, RevokeDone done) {
+  run_blocking_([this, id, done = std::move(done)] {
+    absl::StatusOr<std::shared_ptr<const core::Connection>> c = broker_.GetConnection(id);
+    if (!c.ok()) {
+      done(c.status());
+      return;
+    }
+    if ((*c)->status == core::ConnectionStatus::kPending) {
+      done(core::StatusErrorFor(**c));  // nothing to revoke: NOT_CONNECTED
+      return;
+    }
+    if ((*c)->status != core::ConnectionStatus::kRevoked) {
+      // Stop serving first: from here on no caller gets this grant's token.
+      absl::Status s;
+      for (int i = 0; i < 3; ++i) {
+        s = broker_.MarkRevoked(id);
+        if (s.code() != absl::StatusCode::kAborted) {
+          break;
+        }
+      }
+      if (!s.ok()) {
+        done(s);
+        return;
+      }
+      Event("connection_revoked", id, absl::OkStatus());
+    }
+    {
+      MutexLock lock(&mu_);
+      revocations_[id].running = true;
+    }
+    absl::StatusOr<bool> confirmed = revoker_.RevokePending(id);
+    {
+      MutexLock lock(&mu_);
+      revocations_[id].running = false;
+    }
+    RunRevocations(id, &confirmed);
+    done(confirmed);
+  });
+}
+
+void Refresher::RunRevocations(const core::ConnectionId& id, const absl::StatusOr<bool>* already) {
+  absl::StatusOr<bool> result = already != nullptr ? *already : revoker_.RevokePending(id);
+  std::shared_ptr<const core::Connection> c = broker_.GetConnection(id).value_or(nullptr);
+  const absl::Time now = clock_.Now();
   {
     MutexLock lock(&mu_);
-    const auto it = tracked_.find(id);
-    if (it != tracked_.end() && it->second.first == c->generation()) {
-      return;  // this grant is already scheduled (or being retried)
+    RevokeState& st = revocations_[id];
+    st.running = false;
+    if (c == nullptr || c->to_revoke.empty()) {
+      revocations_.erase(id);
+      return;
     }
-    tracked_[id] = {c->generation(), *c->grant->refresh_at};
-    due_.push(Due{*c->grant->refresh_at, id, c->generation()});
+    // Something is still owed: the provider did not confirm, or an entry arrived meanwhile.
+    ++st.attempts;
+    QueueRevocation(id, now + RevokeBackoff(st.attempts));
   }
   wake_.SignalAll();
 }
 
-absl::Time Refresher::RunDue() {
+// --- Scheduling ----------------------------------------------------------------------------
+
+void Refresher::Track(const std::shared_ptr<const core::Connection>& c,
+                      const core::ConnectionId& id) {
   const absl::Time now = clock_.Now();
-  std::vector<Due> ready;
   {
     MutexLock lock(&mu_);
-    while (!due_.empty() && due_.top().at <= now &&
-           scheduled_in_flight_.size() + ready.size() < options_.max_concurrent) {
+    if (!Active(c) || !c->grant->refresh_at) {
+      tracked_.erase(id);
+      not_before_.erase(id);
+    } else {
+      const std::pair<uint64_t, absl::Time> entry{c->generation(), *c->grant->refresh_at};
+      const auto it = tracked_.find(id);
+      if (it == tracked_.end() || it->second.first != entry.first ||
+          (it->second.second != entry.second && it->second.second <= entry.second)) {
+        // A new grant, or the same grant's refresh moved later (Reschedule). A schedule entry
+        // already later than refresh_at (a retry, an idle connection's keep-alive) stays.
+        tracked_[id] = entry;
+        due_.push(Due{entry.second, id, entry.first, Job::kRefresh});
+      }
+    }
+    if (c != nullptr && !c->to_revoke.empty()) {
+      const auto st = revocations_.find(id);
+      if (st == revocations_.end() || (!st->second.queued && !st->second.running)) {
+        QueueRevocation(id, now);
+      }
+    }
+  }
+  wake_.SignalAll();
+  NotifyWaiters(id, nullptr);
+}
+
+absl::Time Refresher::RunDue() {
+  const absl::Time now = clock_.Now();
+  std::vector<std::shared_ptr<Waiter>> expired;
+  std::vector<Due> ready;
+  std::vector<core::ConnectionId> revoke;
+  {
+    MutexLock lock(&mu_);
+    while (!deadlines_.empty() && deadlines_.top().first <= now) {
+      const auto it = waiters_.find(deadlines_.top().second);
+      deadlines_.pop();
+      if (it != waiters_.end()) {
+        expired.push_back(it->second);
+      }
+    }
+    while (!due_.empty() && due_.top().at <= now) {
       const Due d = due_.top();
+      if (d.job == Job::kRevoke) {
+        due_.pop();
+        RevokeState& st = revocations_[d.id];
+        st.queued = false;
+        if (!st.running) {
+          st.running = true;
+          revoke.push_back(d.id);
+        }
+        continue;
+      }
+      if (scheduled_in_flight_.size() + ready.size() >= options_.max_concurrent) {
+        break;
+      }
       due_.pop();
       const auto it = tracked_.find(d.id);
       if (it == tracked_.end() || it->second != std::make_pair(d.generation, d.at)) {
@@ -206,17 +524,47 @@ absl::Time Refresher::RunDue() {
       ready.push_back(d);
     }
   }
+  for (const std::shared_ptr<Waiter>& w : expired) {
+    if (!w->claimed.load()) {
+      wait_timeouts_.fetch_add(1, std::memory_order_relaxed);
+    }
+    Complete(w, absl::DeadlineExceededError(
+                    "no token with the requested lifetime or generation before the deadline"));
+  }
+  for (const core::ConnectionId& id : revoke) {
+    run_blocking_([this, id] { RunRevocations(id, nullptr); });
+  }
   for (const Due& d : ready) {
     // Stale entries (refreshed, reconnected, revoked since) are dropped here.
     std::shared_ptr<const core::Connection> c = broker_.GetConnection(d.id).value_or(nullptr);
-    if (c == nullptr || c->status != core::ConnectionStatus::kActive || !c->grant ||
-        c->generation() != d.generation) {
+    if (!Active(c) || c->generation() != d.generation) {
       continue;
     }
-    Join(d.id, /*scheduled=*/true, [](const absl::StatusOr<TokenView>&) {});
+    if (options_.hot_window > absl::ZeroDuration() &&
+        broker_.LastUsed(d.id) < now - options_.hot_window) {
+      // Idle: refreshed on its next use, or when its refresh token is half spent.
+      const std::optional<absl::Time> keep_alive = core::KeepAliveAt(*c->grant);
+      if (keep_alive && *keep_alive > now) {
+        MutexLock lock(&mu_);
+        const auto it = tracked_.find(d.id);
+        if (it != tracked_.end() && it->second == std::make_pair(d.generation, d.at)) {
+          it->second.second = *keep_alive;
+          due_.push(Due{*keep_alive, d.id, d.generation, Job::kRefresh});
+        }
+        continue;
+      }
+    }
+    Join(d.id, Trigger::kScheduled, nullptr);
   }
   MutexLock lock(&mu_);
-  return due_.empty() ? absl::InfiniteFuture() : due_.top().at;
+  absl::Time next = absl::InfiniteFuture();
+  if (!due_.empty()) {
+    next = due_.top().at;
+  }
+  if (!deadlines_.empty()) {
+    next = std::min(next, deadlines_.top().first);
+  }
+  return next;
 }
 
 void Refresher::Start() {

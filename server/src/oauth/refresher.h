@@ -1,12 +1,16 @@
 #ifndef TB_OAUTH_REFRESHER_H_
 #define TB_OAUTH_REFRESHER_H_
 
+#include <atomic>
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <optional>
 #include <queue>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -19,6 +23,8 @@
 #include "server/src/core/provider_client.h"
 #include "server/src/core/provider_spec.h"
 #include "server/src/oauth/broker.h"
+#include "server/src/oauth/events.h"
+#include "server/src/oauth/revoker.h"
 
 namespace tb::oauth {
 
@@ -29,25 +35,63 @@ struct RefresherOptions {
   absl::Duration caller_refresh_interval = absl::Seconds(10);
   // Scheduled refreshes in flight at once.
   size_t max_concurrent = 16;
+  // Zero: every connection is refreshed ahead, at its refresh_at. Positive: only connections
+  // used within this window are; an idle one is refreshed on its next use, and at the latest
+  // when half of its refresh token's lifetime has passed (core::KeepAliveAt), so it never dies
+  // unused.
+  absl::Duration hot_window = absl::ZeroDuration();
+  // A refresh that failed transiently is tried again this much later; the token keeps being
+  // served until then (Broker::Reschedule moves its promise along, never past its expiry).
+  absl::Duration retry_delay = absl::Seconds(30);
+  // GetToken waits: at most this many at once (more: RESOURCE_EXHAUSTED), none longer than
+  // max_wait whatever the caller's deadline.
+  size_t max_waiters = 100'000;
+  absl::Duration max_wait = absl::Seconds(60);
+  // Revocations the provider did not confirm are retried with exponential backoff between
+  // these bounds, until it does.
+  absl::Duration revoke_retry_min = absl::Seconds(5);
+  absl::Duration revoke_retry_max = absl::Minutes(10);
 };
 
-// Refreshes grants: on schedule at each grant's refresh_at, and on request (Refresh RPC).
+// Refreshes grants: on schedule at each grant's refresh_at, on use when a caller needs a fresher
+// token than the cache has, and on request (Refresh RPC); and drives owed revocations
+// (Connection::to_revoke) to the provider until it confirms.
 //
 // Single-flight per connection: every caller of a connection's refresh shares one provider
 // call. The call runs detached on `run_blocking` under provider_timeout; callers get the result
 // through their callback and give up on their own deadlines without cancelling it. Before the
-// call the intent is recorded; the rotated grant is stored (compare-and-set on the generation)
-// before it is published. invalid_grant moves the connection to needs_reauth (ROTATION_LOST if
-// an earlier refresh of the same generation had an unknown outcome) and no further call is made;
+// call the intent is recorded; the rotated grant is stored (compare-and-set) before it is
+// published. invalid_grant moves the connection to needs_reauth (ROTATION_LOST if an earlier
+// refresh of the same generation had an unknown outcome) and no further call is made;
 // invalid_client marks the provider misconfigured and leaves every grant as it is.
 //
-// Thread-safe. Everything passed to the constructor must outlive the refresher.
+// Waiting (AwaitToken) never blocks a thread: a waiter is a callback, completed by whoever
+// publishes the token it waits for, by the end of the refresh it waits for, or by the scheduling
+// thread at its deadline.
+//
+// Thread-safe. Everything passed to the constructor must outlive the refresher. Done callbacks
+// run on work, writer or scheduling threads (or inline) and must not block.
 class Refresher {
  public:
   using Done = std::function<void(absl::StatusOr<TokenView>)>;
+  using RevokeDone = std::function<void(absl::StatusOr<bool> provider_confirmed)>;
 
   Refresher(RefresherOptions options, const core::ProviderRegistry& providers, const Clock& clock,
-            Broker& broker, core::ProviderClient& provider_client, RunBlocking run_blocking);
+            Broker& broker, core::ProviderClient& provider_client, Revoker& revoker,
+            RunBlocking run_blocking, EventSink events = nullptr);
+
+  // GetToken's slow path, for a Broker::Lookup that said kAwait*: waits until the connection
+  // has a token with `min_generation` that serves `min_ttl` more, or until `deadline` (capped at
+  // now + max_wait). A wait for a refresh starts one if the connection is past its refresh_at
+  // (never before: that would break the promise made with the current token); a wait for a
+  // generation never starts one. `done` runs exactly once, unless CancelWait returns true.
+  // Errors through `done`: Lookup's; DEADLINE_EXCEEDED; the refresh's error when the refresh it
+  // waited for failed and the old token does not serve min_ttl; RESOURCE_EXHAUSTED (too many
+  // waiters). Returns a handle for CancelWait (0 when `done` already ran).
+  uint64_t AwaitToken(const core::ConnectionId& id, absl::Duration min_ttl, uint64_t min_generation,
+                      absl::Time deadline, Done done) ABSL_LOCKS_EXCLUDED(mu_);
+  // Removes a wait. True: `done` will never run. False: it has run or is running.
+  bool CancelWait(uint64_t handle) ABSL_LOCKS_EXCLUDED(mu_);
 
   // The Refresh RPC: refreshes `id` unless its generation is already past `if_generation`
   // (then answers with the current token at once; 0 means "refresh regardless"). `done` runs
@@ -58,9 +102,17 @@ class Refresher {
   void Refresh(const core::ConnectionId& id, uint64_t if_generation, Done done)
       ABSL_LOCKS_EXCLUDED(mu_);
 
-  // Scheduling: Track() is the broker's on_change hook; RunDue() starts every refresh whose
-  // time has come (at most max_concurrent in flight) and returns when the next one is due
-  // (InfiniteFuture() when none). Start() runs a thread that calls RunDue() as time passes;
+  // The Revoke RPC, on the work pool: stops serving at once (REVOKED), then revokes at the
+  // provider. `done` gets whether the provider confirmed; if not, the revocation is retried in
+  // the background until it does. Revoking a revoked connection retries what is still owed;
+  // a needs_reauth one is revoked too (its access token may still live).
+  // Errors: NOT_FOUND, FAILED_PRECONDITION/NOT_CONNECTED (pending), store errors.
+  void Revoke(const core::ConnectionId& id, RevokeDone done) ABSL_LOCKS_EXCLUDED(mu_);
+
+  // Scheduling: Track() is the broker's on_change hook; RunDue() starts every refresh and
+  // revocation whose time has come (at most max_concurrent refreshes in flight), expires
+  // waiters past their deadline, and returns when it next has something to do
+  // (InfiniteFuture() when nothing). Start() runs a thread that calls RunDue() as time passes;
   // tests call RunDue() with a fake clock instead.
   void Track(const std::shared_ptr<const core::Connection>& c, const core::ConnectionId& id)
       ABSL_LOCKS_EXCLUDED(mu_);
@@ -71,42 +123,114 @@ class Refresher {
   ~Refresher();
 
   bool provider_misconfigured(const std::string& provider) const ABSL_LOCKS_EXCLUDED(mu_);
+  size_t waiters() const ABSL_LOCKS_EXCLUDED(mu_);
+
+  // Counters since start, for metrics.
+  struct Stats {
+    uint64_t refreshed = 0;               // rotated grants stored and published
+    uint64_t failed = 0;                  // provider calls that failed transiently
+    uint64_t needs_reauth = 0;            // invalid_grant
+    uint64_t rotation_lost = 0;           // invalid_grant after an unknown outcome
+    uint64_t provider_misconfigured = 0;  // invalid_client / unauthorized_client
+    uint64_t wait_timeouts = 0;           // GetToken waits that reached their deadline
+  };
+  Stats stats() const;
 
  private:
+  enum class Job { kRefresh, kRevoke };
   struct Due {
     absl::Time at;
     core::ConnectionId id;
-    uint64_t generation;
+    uint64_t generation;  // kRefresh: the grant it is for
+    Job job;
     bool operator>(const Due& o) const { return at > o.at; }
   };
+  struct Waiter {
+    uint64_t handle = 0;
+    core::ConnectionId id;
+    absl::Duration min_ttl;
+    uint64_t min_generation = 0;
+    absl::Time deadline;
+    Done done;
+    std::atomic<bool> claimed{false};
+    // Whoever claims the waiter runs (or, for CancelWait, drops) its callback.
+    bool Claim() { return !claimed.exchange(true); }
+  };
+  struct RevokeState {
+    int attempts = 0;
+    bool queued = false;   // a kRevoke entry is in due_
+    bool running = false;  // an attempt is on the work pool
+  };
 
-  // Joins or starts the single flight of `id`.
-  void Join(const core::ConnectionId& id, bool scheduled, Done done) ABSL_LOCKS_EXCLUDED(mu_);
+  // Joins or starts the single flight of `id`. `kind` tells who asked: only scheduled flights
+  // count against max_concurrent; flights on use wait out a recent failure.
+  enum class Trigger { kScheduled, kUse, kCaller };
+  void Join(const core::ConnectionId& id, Trigger trigger, Done done) ABSL_LOCKS_EXCLUDED(mu_);
   // The flight itself, on a work thread.
   absl::StatusOr<TokenView> RefreshNow(const core::ConnectionId& id);
   void Finish(const core::ConnectionId& id, const absl::StatusOr<TokenView>& result)
       ABSL_LOCKS_EXCLUDED(mu_);
+
+  // Completes every waiter of `id` that can be answered now; `flight` is the result of the
+  // refresh that just ended, if that is why we look.
+  void NotifyWaiters(const core::ConnectionId& id, const absl::StatusOr<TokenView>* flight)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // Runs one waiter's callback if nobody else did, and forgets it.
+  void Complete(const std::shared_ptr<Waiter>& w, absl::StatusOr<TokenView> result)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  void Forget(const Waiter& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // One round of owed revocations of `id` (or the outcome of one just made, `already`), then a
+  // retry with backoff if some are left.
+  void RunRevocations(const core::ConnectionId& id, const absl::StatusOr<bool>* already)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  void QueueRevocation(const core::ConnectionId& id, absl::Time at)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Duration RevokeBackoff(int attempts) const;
+
+  void Event(absl::string_view event, const core::ConnectionId& id, const absl::Status& s) const;
 
   const RefresherOptions options_;
   const core::ProviderRegistry& providers_;
   const Clock& clock_;
   Broker& broker_;
   core::ProviderClient& provider_client_;
+  Revoker& revoker_;
   const RunBlocking run_blocking_;
+  const EventSink events_;
 
   mutable Mutex mu_;
   CondVar wake_;
   absl::flat_hash_map<core::ConnectionId, std::vector<Done>> in_flight_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_set<core::ConnectionId> scheduled_in_flight_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<core::ConnectionId, absl::Time> last_caller_refresh_ ABSL_GUARDED_BY(mu_);
+  // After a failed refresh, no flight on use starts before this (no retry storm from callers).
+  absl::flat_hash_map<core::ConnectionId, absl::Time> not_before_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_set<std::string> misconfigured_ ABSL_GUARDED_BY(mu_);
   std::priority_queue<Due, std::vector<Due>, std::greater<Due>> due_ ABSL_GUARDED_BY(mu_);
-  // The one live schedule entry per connection (generation, time); heap entries that differ
+  // The one live refresh entry per connection (generation, time); heap entries that differ
   // are stale and dropped, so repeated notifications for one grant never refresh it twice.
   absl::flat_hash_map<core::ConnectionId, std::pair<uint64_t, absl::Time>> tracked_
       ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<core::ConnectionId, RevokeState> revocations_ ABSL_GUARDED_BY(mu_);
+
+  uint64_t next_waiter_ ABSL_GUARDED_BY(mu_) = 1;
+  absl::flat_hash_map<uint64_t, std::shared_ptr<Waiter>> waiters_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<core::ConnectionId, std::vector<std::shared_ptr<Waiter>>> waiting_
+      ABSL_GUARDED_BY(mu_);
+  std::priority_queue<std::pair<absl::Time, uint64_t>, std::vector<std::pair<absl::Time, uint64_t>>,
+                      std::greater<>>
+      deadlines_ ABSL_GUARDED_BY(mu_);
+
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread thread_;
+
+  std::atomic<uint64_t> refreshed_{0};
+  std::atomic<uint64_t> failed_{0};
+  std::atomic<uint64_t> needs_reauth_{0};
+  std::atomic<uint64_t> rotation_lost_{0};
+  std::atomic<uint64_t> provider_misconfigured_{0};
+  std::atomic<uint64_t> wait_timeouts_{0};
 };
 
 }  // namespace tb::oauth

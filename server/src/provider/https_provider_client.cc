@@ -156,6 +156,12 @@ absl::StatusOr<core::Grant> TokenCall(HttpClient& http, const Clock& clock, cons
         absl::StrCat(op.What(), ": token endpoint answered ", res.status,
                      " with an unusable body: ", grant.status().message()));
   }
+  // A provider that does not say how long the refresh token lives was asked for a lifetime
+  // (Zendesk honours what it is sent): the keep-alive refresh of idle connections relies on it.
+  if (grant->refresh_token && !grant->refresh_token_expires_at &&
+      op.spec.refresh_token_expires_in) {
+    grant->refresh_token_expires_at = issued_at + absl::Seconds(*op.spec.refresh_token_expires_in);
+  }
   return grant;
 }
 

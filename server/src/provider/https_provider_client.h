@@ -64,6 +64,8 @@ using HttpClientFactory =
 //                        response
 //   DEADLINE_EXCEEDED    the deadline passed
 //   RESOURCE_EXHAUSTED   429, Retry-After kept as payload kRetryAfterPayloadUrl
+//   UNAUTHENTICATED      a 401 from a Bearer-authorized endpoint (token info, revoke by id):
+//                        the grant's access token was rejected (refresh, then retry)
 //   FAILED_PRECONDITION  Reason kNeedsReauth for invalid_grant; kProviderMisconfigured for
 //                        invalid_client / unauthorized_client / a 401 from the token endpoint,
 //                        and for an unreadable spec.ca_file; kNotRefreshable for Refresh without

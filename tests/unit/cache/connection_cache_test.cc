@@ -34,6 +34,21 @@ TEST(ConnectionCacheTest, GetReturnsWhatWasPublished) {
   EXPECT_EQ(cache.size(), 1u);
 }
 
+TEST(ConnectionCacheTest, UseRecordsTheLastUseAcrossPublishes) {
+  ConnectionCache cache;
+  const absl::Time t0 = absl::FromUnixSeconds(1'700'000'000);
+  EXPECT_EQ(cache.Use("acme", t0), nullptr);
+  cache.Publish(Make("acme", 1));
+  EXPECT_EQ(cache.LastUsed("acme"), absl::InfinitePast());
+  EXPECT_NE(cache.Use("acme", t0), nullptr);
+  EXPECT_EQ(cache.LastUsed("acme"), t0);
+  cache.Publish(Make("acme", 2));  // a new snapshot keeps the record of use
+  EXPECT_EQ(cache.LastUsed("acme"), t0);
+  cache.Use("acme", t0 + absl::Seconds(90));
+  EXPECT_EQ(cache.LastUsed("acme"), t0 + absl::Seconds(90));
+  EXPECT_EQ(cache.LastUsed("other"), absl::InfinitePast());
+}
+
 TEST(ConnectionCacheTest, PublishIfRejectsAStaleWriter) {
   ConnectionCache cache;
   Entry v1 = Make("acme", 1);

@@ -18,6 +18,22 @@ TEST(WorkPoolTest, RunsEveryTaskBeforeStopReturns) {
   EXPECT_FALSE(pool.Post([] {}));
 }
 
+TEST(WorkPoolTest, DrainWaitsForQueuedTasksAndTheirChildrenAndKeepsThePoolRunning) {
+  std::atomic<int> ran{0};
+  WorkPool pool(2);
+  for (int i = 0; i < 100; ++i) {
+    pool.Post([&] {
+      ran.fetch_add(1);
+      pool.Post([&ran] { ran.fetch_add(1); });  // queued while draining: waited for too
+    });
+  }
+  pool.Drain();
+  EXPECT_EQ(ran.load(), 200);
+  ASSERT_TRUE(pool.Post([&ran] { ran.fetch_add(1); }));
+  pool.Drain();
+  EXPECT_EQ(ran.load(), 201);
+}
+
 TEST(WorkPoolTest, TasksRunOffTheCallersThread) {
   const std::thread::id caller = std::this_thread::get_id();
   std::atomic<bool> other{false};

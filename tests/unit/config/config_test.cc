@@ -30,6 +30,31 @@ log: {level: debug, format: json}
   EXPECT_EQ(c->log.format, "json");
 }
 
+TEST(ConfigTest, ParsesRefreshSettingsAndRejectsNonsense) {
+  absl::StatusOr<Config> c = ParseConfig(R"(
+grpc: {max_watch_streams: 50, max_watch_streams_per_caller: 5}
+refresh: {margin: 2m, max_jitter: 10s, hot_window: 15m, provider_timeout: 20s,
+          caller_refresh_interval: 5s, retry_delay: 10s, max_concurrent: 8, max_min_ttl: 30m,
+          max_wait: 20s}
+)");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->refresh.hot_window, absl::Minutes(15));
+  EXPECT_EQ(c->refresh.max_min_ttl, absl::Minutes(30));
+  EXPECT_EQ(c->refresh.max_concurrent, 8);
+  EXPECT_EQ(c->grpc.max_watch_streams_per_caller, 5);
+  EXPECT_TRUE(Validate(*c).ok());
+  EXPECT_EQ(ParseConfig("refresh: {hot_window: soon}").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseConfig("refresh: {max_wiat: 1s}").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  for (const char* bad : {"refresh: {max_concurrent: 0}", "refresh: {provider_timeout: 0s}",
+                          "grpc: {max_watch_streams: 5, max_watch_streams_per_caller: 6}"}) {
+    absl::StatusOr<Config> parsed = ParseConfig(bad);
+    const absl::Status s = parsed.ok() ? Validate(*parsed) : parsed.status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
+}
+
 TEST(ConfigTest, RejectsUnknownKeysNamingThem) {
   absl::StatusOr<Config> c = ParseConfig("grpc: {listne: 1.2.3.4:5}");
   ASSERT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);

@@ -44,5 +44,17 @@ TEST(RefreshPolicyTest, NothingToScheduleWithoutExpiryOrRefreshToken) {
   EXPECT_EQ(RefreshAt(Token(absl::Hours(1), false), {}, absl::ZeroDuration()), std::nullopt);
 }
 
+TEST(RefreshPolicyTest, RefreshTokenHalfLifeBoundsTheScheduleAndKeepsIdleGrantsAlive) {
+  Grant g = Token(absl::Hours(48));                                // Zendesk's longest access token
+  EXPECT_EQ(KeepAliveAt(g), std::nullopt);                         // refresh token lifetime unknown
+  g.refresh_token_expires_at = g.issued_at + absl::Hours(24 * 7);  // Zendesk's shortest
+  EXPECT_EQ(KeepAliveAt(g), g.issued_at + absl::Hours(24 * 7) / 2);
+  EXPECT_EQ(RefreshAt(g, {}, absl::ZeroDuration()), *g.expires_at - absl::Minutes(5));
+  g.refresh_token_expires_at = g.issued_at + absl::Hours(60);  // half of it is before expiry
+  EXPECT_EQ(RefreshAt(g, {}, absl::ZeroDuration()), g.issued_at + absl::Hours(30));
+  g.refresh_token.reset();
+  EXPECT_EQ(KeepAliveAt(g), std::nullopt);
+}
+
 }  // namespace
 }  // namespace tb::core

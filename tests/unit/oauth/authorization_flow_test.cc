@@ -101,8 +101,9 @@ class AuthorizationFlowTest : public ::testing::Test {
   cache::ConnectionCache cache_;
   Broker broker_{clock_, token_store_, cache_};
   testing::FakeProviderClient provider_;
-  AuthorizationFlow flow_{options_, providers_,  clock_,    random_,
-                          digest_,  flow_store_, provider_, broker_};
+  Revoker revoker_{{}, providers_, clock_, broker_, provider_};
+  AuthorizationFlow flow_{options_,    providers_, clock_,  random_, digest_,
+                          flow_store_, provider_,  broker_, revoker_};
   std::string link_token_;
   std::string link_id_;
 };

@@ -77,7 +77,7 @@ TEST_F(BrokerTest, TokenWithoutExpiryIsValidUntilRevoked) {
   g.expires_at.reset();
   ASSERT_TRUE(broker_.Activate("acme", g).ok());
   clock_.Advance(absl::Hours(24 * 365));
-  absl::StatusOr<TokenView> v = broker_.GetToken("acme", absl::Hours(1000));
+  absl::StatusOr<TokenView> v = broker_.GetToken("acme", absl::Hours(1));  // the cap
   ASSERT_TRUE(v.ok());
   EXPECT_EQ(v->valid_until, absl::InfiniteFuture());
   EXPECT_EQ(v->valid_for, absl::InfiniteDuration());
@@ -86,10 +86,86 @@ TEST_F(BrokerTest, TokenWithoutExpiryIsValidUntilRevoked) {
 TEST_F(BrokerTest, ExpiredOrTooShortTokenIsUnavailable) {
   CreateActive("acme", absl::Minutes(10));  // refresh_at: 5 min in
   EXPECT_TRUE(broker_.GetToken("acme", absl::Minutes(4)).ok());
-  EXPECT_EQ(broker_.GetToken("acme", absl::Minutes(6)).status().code(),
-            absl::StatusCode::kUnavailable);
-  clock_.Advance(absl::Minutes(10));
+  clock_.Advance(absl::Minutes(2));  // 3 min of the promise left
+  EXPECT_EQ(broker_.GetToken("acme", absl::Minutes(4)).status().code(),
+            absl::StatusCode::kUnavailable);  // a waiting caller would wait for the refresh
+  clock_.Advance(absl::Minutes(8));
   EXPECT_EQ(broker_.GetToken("acme").status().code(), absl::StatusCode::kUnavailable);
+}
+
+TEST_F(BrokerTest, LookupSaysWhetherToServeWaitOrFail) {
+  CreateActive("acme", absl::Minutes(10));  // refresh_at: 5 min in
+  EXPECT_EQ(broker_.Lookup("acme", absl::Minutes(4), 0).kind, TokenLookup::Kind::kServe);
+  EXPECT_EQ(broker_.Lookup("acme", absl::Minutes(4), 2).kind, TokenLookup::Kind::kAwaitGeneration);
+  // No token of this connection is promised for 6 minutes: waiting would not help.
+  TokenLookup too_long = broker_.Lookup("acme", absl::Minutes(6), 0);
+  EXPECT_EQ(too_long.kind, TokenLookup::Kind::kError);
+  EXPECT_EQ(too_long.error.code(), absl::StatusCode::kOutOfRange);
+  // Above the configured cap, or negative: a bad argument.
+  EXPECT_EQ(broker_.Lookup("acme", absl::Minutes(61), 0).error.code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(broker_.Lookup("acme", -absl::Seconds(1), 0).error.code(),
+            absl::StatusCode::kInvalidArgument);
+
+  clock_.Advance(absl::Minutes(2));
+  TokenLookup before_due = broker_.Lookup("acme", absl::Minutes(4), 0);
+  EXPECT_EQ(before_due.kind, TokenLookup::Kind::kAwaitRefresh);
+  EXPECT_FALSE(before_due.refresh_due);  // wait for the scheduled refresh, start none
+  clock_.Advance(absl::Minutes(3));
+  TokenLookup due = broker_.Lookup("acme", absl::ZeroDuration(), 0);
+  EXPECT_EQ(due.kind, TokenLookup::Kind::kAwaitRefresh);
+  EXPECT_TRUE(due.refresh_due);
+  EXPECT_EQ(broker_.LastUsed("acme"), clock_.Now());
+}
+
+TEST_F(BrokerTest, UnrefreshableTokenSaysSoInsteadOfWaiting) {
+  ASSERT_TRUE(broker_.CreatePending("acme", "zendesk", {}).ok());
+  core::Grant g = NewGrant(absl::Minutes(10));
+  g.refresh_token.reset();
+  ASSERT_TRUE(broker_.Activate("acme", g).ok());
+  EXPECT_EQ(broker_.Lookup("acme", absl::Minutes(4), 0).kind, TokenLookup::Kind::kServe);
+  clock_.Advance(absl::Minutes(8));
+  EXPECT_EQ(broker_.Lookup("acme", absl::Minutes(4), 0).error.code(),
+            absl::StatusCode::kOutOfRange);
+  clock_.Advance(absl::Minutes(2));
+  const absl::Status expired = broker_.Lookup("acme", absl::ZeroDuration(), 0).error;
+  EXPECT_EQ(expired.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(core::ReasonOf(expired), Reason::kNotRefreshable);
+}
+
+TEST_F(BrokerTest, RevokeKeepsTheTokensOnlyForTheProviderRevocation) {
+  CreateActive("acme");
+  const core::Grant g = *broker_.GetConnection("acme").value()->grant;
+  ASSERT_TRUE(broker_.MarkRevoked("acme").ok());
+  std::shared_ptr<const core::Connection> c = *broker_.GetConnection("acme");
+  EXPECT_TRUE(c->grant->access_token.empty());
+  ASSERT_EQ(c->to_revoke.size(), 1u);
+  EXPECT_EQ(c->to_revoke[0].access_token, g.access_token);
+  EXPECT_EQ(store_.Load("acme")->to_revoke.size(), 1u);  // durable
+  ASSERT_TRUE(broker_.ResolveRevocation("acme", g).ok());
+  EXPECT_TRUE(broker_.GetConnection("acme").value()->to_revoke.empty());
+  EXPECT_TRUE(store_.Load("acme")->to_revoke.empty());
+}
+
+TEST_F(BrokerTest, ReconnectQueuesThePreviousGrantForRevocationInTheSameWrite) {
+  CreateActive("acme");
+  const core::Grant old = *broker_.GetConnection("acme").value()->grant;
+  ASSERT_TRUE(broker_.Activate("acme", NewGrant(absl::Hours(1))).ok());
+  const core::Connection stored = *store_.Load("acme");
+  ASSERT_EQ(stored.to_revoke.size(), 1u);
+  EXPECT_EQ(stored.to_revoke[0].access_token, old.access_token);
+  EXPECT_EQ(stored.generation(), 2u);
+}
+
+TEST_F(BrokerTest, RescheduleMovesThePromiseButNeverPastExpiry) {
+  CreateActive("acme", absl::Minutes(10));  // refresh_at: 5 min in
+  clock_.Advance(absl::Minutes(5));
+  ASSERT_TRUE(broker_.Reschedule("acme", 1, clock_.Now() + absl::Seconds(30)).ok());
+  EXPECT_EQ(broker_.GetToken("acme")->valid_until, clock_.Now() + absl::Seconds(30));
+  EXPECT_EQ(*store_.Load("acme")->grant->refresh_at, clock_.Now() + absl::Seconds(30));
+  ASSERT_TRUE(broker_.Reschedule("acme", 1, clock_.Now() + absl::Hours(1)).ok());
+  EXPECT_EQ(broker_.GetToken("acme")->valid_until, clock_.Now() + absl::Minutes(5));  // expiry
+  EXPECT_EQ(broker_.Reschedule("acme", 7, clock_.Now()).code(), absl::StatusCode::kAborted);
 }
 
 TEST_F(BrokerTest, ReactivationIncreasesGeneration) {

@@ -67,17 +67,28 @@ class RefresherTest : public ::testing::Test {
     ASSERT_TRUE(broker_.Activate(id, NewGrant(lifetime, with_refresh_token)).ok());
   }
 
+  std::unique_ptr<Refresher> MakeRefresher(RefresherOptions options) {
+    return std::make_unique<Refresher>(
+        options, providers_, clock_, broker_ref(), provider_, revoker_,
+        [this](std::function<void()> task) { work_.Post(std::move(task)); });
+  }
+  BrokerOptions TrackingOptions() {
+    BrokerOptions o;
+    o.on_change = [this](const auto& c, const auto& id) { refresher_->Track(c, id); };
+    return o;
+  }
+
   absl::StatusOr<TokenView> RefreshAndWait(const std::string& id, uint64_t if_generation) {
     Result r;
-    refresher_.Refresh(id, if_generation, r.Callback());
+    refresher_->Refresh(id, if_generation, r.Callback());
     return r.Wait();
   }
 
   // Runs due refreshes and waits until the provider was called `calls` times in all.
   void RunDueAndAwait(int calls) {
-    refresher_.RunDue();
+    refresher_->RunDue();
     provider_.AwaitRefreshCalls(calls);
-    work_.Stop();  // drain: the flight's write happens before the assertions
+    work_.Drain();  // the flight's write happens before the assertions
   }
 
   testing::FakeClock clock_;
@@ -87,14 +98,16 @@ class RefresherTest : public ::testing::Test {
   testing::FakeProviderClient provider_;
   WorkPool work_{4, "test-work"};
   // Declared before the broker, whose on_change hook feeds it.
-  std::unique_ptr<Refresher> refresher_holder_ = std::make_unique<Refresher>(
-      RefresherOptions{}, providers_, clock_, broker_ref(), provider_,
-      [this](std::function<void()> task) { work_.Post(std::move(task)); });
-  Refresher& refresher_ = *refresher_holder_;
-  Broker broker_{clock_, store_, cache_,
-                 BrokerOptions{{}, nullptr, [this](const auto& c, const auto& id) {
-                                 refresher_.Track(c, id);
-                               }}};
+  Revoker revoker_{{}, providers_, clock_, broker_ref(), provider_};
+  std::unique_ptr<Refresher> refresher_holder_ = MakeRefresher({});
+  Refresher* refresher_ = refresher_holder_.get();
+  Broker broker_{clock_, store_, cache_, TrackingOptions()};
+
+  // Replaces the refresher (before any connection exists), for tests of other options.
+  void UseOptions(RefresherOptions options) {
+    refresher_holder_ = MakeRefresher(options);
+    refresher_ = refresher_holder_.get();
+  }
 
  private:
   Broker& broker_ref() { return broker_; }  // bound now, used only after construction
@@ -106,7 +119,7 @@ TEST_F(RefresherTest, ScheduledRefreshHappensAtRefreshAtAndNeverBefore) {
   EXPECT_EQ(before.valid_until, before.grant().issued_at + absl::Minutes(25));
 
   clock_.Advance(absl::Minutes(25) - absl::Seconds(1));
-  refresher_.RunDue();
+  refresher_->RunDue();
   EXPECT_EQ(provider_.refresh_calls(), 0);  // the promise holds until valid_until
 
   const core::Grant next = NewGrant(absl::Minutes(30));
@@ -125,14 +138,14 @@ TEST_F(RefresherTest, FailedScheduledRefreshIsRetriedLaterWhileTheOldTokenServes
   Connect("acme", absl::Hours(1));
   provider_.NextRefreshReturns(absl::UnavailableError("provider down"));
   clock_.Advance(absl::Minutes(55));
-  refresher_.RunDue();
+  refresher_->RunDue();
   provider_.AwaitRefreshCalls(1);
-  for (int i = 0; i < 2000 && refresher_.RunDue() == absl::InfiniteFuture(); ++i) {
+  for (int i = 0; i < 2000 && refresher_->RunDue() == absl::InfiniteFuture(); ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));  // until the retry is queued
   }
   EXPECT_EQ(broker_.GetConnection("acme").value()->generation(), 1u);
   clock_.Advance(absl::Seconds(29));
-  refresher_.RunDue();
+  refresher_->RunDue();
   EXPECT_EQ(provider_.refresh_calls(), 1);  // not before the retry delay
   provider_.NextRefreshReturns(NewGrant(absl::Hours(1)));
   clock_.Advance(absl::Seconds(1));
@@ -144,14 +157,14 @@ TEST_F(RefresherTest, TwoSecondTokensDoNotLoop) {
   Connect("acme", absl::Seconds(2));
   provider_.NextRefreshReturns(NewGrant(absl::Seconds(2)));
   clock_.Advance(absl::Seconds(1));
-  refresher_.RunDue();
+  refresher_->RunDue();
   provider_.AwaitRefreshCalls(1);
   // Let the flight finish before looking.
-  work_.Stop();  // drain the flight
+  work_.Drain();  // the flight
   ASSERT_EQ(broker_.GetConnection("acme").value()->generation(), 2u);
   // The new token's refresh is a second away, not now.
-  refresher_.RunDue();
-  refresher_.RunDue();
+  refresher_->RunDue();
+  refresher_->RunDue();
   EXPECT_EQ(provider_.refresh_calls(), 1);
 }
 
@@ -165,7 +178,7 @@ TEST_F(RefresherTest, HundredConcurrentRefreshesOfOneGenerationMakeOneProviderCa
   }
   std::vector<std::thread> callers;
   for (int i = 0; i < 100; ++i) {
-    callers.emplace_back([&, i] { refresher_.Refresh("acme", 1, results[i]->Callback()); });
+    callers.emplace_back([&, i] { refresher_->Refresh("acme", 1, results[i]->Callback()); });
   }
   for (std::thread& t : callers) {
     t.join();
@@ -211,7 +224,7 @@ TEST_F(RefresherTest, InvalidGrantNeedsReauthAndStopsProviderCalls) {
   EXPECT_EQ(core::ReasonOf(v.status()), Reason::kNeedsReauth);
   EXPECT_EQ(core::ReasonOf(broker_.GetToken("acme").status()), Reason::kNeedsReauth);
   clock_.Advance(absl::Minutes(30));
-  refresher_.RunDue();
+  refresher_->RunDue();
   EXPECT_EQ(core::ReasonOf(RefreshAndWait("acme", 0).status()), Reason::kNeedsReauth);
   EXPECT_EQ(provider_.refresh_calls(), 1);
 }
@@ -221,12 +234,14 @@ TEST_F(RefresherTest, InvalidGrantAfterAnUnknownOutcomeIsRotationLost) {
   provider_.NextRefreshReturns(absl::DeadlineExceededError("no answer"));  // rotated? unknown
   EXPECT_EQ(RefreshAndWait("acme", 1).status().code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_EQ(store_.Load("acme")->refresh_intent->generation, 1u);  // the intent was durable
-  EXPECT_TRUE(broker_.GetToken("acme").ok());          // the old token still serves
+  EXPECT_TRUE(broker_.GetToken("acme").ok());                      // the old token still serves
   clock_.Advance(absl::Seconds(11));
   provider_.NextRefreshReturns(core::ReasonError(absl::StatusCode::kFailedPrecondition,
                                                  Reason::kNeedsReauth, "invalid_grant"));
   EXPECT_EQ(core::ReasonOf(RefreshAndWait("acme", 1).status()), Reason::kRotationLost);
   EXPECT_EQ(core::ReasonOf(broker_.GetToken("acme").status()), Reason::kRotationLost);
+  EXPECT_EQ(refresher_->stats().rotation_lost, 1u);  // counted
+  EXPECT_EQ(refresher_->stats().needs_reauth, 0u);
 }
 
 TEST_F(RefresherTest, InvalidClientMarksTheProviderAndLeavesGrantsAlone) {
@@ -235,7 +250,7 @@ TEST_F(RefresherTest, InvalidClientMarksTheProviderAndLeavesGrantsAlone) {
   provider_.NextRefreshReturns(core::ReasonError(absl::StatusCode::kFailedPrecondition,
                                                  Reason::kProviderMisconfigured, "invalid_client"));
   EXPECT_EQ(core::ReasonOf(RefreshAndWait("a", 1).status()), Reason::kProviderMisconfigured);
-  EXPECT_TRUE(refresher_.provider_misconfigured("zendesk"));
+  EXPECT_TRUE(refresher_->provider_misconfigured("zendesk"));
   EXPECT_TRUE(broker_.GetToken("a").ok());
   EXPECT_TRUE(broker_.GetToken("b").ok());
   EXPECT_EQ(core::ReasonOf(RefreshAndWait("b", 1).status()), Reason::kProviderMisconfigured);
@@ -250,17 +265,364 @@ TEST_F(RefresherTest, GrantWithoutRefreshTokenIsNotRefreshable) {
 
 TEST_F(RefresherTest, RefreshRacingARevokeLosesAndItsNewTokenIsRevoked) {
   Connect("acme");
+  const std::string old(broker_.GetToken("acme")->grant().access_token.Reveal());
   provider_.HoldRefreshes();
   const core::Grant next = NewGrant(absl::Minutes(30));
   provider_.NextRefreshReturns(next);
   Result r;
-  refresher_.Refresh("acme", 1, r.Callback());
+  refresher_->Refresh("acme", 1, r.Callback());
   provider_.AwaitRefreshCalls(1);
   ASSERT_TRUE(broker_.MarkRevoked("acme").ok());
   provider_.ReleaseRefreshes();
   EXPECT_FALSE(r.Wait().ok());
   EXPECT_EQ(core::ReasonOf(broker_.GetToken("acme").status()), Reason::kRevoked);
-  EXPECT_EQ(provider_.revoked(), std::vector<std::string>{std::string(next.access_token.Reveal())});
+  // Both the revoked grant and the one the racing refresh got are revoked at the provider.
+  EXPECT_EQ(provider_.revoked(),
+            (std::vector<std::string>{old, std::string(next.access_token.Reveal())}));
+  EXPECT_TRUE(broker_.GetConnection("acme").value()->to_revoke.empty());
+}
+
+// --- GetToken waits (AwaitToken) -------------------------------------------------------------
+
+// Collects an AwaitToken result without blocking: done() tells whether it arrived.
+class Awaited {
+ public:
+  Refresher::Done Callback() {
+    return [this](absl::StatusOr<TokenView> r) {
+      MutexLock lock(&mu_);
+      EXPECT_FALSE(result_.has_value()) << "done ran twice";
+      result_ = std::move(r);
+      cv_.SignalAll();
+    };
+  }
+  bool done() const {
+    MutexLock lock(&mu_);
+    return result_.has_value();
+  }
+  absl::StatusOr<TokenView> Wait() {
+    MutexLock lock(&mu_);
+    while (!result_) {
+      cv_.Wait(&mu_);
+    }
+    return *result_;
+  }
+
+ private:
+  mutable Mutex mu_;
+  CondVar cv_;
+  std::optional<absl::StatusOr<TokenView>> result_ ABSL_GUARDED_BY(mu_);
+};
+
+constexpr absl::Duration kFar = absl::Hours(1);
+
+TEST_F(RefresherTest, HundredConcurrentGetTokensOnADueTokenMakeOneProviderCall) {
+  Connect("acme", absl::Minutes(30));  // valid_until: 25 min in
+  clock_.Advance(absl::Minutes(25));
+  provider_.HoldRefreshes();
+  provider_.NextRefreshReturns(NewGrant(absl::Minutes(30)));
+  std::vector<std::unique_ptr<Awaited>> results;
+  for (int i = 0; i < 100; ++i) {
+    results.push_back(std::make_unique<Awaited>());
+  }
+  std::vector<std::thread> callers;
+  for (int i = 0; i < 100; ++i) {
+    callers.emplace_back([&, i] {
+      refresher_->AwaitToken("acme", absl::ZeroDuration(), 0, clock_.Now() + kFar,
+                             results[i]->Callback());
+    });
+  }
+  for (std::thread& t : callers) {
+    t.join();
+  }
+  provider_.AwaitRefreshCalls(1);
+  for (auto& r : results) {
+    EXPECT_FALSE(r->done());  // all wait for the one refresh
+  }
+  provider_.ReleaseRefreshes();
+  for (auto& r : results) {
+    absl::StatusOr<TokenView> v = r->Wait();
+    ASSERT_TRUE(v.ok()) << v.status();
+    EXPECT_EQ(v->grant().generation, 2u);
+  }
+  EXPECT_EQ(provider_.refresh_calls(), 1);
+  EXPECT_EQ(refresher_->waiters(), 0u);
+}
+
+TEST_F(RefresherTest, MinTtlPastValidUntilWaitsForTheScheduledRefreshAndStartsNone) {
+  Connect("acme", absl::Minutes(30));                     // valid_until: 25 min in
+  clock_.Advance(absl::Minutes(24) + absl::Seconds(30));  // 30 s of the promise left
+  Awaited r;
+  refresher_->AwaitToken("acme", absl::Minutes(10), 0, clock_.Now() + kFar, r.Callback());
+  refresher_->RunDue();
+  work_.Drain();
+  EXPECT_FALSE(r.done());
+  EXPECT_EQ(provider_.refresh_calls(), 0);  // never before the announced valid_until
+
+  provider_.NextRefreshReturns(NewGrant(absl::Minutes(30)));
+  clock_.Advance(absl::Seconds(30));
+  refresher_->RunDue();  // the scheduled refresh, at refresh_at
+  absl::StatusOr<TokenView> v = r.Wait();
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(v->grant().generation, 2u);
+  EXPECT_GE(v->valid_for, absl::Minutes(10));
+  EXPECT_EQ(provider_.refresh_calls(), 1);
+}
+
+TEST_F(RefresherTest, MinGenerationWaitsForItAndNeverTriggersARefresh) {
+  Connect("acme", absl::Minutes(30));
+  Awaited next_generation;
+  Awaited gives_up;
+  refresher_->AwaitToken("acme", absl::ZeroDuration(), 2, clock_.Now() + kFar,
+                         next_generation.Callback());
+  refresher_->AwaitToken("acme", absl::ZeroDuration(), 3, clock_.Now() + absl::Seconds(2),
+                         gives_up.Callback());
+  refresher_->RunDue();
+  EXPECT_EQ(provider_.refresh_calls(), 0);
+  EXPECT_FALSE(next_generation.done());
+
+  // Someone else's Refresh (after a 401) makes generation 2: the waiter gets it.
+  provider_.NextRefreshReturns(NewGrant(absl::Minutes(30)));
+  ASSERT_TRUE(RefreshAndWait("acme", 1).ok());
+  absl::StatusOr<TokenView> v = next_generation.Wait();
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(v->grant().generation, 2u);
+
+  EXPECT_FALSE(gives_up.done());
+  clock_.Advance(absl::Seconds(2));
+  refresher_->RunDue();
+  EXPECT_EQ(gives_up.Wait().status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(provider_.refresh_calls(), 1);
+}
+
+TEST_F(RefresherTest, ShortDeadlineDuringASlowRefreshExpiresWhileTheRefreshCompletesAndIsStored) {
+  Connect("acme", absl::Minutes(30));
+  clock_.Advance(absl::Minutes(25));
+  provider_.HoldRefreshes();
+  const core::Grant next = NewGrant(absl::Minutes(30));
+  provider_.NextRefreshReturns(next);
+  Awaited r;
+  refresher_->AwaitToken("acme", absl::ZeroDuration(), 0, clock_.Now() + absl::Milliseconds(50),
+                         r.Callback());
+  provider_.AwaitRefreshCalls(1);
+  clock_.Advance(absl::Milliseconds(50));
+  refresher_->RunDue();
+  EXPECT_EQ(r.Wait().status().code(), absl::StatusCode::kDeadlineExceeded);
+  provider_.ReleaseRefreshes();  // the provider answers after the caller gave up
+  work_.Drain();
+  EXPECT_EQ(store_.Load("acme")->grant->access_token, next.access_token);  // stored
+  EXPECT_EQ(broker_.GetToken("acme")->grant().generation, 2u);
+}
+
+TEST_F(RefresherTest, FailedRefreshServesTheOldTokenWithAMovedPromiseOrFailsTheWaiter) {
+  Connect("acme", absl::Minutes(30));
+  const AccessToken old = broker_.GetToken("acme")->grant().access_token;
+  clock_.Advance(absl::Minutes(25));
+  provider_.HoldRefreshes();
+  provider_.NextRefreshReturns(absl::UnavailableError("provider down"));
+  Awaited any;
+  Awaited long_lived;
+  refresher_->AwaitToken("acme", absl::ZeroDuration(), 0, clock_.Now() + kFar, any.Callback());
+  refresher_->AwaitToken("acme", absl::Minutes(2), 0, clock_.Now() + kFar, long_lived.Callback());
+  provider_.AwaitRefreshCalls(1);
+  provider_.ReleaseRefreshes();
+  absl::StatusOr<TokenView> v = any.Wait();
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(v->grant().access_token, old);
+  // The retry is 30 s away: the old token is promised until then, and not longer.
+  EXPECT_EQ(v->valid_until, clock_.Now() + absl::Seconds(30));
+  EXPECT_EQ(long_lived.Wait().status().code(), absl::StatusCode::kUnavailable);
+  // A caller arriving meanwhile does not start another call (no retry storm)...
+  Awaited later;
+  refresher_->AwaitToken("acme", absl::Minutes(2), 0, clock_.Now() + kFar, later.Callback());
+  EXPECT_EQ(later.Wait().status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(provider_.refresh_calls(), 1);
+  // ...and the retry comes on schedule.
+  provider_.NextRefreshReturns(NewGrant(absl::Minutes(30)));
+  clock_.Advance(absl::Seconds(30));
+  RunDueAndAwait(2);
+  EXPECT_EQ(broker_.GetToken("acme")->grant().generation, 2u);
+}
+
+TEST_F(RefresherTest, CancelledWaitNeverCompletes) {
+  Connect("acme", absl::Minutes(30));
+  Awaited r;
+  const uint64_t h =
+      refresher_->AwaitToken("acme", absl::ZeroDuration(), 5, clock_.Now() + kFar, r.Callback());
+  ASSERT_NE(h, 0u);
+  EXPECT_TRUE(refresher_->CancelWait(h));
+  EXPECT_FALSE(refresher_->CancelWait(h));
+  EXPECT_EQ(refresher_->waiters(), 0u);
+  clock_.Advance(absl::Hours(2));
+  refresher_->RunDue();
+  EXPECT_FALSE(r.done());
+}
+
+TEST_F(RefresherTest, ServableAndHopelessRequestsAnswerAtOnce) {
+  Connect("acme", absl::Minutes(30));
+  Awaited now;
+  EXPECT_EQ(
+      refresher_->AwaitToken("acme", absl::ZeroDuration(), 1, clock_.Now() + kFar, now.Callback()),
+      0u);
+  EXPECT_TRUE(now.Wait().ok());
+  Awaited unknown;
+  refresher_->AwaitToken("nobody", absl::ZeroDuration(), 0, clock_.Now() + kFar,
+                         unknown.Callback());
+  EXPECT_EQ(unknown.Wait().status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(RefresherTest, TooManyWaitersAreRefused) {
+  RefresherOptions o;
+  o.max_waiters = 2;
+  UseOptions(o);
+  Connect("acme", absl::Minutes(30));
+  Awaited a, b, c;
+  refresher_->AwaitToken("acme", absl::ZeroDuration(), 9, clock_.Now() + kFar, a.Callback());
+  refresher_->AwaitToken("acme", absl::ZeroDuration(), 9, clock_.Now() + kFar, b.Callback());
+  refresher_->AwaitToken("acme", absl::ZeroDuration(), 9, clock_.Now() + kFar, c.Callback());
+  EXPECT_EQ(c.Wait().status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_FALSE(a.done());
+}
+
+// --- hot_window ----------------------------------------------------------------------------
+
+TEST_F(RefresherTest, HotWindowRefreshesIdleConnectionsOnUseOrBeforeTheirRefreshTokenDies) {
+  RefresherOptions o;
+  o.hot_window = absl::Minutes(10);
+  UseOptions(o);
+  core::Grant g = NewGrant(absl::Minutes(30));
+  g.refresh_token_expires_at = clock_.Now() + absl::Hours(24 * 30);
+  ASSERT_TRUE(broker_.CreatePending("idle", "zendesk", {{"subdomain", "acme"}}).ok());
+  ASSERT_TRUE(broker_.Activate("idle", g).ok());
+  g = NewGrant(absl::Minutes(30));
+  g.refresh_token_expires_at = clock_.Now() + absl::Hours(24 * 30);
+  ASSERT_TRUE(broker_.CreatePending("hot", "zendesk", {{"subdomain", "acme"}}).ok());
+  ASSERT_TRUE(broker_.Activate("hot", g).ok());
+
+  clock_.Advance(absl::Minutes(20));
+  ASSERT_TRUE(broker_.GetToken("hot").ok());  // used within the window
+  provider_.NextRefreshReturns(NewGrant(absl::Minutes(30)));
+  clock_.Advance(absl::Minutes(5));
+  RunDueAndAwait(1);
+  EXPECT_EQ(broker_.GetConnection("hot").value()->generation(), 2u);
+  EXPECT_EQ(broker_.GetConnection("idle").value()->generation(), 1u);  // not refreshed ahead
+  EXPECT_EQ(provider_.refresh_calls(), 1);
+
+  // On its next use, the idle one is refreshed (it is past its refresh_at).
+  provider_.NextRefreshReturns(NewGrant(absl::Minutes(30)));
+  Awaited used;
+  refresher_->AwaitToken("idle", absl::ZeroDuration(), 0, clock_.Now() + kFar, used.Callback());
+  absl::StatusOr<TokenView> v = used.Wait();
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(v->grant().generation, 2u);
+  EXPECT_EQ(provider_.refresh_calls(), 2);
+}
+
+TEST_F(RefresherTest, HotWindowKeepsAnUnusedConnectionAliveAtHalfItsRefreshTokenLifetime) {
+  RefresherOptions o;
+  o.hot_window = absl::Minutes(10);
+  UseOptions(o);
+  core::Grant g = NewGrant(absl::Minutes(30));
+  g.refresh_token_expires_at = clock_.Now() + absl::Hours(24 * 30);
+  ASSERT_TRUE(broker_.CreatePending("idle", "zendesk", {{"subdomain", "acme"}}).ok());
+  ASSERT_TRUE(broker_.Activate("idle", g).ok());
+  clock_.Advance(absl::Minutes(25));
+  refresher_->RunDue();
+  EXPECT_EQ(provider_.refresh_calls(), 0);
+  clock_.Advance(absl::Hours(24 * 15) - absl::Minutes(26));
+  refresher_->RunDue();
+  EXPECT_EQ(provider_.refresh_calls(), 0);  // not yet half of the 30 days
+  core::Grant next = NewGrant(absl::Minutes(30));
+  next.refresh_token_expires_at = clock_.Now() + absl::Hours(24 * 30);
+  provider_.NextRefreshReturns(next);
+  clock_.Advance(absl::Minutes(1));
+  RunDueAndAwait(1);
+  EXPECT_EQ(broker_.GetConnection("idle").value()->generation(), 2u);
+}
+
+// --- Revoke ------------------------------------------------------------------------------
+
+// Runs a Revoke RPC to its end.
+absl::StatusOr<bool> RevokeAndWait(Refresher& refresher, const std::string& id) {
+  Mutex mu;
+  CondVar cv;
+  std::optional<absl::StatusOr<bool>> out;
+  refresher.Revoke(id, [&](absl::StatusOr<bool> r) {
+    MutexLock lock(&mu);
+    out = std::move(r);
+    cv.SignalAll();
+  });
+  MutexLock lock(&mu);
+  while (!out) {
+    cv.Wait(&mu);
+  }
+  return *out;
+}
+
+TEST_F(RefresherTest, RevokeStopsServingAtOnceAndRetriesUntilTheProviderConfirms) {
+  Connect("acme", absl::Minutes(30));
+  const std::string token(broker_.GetToken("acme")->grant().access_token.Reveal());
+  provider_.NextRevokeReturns(absl::UnavailableError("provider down"));
+  absl::StatusOr<bool> confirmed = RevokeAndWait(*refresher_, "acme");
+  ASSERT_TRUE(confirmed.ok()) << confirmed.status();
+  EXPECT_FALSE(*confirmed);
+  EXPECT_EQ(core::ReasonOf(broker_.GetToken("acme").status()), Reason::kRevoked);
+  EXPECT_EQ(store_.Load("acme")->to_revoke.size(), 1u);  // still owed, durably
+
+  provider_.NextRevokeReturns(absl::UnavailableError("still down"));
+  clock_.Advance(absl::Seconds(5));  // first backoff
+  refresher_->RunDue();
+  work_.Drain();
+  EXPECT_EQ(provider_.revoked().size(), 2u);
+  clock_.Advance(absl::Seconds(9));
+  refresher_->RunDue();  // the second backoff is 10 s: not yet
+  work_.Drain();
+  EXPECT_EQ(provider_.revoked().size(), 2u);
+  clock_.Advance(absl::Seconds(1));
+  refresher_->RunDue();
+  work_.Drain();
+  EXPECT_EQ(provider_.revoked(), (std::vector<std::string>{token, token, token}));
+  EXPECT_TRUE(store_.Load("acme")->to_revoke.empty());
+  clock_.Advance(absl::Hours(1));
+  refresher_->RunDue();
+  work_.Drain();
+  EXPECT_EQ(provider_.revoked().size(), 3u);  // nothing left to retry
+}
+
+TEST_F(RefresherTest, RevokeOfAnExpiredZendeskTokenRefreshesFirstAndRevokesTheFreshOne) {
+  Connect("acme", absl::Minutes(30));
+  clock_.Advance(absl::Minutes(31));  // expired: it cannot authorize its own revocation
+  const core::Grant fresh = NewGrant(absl::Minutes(30));
+  provider_.NextRefreshReturns(fresh);
+  absl::StatusOr<bool> confirmed = RevokeAndWait(*refresher_, "acme");
+  ASSERT_TRUE(confirmed.ok()) << confirmed.status();
+  EXPECT_TRUE(*confirmed);
+  EXPECT_EQ(provider_.refresh_calls(), 1);
+  EXPECT_EQ(provider_.revoked(),
+            std::vector<std::string>{std::string(fresh.access_token.Reveal())});
+  EXPECT_TRUE(store_.Load("acme")->to_revoke.empty());
+}
+
+TEST_F(RefresherTest, RevokeRejectedWithUnauthenticatedRefreshesAndRevokesAgain) {
+  Connect("acme", absl::Minutes(30));
+  const std::string old(broker_.GetToken("acme")->grant().access_token.Reveal());
+  const core::Grant fresh = NewGrant(absl::Minutes(30));
+  provider_.NextRefreshReturns(fresh);
+  provider_.NextRevokeReturns(absl::UnauthenticatedError("access token rejected"));
+  absl::StatusOr<bool> confirmed = RevokeAndWait(*refresher_, "acme");
+  ASSERT_TRUE(confirmed.ok()) << confirmed.status();
+  EXPECT_TRUE(*confirmed);
+  EXPECT_EQ(provider_.revoked(),
+            (std::vector<std::string>{old, std::string(fresh.access_token.Reveal())}));
+}
+
+TEST_F(RefresherTest, RevokingARevokedConnectionRetriesWhatIsOwed) {
+  Connect("acme", absl::Minutes(30));
+  provider_.NextRevokeReturns(absl::UnavailableError("provider down"));
+  ASSERT_FALSE(*RevokeAndWait(*refresher_, "acme"));
+  absl::StatusOr<bool> again = RevokeAndWait(*refresher_, "acme");
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_TRUE(*again);
+  EXPECT_EQ(RevokeAndWait(*refresher_, "nobody").status().code(), absl::StatusCode::kNotFound);
 }
 
 }  // namespace

@@ -409,10 +409,10 @@ TEST_F(HttpsProviderClientTest, ZendeskRevokeDeletesTokenById) {
   http_.Answer(404, R"({"error":"RecordNotFound"})");  // already gone
   EXPECT_TRUE(
       client_->Revoke(zendesk_, WithGrant(acme_, access_, refresh_, "987"), kFarDeadline).ok());
-  http_.Answer(401, R"({"error":"invalid_token"})");
+  http_.Answer(401, R"({"error":"invalid_token"})");  // the access token died: refresh first
   EXPECT_EQ(
       client_->Revoke(zendesk_, WithGrant(acme_, access_, refresh_, "987"), kFarDeadline).code(),
-      absl::StatusCode::kFailedPrecondition);
+      absl::StatusCode::kUnauthenticated);
   http_.Answer(500, "");
   EXPECT_EQ(
       client_->Revoke(zendesk_, WithGrant(acme_, access_, refresh_, "987"), kFarDeadline).code(),

@@ -77,6 +77,20 @@ TEST(ParseTokenResponseTest, ParsesFullZendeskAnswer) {
   EXPECT_EQ(g->generation, 0u);
   EXPECT_FALSE(g->refresh_at.has_value());
   EXPECT_TRUE(g->provider_token_id.empty());
+  EXPECT_EQ(g->refresh_token_expires_at, kNow + absl::Seconds(2592000));
+}
+
+TEST(ParseTokenResponseTest, RefreshTokenLifetimeNeedsARefreshTokenAndANumber) {
+  absl::StatusOr<core::Grant> none = ParseTokenResponse(
+      R"({"access_token":"at","refresh_token_expires_in":600})", kDefaultScopes, kNow);
+  ASSERT_TRUE(none.ok());
+  EXPECT_FALSE(none->refresh_token_expires_at.has_value());  // nothing it could apply to
+  EXPECT_EQ(ParseTokenResponse(R"({"access_token":"at","refresh_token":"rt",)"
+                               R"("refresh_token_expires_in":"soon"})",
+                               kDefaultScopes, kNow)
+                .status()
+                .code(),
+            absl::StatusCode::kUnavailable);
 }
 
 TEST(ParseTokenResponseTest, MinimalAnswerUsesDefaults) {
@@ -197,7 +211,7 @@ TEST(ErrorForResponseTest, ClientErrorsMarkProviderMisconfigured) {
   EXPECT_EQ(core::ReasonOf(Map(401, "")), core::Reason::kProviderMisconfigured);
   // ... but from a bearer endpoint it is about the access token.
   const absl::Status bearer = Map(401, R"({"error":"invalid_token"})", "", Endpoint::kBearer);
-  EXPECT_EQ(bearer.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(bearer.code(), absl::StatusCode::kUnauthenticated);
   EXPECT_EQ(core::ReasonOf(bearer), std::nullopt);
 }
 

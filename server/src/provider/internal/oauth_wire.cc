@@ -215,6 +215,16 @@ absl::StatusOr<core::Grant> ParseTokenResponse(absl::string_view body,
       grant.refresh_token = RefreshToken(ToString(*s));
     }
   }
+
+  if (const json::value* expires = Member(*o, "refresh_token_expires_in")) {
+    absl::StatusOr<int64_t> seconds = ReadSeconds(*expires, "refresh_token_expires_in");
+    if (!seconds.ok()) {
+      return seconds.status();
+    }
+    if (*seconds > 0 && grant.refresh_token) {
+      grant.refresh_token_expires_at = issued_at + absl::Seconds(*seconds);
+    }
+  }
   return grant;
 }
 
@@ -293,6 +303,11 @@ absl::Status ErrorForResponse(absl::string_view what, Endpoint endpoint, int htt
       return core::ReasonError(
           absl::StatusCode::kFailedPrecondition, core::Reason::kNeedsReauth,
           absl::StrCat(what, ": ", detail, ": the grant was rejected; re-authorize the account"));
+    }
+    if (http_status == 401 && endpoint == Endpoint::kBearer) {
+      // An API call authorized by the grant's own access token: that token was rejected.
+      return absl::UnauthenticatedError(
+          absl::StrCat(what, ": ", detail, ": the access token was rejected"));
     }
     if (code == "invalid_client" || code == "unauthorized_client" ||
         (http_status == 401 && code.empty() && endpoint == Endpoint::kClientAuthenticated)) {

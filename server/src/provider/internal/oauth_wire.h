@@ -48,7 +48,9 @@ std::string BasicAuthorization(absl::string_view client_id, absl::string_view cl
 //   expires_in     non-negative integer, or a string of one; absent, null or 0: no expiry (0 is
 //                  read as "not given", as Go's x/oauth2 does); expires_at = issued_at + it
 //   refresh_token  optional string; null or "" is absent
-//   refresh_token_expires_in and unknown members are ignored.
+//   refresh_token_expires_in  like expires_in, for the refresh token (Zendesk); kept only with
+//                  a refresh token, as refresh_token_expires_at
+//   unknown members are ignored.
 // Errors: UNAVAILABLE whose message is only the reason ("not JSON", "missing access_token",
 // "expires_in is negative", ...), never body content. The caller prefixes the provider.
 absl::StatusOr<core::Grant> ParseTokenResponse(absl::string_view body,
@@ -77,6 +79,7 @@ enum class Endpoint {
 //   429                              RESOURCE_EXHAUSTED
 //   408, 5xx                         UNAVAILABLE
 //   4xx error=invalid_grant          FAILED_PRECONDITION, Reason kNeedsReauth
+//   401 from a kBearer endpoint      UNAUTHENTICATED (the access token was rejected)
 //   4xx error=invalid_client or
 //       unauthorized_client, or 401
 //       from a kClientAuthenticated
