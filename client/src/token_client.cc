@@ -161,13 +161,16 @@ absl::StatusOr<v1::Token> TokenClient::Refresh(absl::string_view connection_id,
   return resp.token();
 }
 
-absl::Status TokenClient::Revoke(absl::string_view connection_id, absl::Duration timeout) {
+absl::StatusOr<bool> TokenClient::Revoke(absl::string_view connection_id, absl::Duration timeout) {
   v1::RevokeRequest req;
   req.set_connection_id(std::string(connection_id));
   v1::RevokeResponse resp;
   grpc::ClientContext ctx;
   SetDeadline(ctx, timeout);
-  return Finish(broker_->Revoke(&ctx, req, &resp));
+  if (absl::Status s = Finish(broker_->Revoke(&ctx, req, &resp)); !s.ok()) {
+    return s;
+  }
+  return resp.provider_confirmed();
 }
 
 absl::Status TokenClient::Watch(absl::string_view connection_id,

@@ -554,10 +554,18 @@ int RunRefresh(tb::client::TokenClient& client, const Call& call) {
 }
 
 int RunRevoke(tb::client::TokenClient& client, const Call& call) {
-  if (absl::Status s = client.Revoke(call.connection_id, call.timeout); !s.ok()) {
-    return RpcFailure(call, s);
+  absl::StatusOr<bool> confirmed = client.Revoke(call.connection_id, call.timeout);
+  if (!confirmed.ok()) {
+    return RpcFailure(call, confirmed.status());
   }
-  absl::PrintF("revoked connection %s\n", Quoted(call.connection_id));
+  if (*confirmed) {
+    absl::PrintF("revoked connection %s (the provider confirmed)\n", Quoted(call.connection_id));
+  } else {
+    absl::PrintF(
+        "revoked connection %s; the provider has not confirmed yet: the broker retries until "
+        "it does (run the command again to retry now)\n",
+        Quoted(call.connection_id));
+  }
   return kExitOk;
 }
 

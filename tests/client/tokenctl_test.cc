@@ -390,6 +390,16 @@ TEST_F(TokenctlTest, RefreshAndRevokeOfAConnectionThatCannotServeExitOne) {
   EXPECT_THAT(unknown.err, HasSubstr("NOT_FOUND"));
 }
 
+TEST_F(TokenctlTest, RevokeStopsServingAndSaysWhetherTheProviderConfirmed) {
+  const RunResult r = Tokenctl({"revoke", "active-co"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("revoked connection"));
+  EXPECT_THAT(r.out, HasSubstr("confirm"));
+  const RunResult get = Tokenctl({"get", "active-co"});
+  EXPECT_EQ(get.exit_code, 1);
+  EXPECT_THAT(get.err, HasSubstr("REVOKED"));
+}
+
 TEST_F(TokenctlTest, LinkNeedsAProvider) {
   const RunResult r = Tokenctl({"link", "acme"});
   EXPECT_EQ(r.exit_code, 2);

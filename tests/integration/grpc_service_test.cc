@@ -626,5 +626,30 @@ TEST_F(GrpcServiceTest, WatchTokenStreamsAreLimitedPerCaller) {
   (*limited)->Shutdown(absl::Now() + absl::Seconds(5));
 }
 
+TEST_F(GrpcServiceTest, WatchTokenStreamsAreLimitedInAll) {
+  grpc_api::GrpcServerOptions options;
+  options.max_watch_streams = 1;
+  options.max_watch_streams_per_caller = 5;
+  auto limited = grpc_api::GrpcServer::Start(
+      options,
+      {broker_, cache_, flow_parts_.flow, flow_parts_.refresher, flow_parts_.run_blocking()});
+  ASSERT_TRUE(limited.ok());
+  auto stub = v1::TokenBroker::NewStub(grpc::CreateChannel(
+      absl::StrCat("127.0.0.1:", (*limited)->port()), grpc::InsecureChannelCredentials()));
+  v1::WatchTokenRequest req;
+  req.set_connection_id(testing::kActiveId);
+  grpc::ClientContext first_ctx;
+  auto first = stub->WatchToken(&first_ctx, req);
+  v1::WatchTokenResponse msg;
+  ASSERT_TRUE(first->Read(&msg));
+  grpc::ClientContext second_ctx;
+  auto second = stub->WatchToken(&second_ctx, req);
+  EXPECT_FALSE(second->Read(&msg));
+  EXPECT_EQ(second->Finish().error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  first_ctx.TryCancel();
+  first->Finish();
+  (*limited)->Shutdown(absl::Now() + absl::Seconds(5));
+}
+
 }  // namespace
 }  // namespace tb

@@ -90,9 +90,12 @@ class TokenClient {
                                                  uint64_t if_generation,
                                                  absl::Duration timeout = kDefaultTimeout);
 
-  // Revokes the grant (stops serving at once, then at the provider). Errors: NOT_FOUND,
-  // FAILED_PRECONDITION (not active), UNAVAILABLE (the provider did not confirm).
-  absl::Status Revoke(absl::string_view connection_id, absl::Duration timeout = kDefaultTimeout);
+  // Revokes the grant (stops serving at once, then at the provider). Returns whether the
+  // provider confirmed; if not, the broker keeps retrying until it does. Revoking a revoked
+  // connection retries what is still owed. Errors: NOT_FOUND, FAILED_PRECONDITION
+  // (NOT_CONNECTED).
+  absl::StatusOr<bool> Revoke(absl::string_view connection_id,
+                              absl::Duration timeout = kDefaultTimeout);
 
   // WatchToken: calls `on_token` with the current token and each new generation until the
   // stream ends (its status is returned) or `on_token` returns false (then OK).
