@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <libpq-fe.h>
 #include <poll.h>
+#include <spdlog/spdlog.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -691,6 +692,8 @@ absl::Status MigrateAndCheckKeys(PgConn& c, const core::Cipher& cipher,
              Params().Int(m.version), "write the schema version")
             .status());
     TB_RETURN_IF_ERROR(c.ExecScript("COMMIT", "commit a migration"));
+    spdlog::info("postgres store: schema migrated to version {} (instance {})", m.version,
+                 instance_id);
   }
 
   // Key checks.
@@ -820,6 +823,7 @@ class PostgresStore::Pool {
   void Put(std::unique_ptr<PgConn> conn) ABSL_LOCKS_EXCLUDED(mu_) {
     const bool broken = conn->broken();
     if (broken) {
+      spdlog::debug("postgres store: dropped a broken pooled connection; re-opened on next use");
       conn.reset();  // close outside the lock
     }
     MutexLock lock(&mu_);
@@ -885,16 +889,34 @@ class PostgresStore::Feed {
     while (!stop_.load()) {
       const absl::Time now = absl::Now();
       if (listen_ == nullptr && now >= next_listen_attempt) {
-        if (Listen().ok()) {
+        if (const absl::Status s = Listen(); s.ok()) {
+          if (!listening_logged_) {
+            spdlog::info("postgres change feed: listening on {} (instance {})", kChannel, me_);
+            listening_logged_ = true;
+          }
           next_poll = now;  // whatever happened while we were not listening
         } else {
           listen_.reset();
           next_listen_attempt = now + poll_interval_;
+          if (listening_logged_) {
+            spdlog::warn("postgres change feed: cannot listen ({}); polling every {} ms",
+                         std::string(s.message()), absl::ToInt64Milliseconds(poll_interval_));
+            listening_logged_ = false;
+          }
         }
       }
       std::vector<core::ConnectionId> changed;
       if (absl::Now() >= next_poll) {
-        (void)Poll(&changed);  // a failure is retried at the next interval
+        if (const absl::Status s = Poll(&changed); !s.ok()) {
+          // Retried at the next interval; said once per outage.
+          if (!poll_failing_) {
+            spdlog::warn("postgres change feed: poll failed ({}); retrying every {} ms",
+                         std::string(s.message()), absl::ToInt64Milliseconds(poll_interval_));
+          }
+          poll_failing_ = true;
+        } else {
+          poll_failing_ = false;
+        }
         next_poll = absl::Now() + poll_interval_;
       }
       Deliver(changed);
@@ -919,6 +941,10 @@ class PostgresStore::Feed {
       }
       if (listen_ != nullptr && (fds[1].revents & (POLLIN | POLLERR | POLLHUP)) != 0) {
         if (PQconsumeInput(listen_->raw()) == 0 || PQstatus(listen_->raw()) != CONNECTION_OK) {
+          spdlog::warn(
+              "postgres change feed: listen connection lost; reconnecting, and polling "
+              "meanwhile");
+          listening_logged_ = false;
           listen_.reset();  // re-established (and followed by a poll) on the next turn
           next_listen_attempt = absl::Now();
         } else {
@@ -1019,6 +1045,8 @@ class PostgresStore::Feed {
   std::unique_ptr<PgConn> listen_;
   absl::flat_hash_map<std::string, int64_t> seen_;
   uint64_t polls_ = 0;
+  bool listening_logged_ = false;  // "listening" was said and not taken back since
+  bool poll_failing_ = false;
 };
 
 // ---- PostgresStore -------------------------------------------------------------------------

@@ -71,6 +71,8 @@ class PostgresHarness final : public StoreHarness {
     EXPECT_TRUE(s.ok()) << s;
   }
 
+  bool opened() const { return store_ != nullptr; }
+
   core::TokenStore& tokens() override { return *store_; }
   core::FlowStore& flows() override { return *store_; }
 
@@ -102,8 +104,14 @@ class PostgresHarness final : public StoreHarness {
 };
 
 StoreBackend PostgresBackend() {
-  return StoreBackend{"Postgres", [](const BackendOptions& options) {
-                        return std::make_unique<PostgresHarness>(options);
+  // No store (no server, say): no harness, and the contract's SetUp fails the test.
+  return StoreBackend{"Postgres",
+                      [](const BackendOptions& options) -> std::unique_ptr<StoreHarness> {
+                        auto harness = std::make_unique<PostgresHarness>(options);
+                        if (!harness->opened()) {
+                          return nullptr;
+                        }
+                        return harness;
                       }};
 }
 
