@@ -26,6 +26,8 @@ provider_bin=$build/tests/fake_provider/fake_provider
 umask 077
 # Development secrets, generated once per run directory (never committed).
 [[ -s $run/link-key ]] || head -c 48 /dev/urandom | base64 -w0 >"$run/link-key"
+# The store's encryption key ring: "<key-id> <base64 of 32 bytes>" per line, the newest last.
+[[ -s $run/store-keys ]] || echo "dev-1 $(head -c 32 /dev/urandom | base64 -w0)" >"$run/store-keys"
 
 pids=()
 cleanup() {
@@ -40,6 +42,7 @@ grpc: {listen: "127.0.0.1:$grpc_port", probe_listen: "127.0.0.1:$probe_port"}
 http: {public_listen: "127.0.0.1:$public_port", admin_listen: "127.0.0.1:$admin_port"}
 public_base_url: "http://127.0.0.1:$public_port"
 links: {signing_key_file: "$run/link-key"}
+store: {url: "sqlite://$run/tokens.db", encryption_keys_file: "$run/store-keys"}
 providers:
 YAML
 

@@ -137,6 +137,19 @@ absl::StatusOr<v1::ListConnectionsResponse> TokenClient::ListConnections(
   return resp;
 }
 
+absl::StatusOr<v1::RotateKeysResponse> TokenClient::RotateKeys(int batch_size,
+                                                               absl::Duration timeout) {
+  v1::RotateKeysRequest req;
+  req.set_batch_size(batch_size);
+  v1::RotateKeysResponse resp;
+  grpc::ClientContext ctx;
+  SetDeadline(ctx, timeout);
+  if (absl::Status s = Finish(admin_->RotateKeys(&ctx, req, &resp)); !s.ok()) {
+    return s;
+  }
+  return resp;
+}
+
 absl::Status TokenClient::DeleteConnection(absl::string_view connection_id,
                                            absl::Duration timeout) {
   v1::DeleteConnectionRequest req;

@@ -25,6 +25,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "tb/client/token_client.h"
 
@@ -47,6 +48,7 @@ ABSL_FLAG(bool, reconnect, false, "link: allow the link to replace an active gra
 ABSL_FLAG(uint64_t, if_generation, 0,
           "refresh: only if the current generation is still this one (0: unconditionally)");
 ABSL_FLAG(int, count, 0, "watch: stop after this many tokens (0: until the stream ends)");
+ABSL_FLAG(int, batch, 500, "rotate-keys: rows re-encrypted per request, 1 to 10000");
 
 namespace {
 
@@ -81,12 +83,14 @@ commands:
       stop serving the connection and revoke its grant at the provider
   watch <connection-id> [--count=N]
       print "<generation> <token>" for the current token and each new one
+  rotate-keys [--batch=N]
+      re-encrypt every stored row under the newest encryption key, printing progress
 
 flags:
 )";
 
 constexpr char kCommandList[] =
-    "get, list, show, delete, health, link, revoke-link, refresh, revoke, watch";
+    "get, list, show, delete, health, link, revoke-link, refresh, revoke, watch, rotate-keys";
 
 // Flags by the commands they apply to; the global ones apply to all.
 const std::set<std::string>& GlobalFlags() {
@@ -106,6 +110,7 @@ const std::map<std::string, std::set<std::string>>& CommandFlags() {
       {"refresh", {"if_generation"}},
       {"revoke", {}},
       {"watch", {"count"}},
+      {"rotate-keys", {"batch"}},
   };
   return *kFlags;
 }
@@ -569,6 +574,34 @@ int RunRevoke(tb::client::TokenClient& client, const Call& call) {
   return kExitOk;
 }
 
+// Calls RotateKeys until every readable row is under the newest key; the broker keeps serving.
+int RunRotateKeys(tb::client::TokenClient& client, const Call& call) {
+  const int batch = absl::GetFlag(FLAGS_batch);
+  if (batch < 1 || batch > 10'000) {
+    return Fail(kExitUsage, "--batch must be 1 to 10000");
+  }
+  uint64_t total = 0;
+  for (;;) {
+    absl::StatusOr<tokenbroker::v1::RotateKeysResponse> r = client.RotateKeys(batch, call.timeout);
+    if (!r.ok()) {
+      return RpcFailure(call, r.status());
+    }
+    total += r->reencrypted();
+    absl::PrintF("re-encrypted %d rows, %d still under an older key (%d unreadable)\n", total,
+                 r->remaining(), r->unreadable());
+    std::fflush(stdout);
+    if (r->remaining() <= r->unreadable()) {
+      break;
+    }
+    if (r->reencrypted() == 0) {
+      // Rows changed under us (concurrent writes win) or are being written: try again shortly.
+      absl::SleepFor(absl::Milliseconds(200));
+    }
+  }
+  absl::PrintF("done: every readable row is under the newest key\n");
+  return kExitOk;
+}
+
 int RunWatch(tb::client::TokenClient& client, const Call& call) {
   const int count = absl::GetFlag(FLAGS_count);
   if (count < 0) {
@@ -674,6 +707,8 @@ int Run(int argc, char** argv) {
     rc = RunRevoke(*client, call);
   } else if (call.command == "watch") {
     rc = RunWatch(*client, call);
+  } else if (call.command == "rotate-keys") {
+    rc = RunRotateKeys(*client, call);
   }
   // A script reading `$(tokenctl get ...)` must not take a truncated token for a good one.
   if (std::fflush(stdout) != 0 || std::ferror(stdout)) {

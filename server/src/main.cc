@@ -20,6 +20,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/time.h"
 #include "server/src/cache/connection_cache.h"
 #include "server/src/common/clock.h"
@@ -28,6 +29,8 @@
 #include "server/src/common/work_pool.h"
 #include "server/src/config/config.h"
 #include "server/src/core/oauth_state.h"
+#include "server/src/crypto/aes_gcm_cipher.h"
+#include "server/src/crypto/key_ring.h"
 #include "server/src/crypto/openssl_digest.h"
 #include "server/src/crypto/openssl_random.h"
 #include "server/src/grpc/grpc_server.h"
@@ -39,8 +42,7 @@
 #include "server/src/oauth/refresher.h"
 #include "server/src/oauth/revoker.h"
 #include "server/src/provider/https_provider_client.h"
-#include "server/src/store/in_memory_flow_store.h"
-#include "server/src/store/in_memory_token_store.h"
+#include "server/src/store/open_store.h"
 
 ABSL_FLAG(std::string, config, "", "YAML config file; empty: the embedded development defaults");
 ABSL_FLAG(std::string, grpc_listen, "", "Override grpc.listen (host:port)");
@@ -50,6 +52,7 @@ ABSL_FLAG(std::string, admin_listen, "", "Override http.admin_listen (host:port)
 ABSL_FLAG(std::string, log_level, "", "Override log.level");
 ABSL_FLAG(std::string, log_file, "", "Append logs to this file instead of stderr");
 ABSL_FLAG(std::string, public_base_url, "", "Override public_base_url");
+ABSL_FLAG(std::string, store_url, "", "Override store.url");
 
 namespace {
 
@@ -94,10 +97,25 @@ absl::StatusOr<tb::config::Config> ReadConfig() {
   Override(&c.http.admin_listen, FLAGS_admin_listen);
   Override(&c.log.level, FLAGS_log_level);
   Override(&c.public_base_url, FLAGS_public_base_url);
+  Override(&c.store.url, FLAGS_store_url);
   if (absl::Status s = tb::config::Validate(c); !s.ok()) {
     return s;
   }
   return c;
+}
+
+// A store URL for the log: a postgres:// password, if the URL carries one, is not printed.
+std::string RedactedStoreUrl(const std::string& url) {
+  const size_t scheme = url.find("://");
+  const size_t at = url.find('@');
+  if (scheme == std::string::npos || at == std::string::npos || at < scheme) {
+    return url;
+  }
+  const size_t colon = url.find(':', scheme + 3);
+  if (colon == std::string::npos || colon > at) {
+    return url;
+  }
+  return absl::StrCat(url.substr(0, colon), ":<redacted>", url.substr(at));
 }
 
 absl::StatusOr<tb::http::HttpServerOptions> HttpOptions(const std::string& listen, int threads,
@@ -140,8 +158,29 @@ int main(int argc, char** argv) {
   tb::SystemClock clock;
   tb::crypto::OpenSslRandom random;
   tb::crypto::OpenSslDigest digest;
-  tb::store::InMemoryTokenStore store;
-  tb::store::InMemoryFlowStore flow_store;
+  // Encryption at rest: every secret a durable store holds is sealed with the newest key.
+  std::unique_ptr<tb::crypto::AesGcmCipher> cipher;
+  if (config->store.encryption_keys) {
+    absl::StatusOr<tb::crypto::KeyRing> keys = tb::crypto::KeyRing::Parse(
+        config->store.encryption_keys->Reveal(), config->store.encryption_keys_source);
+    if (!keys.ok()) {
+      return Fail(keys.status());
+    }
+    cipher = std::make_unique<tb::crypto::AesGcmCipher>(*std::move(keys));
+    spdlog::info("encryption keys: {} (newest, sealing: {})",
+                 absl::StrJoin(cipher->key_ids(), ", "), cipher->current_key_id());
+  }
+  tb::store::StoreOptions store_options;
+  store_options.url = config->store.url;
+  store_options.pool_size = static_cast<size_t>(config->store.pool_size);
+  store_options.statement_timeout = config->store.statement_timeout;
+  store_options.clock = &clock;
+  absl::StatusOr<tb::store::Stores> stores = tb::store::OpenStores(store_options, cipher.get());
+  if (!stores.ok()) {
+    return Fail(stores.status());
+  }
+  tb::core::TokenStore& store = *stores->tokens;
+  tb::core::FlowStore& flow_store = *stores->flows;
   tb::cache::ConnectionCache cache;
   // The refresh scheduler follows every published change; it is created further down, before
   // anything can publish concurrently (Load() runs after and Start() snapshots what is there).
@@ -162,6 +201,10 @@ int main(int argc, char** argv) {
     if (refresher_hook != nullptr) {
       refresher_hook->Track(c, id);
     }
+  };
+  broker_options.events = [](absl::string_view event, const tb::core::ConnectionId& id,
+                             const absl::Status& s) {
+    spdlog::error("store {} connection={}: {}", std::string(event), id, s.ToString());
   };
   tb::oauth::Broker broker(clock, store, cache, broker_options);
 
@@ -262,10 +305,22 @@ int main(int argc, char** argv) {
   if (absl::Status s = broker.Load(); !s.ok()) {
     return Fail(s);
   }
+  // Other replicas' writes (PostgreSQL): reloaded on the work pool, never on the store's thread.
+  store.WatchRemoteChanges([&work, &broker](const tb::core::ConnectionId& id) {
+    work.Post([&broker, id] {
+      if (absl::Status s = broker.Reload(id); !s.ok()) {
+        spdlog::warn("reload of a connection another replica changed failed connection={}: {}", id,
+                     s.ToString());
+      }
+    });
+  });
   refresher.Start();
   grpc->SetReady(true);
-  spdlog::info("token-broker ready: {} connections, {} providers, store {}, OAuth callback {}",
-               cache.size(), config->providers.size(), config->store.url, flow.redirect_uri());
+  spdlog::info(
+      "token-broker ready: {} connections ({} unreadable), {} providers, store {}, OAuth "
+      "callback {}",
+      cache.size(), broker.data_loss_count(), config->providers.size(),
+      RedactedStoreUrl(config->store.url), flow.redirect_uri());
 
   int sig = 0;
   sigwait(&stop_signals, &sig);
@@ -276,6 +331,7 @@ int main(int argc, char** argv) {
   (*public_http)->Stop();  // waits for callbacks still on the work pool
   (*admin_http)->Stop();
   work.Stop();
+  stores->owner.reset();  // closes the store (and its change feed) while all else still lives
   spdlog::info("token-broker stopped");
   return 0;
 }

@@ -1,14 +1,18 @@
 #!/usr/bin/python3
 """The real token-broker binary, as the README's first command starts it.
 
-Starts token-broker on free loopback ports and checks that every listener answers as documented
-(admin HTTP /healthz and /readyz, the public port's 404 with security headers, gRPC health on the
-probe port, the main port's contract), that SIGTERM drains and exits 0, and that bad
-configuration is refused at start with a message naming the problem.
+Starts token-broker on free loopback ports with its default store (SQLite, encrypted) and checks
+that every listener answers as documented (admin HTTP /healthz and /readyz, the public port's 404
+with security headers, gRPC health on the probe port, the main port's contract), that SIGTERM
+drains and exits 0, that what it stored survives a restart, that a second process on the same
+database file and a missing encryption key are refused, and that bad configuration is refused at
+start with a message naming the problem.
 
 Usage: /usr/bin/python3 binary_test.py <path to token-broker> [unittest arguments]
 """
+import base64
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,13 +48,41 @@ def http_get(port, path):
         return e.code, e.headers, e.read().decode()
 
 
-class Broker:
-    """token-broker in a child process on free ports."""
+def record_secret(value):
+    """Adds a secret to the end-of-run log scan (tests/support/scan_logs_for_secrets.py)."""
+    log_dir = os.environ.get("TB_TEST_LOG_DIR", "")
+    if log_dir:
+        with open(os.path.join(log_dir, f"secrets-{os.getpid()}.txt"), "a") as f:
+            f.write(value + "\n")
 
-    def __init__(self, *extra):
+
+class StateDir:
+    """A data directory as an operator sets it up: an encryption key file, a config naming it
+    and the default SQLite store inside the directory."""
+
+    def __init__(self):
+        self.path = tempfile.mkdtemp(prefix="tb-binary-test-")
+        key = base64.b64encode(os.urandom(32)).decode()
+        record_secret(key)
+        self.keys = os.path.join(self.path, "keys")
+        with open(self.keys, "w") as f:
+            f.write(f"k1 {key}\n")
+        self.db = os.path.join(self.path, "tokens.db")
+        self.config = os.path.join(self.path, "config.yaml")
+        with open(self.config, "w") as f:
+            f.write(f'store: {{url: "sqlite://{self.db}", encryption_keys_file: "{self.keys}"}}\n')
+
+    def remove(self):
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class Broker:
+    """token-broker in a child process on free ports, on the store of `state`."""
+
+    def __init__(self, state, *extra):
         self.ports = {name: free_port() for name in ("grpc", "probe", "public", "admin")}
         log_dir = os.environ.get("TB_TEST_LOG_DIR", "")
-        args = [BROKER,
+        args = [BROKER, f"--config={state.config}",
                 f"--grpc_listen=127.0.0.1:{self.ports['grpc']}",
                 f"--probe_listen=127.0.0.1:{self.ports['probe']}",
                 f"--public_listen=127.0.0.1:{self.ports['public']}",
@@ -89,7 +121,8 @@ class Broker:
 class BinaryTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.broker = Broker()
+        cls.state = StateDir()
+        cls.broker = Broker(cls.state)
         try:
             cls.broker.wait_ready()
         except BaseException:
@@ -100,6 +133,7 @@ class BinaryTest(unittest.TestCase):
     def tearDownClass(cls):
         if cls.broker.proc.poll() is None:
             cls.broker.stop(signal.SIGKILL)
+        cls.state.remove()
 
     def channel(self, port):
         return grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -139,6 +173,53 @@ class BinaryTest(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 15)
 
 
+class DurableStoreTest(unittest.TestCase):
+    def setUp(self):
+        self.state = StateDir()
+
+    def tearDown(self):
+        self.state.remove()
+
+    def test_a_second_process_on_the_same_file_is_refused(self):
+        first = Broker(self.state)
+        try:
+            first.wait_ready()
+            second = Broker(self.state)
+            code = second.proc.wait(30)
+            err = second.proc.stderr.read().decode()
+            self.assertNotEqual(code, 0)
+            self.assertIn(self.state.db, err)
+            self.assertIn(str(first.proc.pid), err)  # names the process that owns it
+        finally:
+            self.assertEqual(first.stop(), 0)
+        again = Broker(self.state)  # once the owner has exited, the file opens again
+        try:
+            again.wait_ready()
+        finally:
+            self.assertEqual(again.stop(), 0)
+
+    def test_a_missing_or_wrong_key_is_a_clear_start_up_error(self):
+        first = Broker(self.state)
+        first.wait_ready()
+        self.assertEqual(first.stop(), 0)
+        # The store remembers which key sealed it: another key under the same id is refused.
+        other = base64.b64encode(os.urandom(32)).decode()
+        record_secret(other)
+        with open(self.state.keys, "w") as f:
+            f.write(f"k1 {other}\n")
+        proc = subprocess.run([BROKER, f"--config={self.state.config}",
+                               "--grpc_listen=127.0.0.1:0", "--probe_listen=127.0.0.1:0",
+                               "--public_listen=127.0.0.1:0", "--admin_listen=127.0.0.1:0"],
+                              capture_output=True, timeout=30)
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn("k1", proc.stderr.decode())
+        os.remove(self.state.keys)
+        proc = subprocess.run([BROKER, f"--config={self.state.config}"], capture_output=True,
+                              timeout=30)
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn(self.state.keys, proc.stderr.decode())
+
+
 class StartupErrorTest(unittest.TestCase):
     def run_broker(self, *args):
         proc = subprocess.run([BROKER, *args], capture_output=True, timeout=30)
@@ -152,6 +233,12 @@ class StartupErrorTest(unittest.TestCase):
         self.assertNotEqual(code, 0)
         self.assertIn("grpc.listne", err)
 
+    def test_a_durable_store_without_encryption_keys_is_refused(self):
+        code, err = self.run_broker("--grpc_listen=127.0.0.1:0", "--probe_listen=127.0.0.1:0",
+                                    "--public_listen=127.0.0.1:0", "--admin_listen=127.0.0.1:0")
+        self.assertNotEqual(code, 0)
+        self.assertIn("encryption_keys_file", err)
+
     def test_missing_config_file_is_refused(self):
         code, err = self.run_broker("--config=/nonexistent/token-broker.yaml")
         self.assertNotEqual(code, 0)
@@ -162,7 +249,7 @@ class StartupErrorTest(unittest.TestCase):
             s.bind(("127.0.0.1", 0))
             s.listen()
             port = s.getsockname()[1]
-            code, err = self.run_broker(f"--admin_listen=127.0.0.1:{port}",
+            code, err = self.run_broker("--store_url=memory:", f"--admin_listen=127.0.0.1:{port}",
                                         "--grpc_listen=127.0.0.1:0", "--probe_listen=127.0.0.1:0",
                                         "--public_listen=127.0.0.1:0")
         self.assertNotEqual(code, 0)

@@ -337,6 +337,7 @@ FieldSetter Providers(core::ProviderRegistry* out, const EnvLookup& env) {
 
 absl::Status ParseInto(const YAML::Node& root, Config& c, const EnvLookup& env) {
   SecretRef link_key;
+  SecretRef store_keys;
   TB_RETURN_IF_ERROR(ReadSection(
       root, "",
       {
@@ -349,7 +350,11 @@ absl::Status ParseInto(const YAML::Node& root, Config& c, const EnvLookup& env) 
           {"http", Section({{"public_listen", String(&c.http.public_listen)},
                             {"admin_listen", String(&c.http.admin_listen)},
                             {"threads", Int(&c.http.threads)}})},
-          {"store", Section({{"url", String(&c.store.url)}})},
+          {"store", Section({{"url", String(&c.store.url)},
+                             {"encryption_keys_file", String(&store_keys.file)},
+                             {"encryption_keys_env", String(&store_keys.env)},
+                             {"pool_size", Int(&c.store.pool_size)},
+                             {"statement_timeout", Duration(&c.store.statement_timeout)}})},
           {"log", Section({{"level", String(&c.log.level)}, {"format", String(&c.log.format)}})},
           {"refresh",
            Section({{"margin", Duration(&c.refresh.margin)},
@@ -370,6 +375,12 @@ absl::Status ParseInto(const YAML::Node& root, Config& c, const EnvLookup& env) 
                                 {"no_proxy", OptString(&c.outbound.no_proxy)}})},
           {"providers", Providers(&c.providers, env)},
       }));
+  if (!store_keys.file.empty() || !store_keys.env.empty()) {
+    TB_ASSIGN_OR_RETURN(std::string keys, ReadSecret(store_keys, "store.encryption_keys", env));
+    c.store.encryption_keys = KeyMaterial(std::move(keys));
+    c.store.encryption_keys_source =
+        !store_keys.file.empty() ? store_keys.file : absl::StrCat("env ", store_keys.env);
+  }
   if (!link_key.file.empty() || !link_key.env.empty()) {
     TB_ASSIGN_OR_RETURN(std::string key, ReadSecret(link_key, "links.signing_key", env));
     if (key.size() < 32) {
@@ -408,7 +419,7 @@ absl::StatusOr<HostPort> ParseHostPort(absl::string_view address) {
   return hp;
 }
 
-absl::Status Validate(const Config& c) {
+absl::Status ValidateFields(const Config& c) {
   for (const auto& [name, value] :
        {std::pair<const char*, const std::string&>{"grpc.listen", c.grpc.listen},
         {"grpc.probe_listen", c.grpc.probe_listen},
@@ -426,6 +437,18 @@ absl::Status Validate(const Config& c) {
     return absl::InvalidArgumentError(
         "grpc.max_watch_streams and grpc.max_watch_streams_per_caller must be at least 1, the "
         "per-caller limit no larger than the total");
+  }
+  if (c.store.url != "memory:" && !absl::StartsWith(c.store.url, "sqlite:///") &&
+      !absl::StartsWith(c.store.url, "postgres://") &&
+      !absl::StartsWith(c.store.url, "postgresql://")) {
+    return absl::InvalidArgumentError(
+        "store.url must be sqlite:///absolute/path/tokens.db, postgres://... or memory:");
+  }
+  if (c.store.pool_size < 1 || c.store.pool_size > 64) {
+    return absl::InvalidArgumentError("store.pool_size must be 1 to 64");
+  }
+  if (c.store.statement_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("store.statement_timeout must be positive");
   }
   const RefreshConfig& r = c.refresh;
   for (const auto& [name, d] : {std::pair<const char*, absl::Duration>{"margin", r.margin},
@@ -459,10 +482,6 @@ absl::Status Validate(const Config& c) {
   if (c.links.default_ttl < absl::Minutes(1) || c.links.default_ttl > c.links.max_ttl) {
     return absl::InvalidArgumentError("links.default_ttl must be 1m to links.max_ttl");
   }
-  if (c.store.url != "memory:") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("store.url '", c.store.url, "' is not supported; use 'memory:'"));
-  }
   static const char* const kLevels[] = {"trace", "debug",    "info", "warn",
                                         "error", "critical", "off"};
   if (std::find(std::begin(kLevels), std::end(kLevels), c.log.level) == std::end(kLevels)) {
@@ -471,6 +490,17 @@ absl::Status Validate(const Config& c) {
   }
   if (c.log.format != "text" && c.log.format != "json") {
     return absl::InvalidArgumentError("log.format must be text or json");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Validate(const Config& c) {
+  TB_RETURN_IF_ERROR(ValidateFields(c));
+  if (c.store.url != "memory:" && !c.store.encryption_keys) {
+    return absl::InvalidArgumentError(
+        "store.encryption_keys_file (or store.encryption_keys_env) is required: tokens are "
+        "stored encrypted. Create a key file with one line per key, the newest last: "
+        "echo \"k1 $(openssl rand -base64 32)\" > keys");
   }
   return absl::OkStatus();
 }
@@ -485,7 +515,7 @@ absl::StatusOr<Config> ParseConfig(absl::string_view yaml, const EnvLookup& env)
                                                    e.mark.line + 1, ", column ", e.mark.column + 1,
                                                    ": ", e.msg));
   }
-  TB_RETURN_IF_ERROR(Validate(c));
+  TB_RETURN_IF_ERROR(ValidateFields(c));
   return c;
 }
 

@@ -30,7 +30,16 @@ struct HttpConfig {
 };
 
 struct StoreConfig {
-  std::string url = "memory:";  // the only backend so far; nothing survives a restart
+  // sqlite:///abs/path/tokens.db (one process owns the file), postgres://... (several
+  // replicas), or memory: (tests; nothing survives a restart).
+  std::string url = "sqlite:///var/lib/token-broker/tokens.db";
+  // The encryption key ring (lines "<key-id> <base64 of 32 bytes>", the last one seals), from
+  // `encryption_keys_file` or `encryption_keys_env`. Required by sqlite: and postgres:.
+  std::optional<KeyMaterial> encryption_keys;
+  std::string encryption_keys_source;  // the file or "env VAR", for messages
+  // postgres: connections in the pool, and the bound on every statement.
+  int pool_size = 4;
+  absl::Duration statement_timeout = absl::Seconds(5);
 };
 
 struct LogConfig {
@@ -93,7 +102,10 @@ using EnvLookup = std::function<std::optional<std::string>(const std::string& na
 absl::StatusOr<Config> ParseConfig(absl::string_view yaml, const EnvLookup& env = nullptr);
 // Reads and parses a file. Errors: NOT_FOUND / PERMISSION_DENIED reading it, or ParseConfig's.
 absl::StatusOr<Config> LoadConfigFile(const std::string& path, const EnvLookup& env = nullptr);
-// Checks cross-field rules (listeners parse as host:port, levels exist...).
+// Checks every value (listeners parse as host:port, levels exist...), as ParseConfig does, and
+// that a durable store has its encryption keys. main runs it after its flag overrides (so that
+// --store_url=memory: needs no keys).
+absl::Status ValidateFields(const Config& config);
 absl::Status Validate(const Config& config);
 
 // Splits "host:port" ("[::1]:80" for IPv6). Errors: INVALID_ARGUMENT.

@@ -1,6 +1,7 @@
 #ifndef TB_CORE_TOKEN_STORE_H_
 #define TB_CORE_TOKEN_STORE_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <optional>
@@ -24,6 +25,15 @@ struct Lease {
   uint64_t fence = 0;
   // Until when the lease is held, converted from the store's clock to ours at acquisition.
   absl::Time expires_at = absl::InfinitePast();
+};
+
+// Progress of re-encrypting every stored row under the newest key (key rotation).
+struct RotationProgress {
+  size_t reencrypted = 0;  // rows re-sealed under the newest key by this call
+  size_t remaining = 0;    // rows still sealed under an older key after it
+  // Of `remaining`, rows whose secrets do not open (wrong key, corrupted): left exactly as they
+  // are, never dropped. Rotation is complete when remaining == unreadable.
+  size_t unreadable = 0;
 };
 
 // Where connections and their grants live durably. Implementations are thread-safe.
@@ -57,6 +67,14 @@ class TokenStore {
   virtual absl::StatusOr<std::optional<Lease>> AcquireLease(const ConnectionId& id,
                                                             absl::Duration ttl) = 0;
   virtual absl::Status ReleaseLease(const Lease& lease) = 0;
+
+  // Re-seals up to `max_rows` rows not under the newest key, while the broker serves: each by
+  // compare-and-set, so a concurrent write is never lost (a conflicting row is retried on the
+  // next batch). Stores that encrypt nothing answer all zeros.
+  virtual absl::StatusOr<RotationProgress> ReencryptBatch(size_t max_rows) {
+    (void)max_rows;
+    return RotationProgress{};
+  }
 
   // Calls `on_change` (on a store thread, never under a lock of the caller's) with the id of
   // each connection another process changed, as soon as the store learns of it. Stores with a

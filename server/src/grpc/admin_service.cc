@@ -141,4 +141,30 @@ grpc::ServerUnaryReactor* AdminService::DeleteConnection(grpc::CallbackServerCon
   return reactor;
 }
 
+grpc::ServerUnaryReactor* AdminService::RotateKeys(grpc::CallbackServerContext* ctx,
+                                                   const v1::RotateKeysRequest* req,
+                                                   v1::RotateKeysResponse* resp) {
+  if (req->batch_size() < 0 || req->batch_size() > 10'000) {
+    return Done(ctx, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                  "batch_size must be 0 (500) to 10000"));
+  }
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  run_blocking_([this, reactor, req, resp] {
+    const size_t batch = req->batch_size() == 0 ? 500 : static_cast<size_t>(req->batch_size());
+    absl::StatusOr<core::RotationProgress> p = broker_.RotateKeys(batch);
+    spdlog::info("RotateKeys batch={} code={} reencrypted={} remaining={} unreadable={}", batch,
+                 absl::StatusCodeToString(p.status().code()), p.ok() ? p->reencrypted : 0,
+                 p.ok() ? p->remaining : 0, p.ok() ? p->unreadable : 0);
+    if (!p.ok()) {
+      reactor->Finish(ToGrpcStatus(p.status()));
+      return;
+    }
+    resp->set_reencrypted(p->reencrypted);
+    resp->set_remaining(p->remaining);
+    resp->set_unreadable(p->unreadable);
+    reactor->Finish(grpc::Status::OK);
+  });
+  return reactor;
+}
+
 }  // namespace tb::grpc_api

@@ -31,6 +31,9 @@ class AdminService final : public tokenbroker::v1::ConnectionAdmin::CallbackServ
   grpc::ServerUnaryReactor* DeleteConnection(
       grpc::CallbackServerContext* ctx, const tokenbroker::v1::DeleteConnectionRequest* req,
       tokenbroker::v1::DeleteConnectionResponse* resp) override;
+  grpc::ServerUnaryReactor* RotateKeys(grpc::CallbackServerContext* ctx,
+                                       const tokenbroker::v1::RotateKeysRequest* req,
+                                       tokenbroker::v1::RotateKeysResponse* resp) override;
 
  private:
   oauth::Broker& broker_;

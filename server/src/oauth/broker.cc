@@ -43,15 +43,65 @@ std::vector<std::shared_ptr<const core::Connection>> Broker::Snapshot() const {
   }
 }
 
+absl::StatusOr<core::RotationProgress> Broker::RotateKeys(size_t batch) {
+  if (batch == 0 || batch > 10'000) {
+    return absl::InvalidArgumentError("batch_size must be 1 to 10000");
+  }
+  return store_.ReencryptBatch(batch);
+}
+
 absl::Status Broker::Load() {
   TB_ASSIGN_OR_RETURN(std::vector<core::Connection> all, store_.LoadAll());
   for (core::Connection& c : all) {
+    if (!c.data_loss.empty()) {
+      data_loss_.fetch_add(1, std::memory_order_relaxed);
+      if (options_.events) {
+        options_.events("data_loss", c.id, absl::DataLossError(c.data_loss));
+      }
+    }
     auto entry = std::make_shared<const core::Connection>(std::move(c));
     cache_.Publish(entry);
     Changed(entry, entry->id);
   }
   return absl::OkStatus();
 }
+
+absl::Status Broker::Reload(const core::ConnectionId& id) {
+  absl::StatusOr<core::Connection> loaded = store_.Load(id);
+  if (!loaded.ok() && loaded.status().code() != absl::StatusCode::kNotFound) {
+    return loaded.status();
+  }
+  // A few attempts: a local writer may publish between our read of the cache and our publish.
+  for (int i = 0; i < 5; ++i) {
+    std::shared_ptr<const core::Connection> current = cache_.Get(id);
+    if (!loaded.ok()) {  // deleted elsewhere
+      if (current == nullptr) {
+        return absl::OkStatus();
+      }
+      if (cache_.EraseIf(id, current)) {
+        Changed(nullptr, id);
+        return absl::OkStatus();
+      }
+      continue;
+    }
+    if (current != nullptr && current->revision >= loaded->revision) {
+      return absl::OkStatus();  // what we serve is as new
+    }
+    auto next = std::make_shared<const core::Connection>(*loaded);
+    if (cache_.PublishIf(current, next)) {
+      Changed(next, id);
+      return absl::OkStatus();
+    }
+  }
+  return absl::AbortedError("connection kept changing while it was reloaded");
+}
+
+absl::StatusOr<std::optional<core::Lease>> Broker::AcquireRefreshLease(const core::ConnectionId& id,
+                                                                       absl::Duration ttl) {
+  return store_.AcquireLease(id, ttl);
+}
+
+void Broker::ReleaseRefreshLease(const core::Lease& lease) { (void)store_.ReleaseLease(lease); }
 
 TokenLookup Broker::Lookup(const core::ConnectionId& id, absl::Duration min_ttl,
                            uint64_t min_generation) const {
@@ -172,9 +222,9 @@ absl::StatusOr<std::shared_ptr<const core::Connection>> Broker::CreatePending(
 }
 
 absl::Status Broker::Replace(const std::shared_ptr<const core::Connection>& current,
-                             std::shared_ptr<core::Connection> next) {
+                             std::shared_ptr<core::Connection> next, const core::Lease* fence) {
   next->revision = current->revision + 1;
-  TB_RETURN_IF_ERROR(store_.Update(*next, current->revision, nullptr));
+  TB_RETURN_IF_ERROR(store_.Update(*next, current->revision, fence));
   const core::ConnectionId id = next->id;
   std::shared_ptr<const core::Connection> published = next;
   if (!cache_.PublishIf(current, std::move(next))) {
@@ -210,8 +260,8 @@ absl::StatusOr<std::shared_ptr<const core::Connection>> Broker::Activate(
   return published;
 }
 
-absl::StatusOr<bool> Broker::RecordRefreshIntent(const core::ConnectionId& id,
-                                                 uint64_t generation) {
+absl::StatusOr<bool> Broker::RecordRefreshIntent(const core::ConnectionId& id, uint64_t generation,
+                                                 const core::Lease* fence) {
   std::shared_ptr<const core::Connection> current = cache_.Get(id);
   if (current == nullptr) {
     return absl::NotFoundError("unknown connection");
@@ -232,36 +282,50 @@ absl::StatusOr<bool> Broker::RecordRefreshIntent(const core::ConnectionId& id,
   }
   intent.recorded_at = clock_.Now();
   next->refresh_intent = std::move(intent);
-  TB_RETURN_IF_ERROR(Replace(current, std::move(next)));
+  TB_RETURN_IF_ERROR(Replace(current, std::move(next), fence));
   return false;
 }
 
 absl::StatusOr<std::shared_ptr<const core::Connection>> Broker::Rotate(const core::ConnectionId& id,
                                                                        uint64_t expected_generation,
-                                                                       core::Grant grant) {
-  std::shared_ptr<const core::Connection> current = cache_.Get(id);
-  if (current == nullptr) {
-    return absl::NotFoundError("unknown connection");
+                                                                       core::Grant grant,
+                                                                       const core::Lease* fence) {
+  // The provider has rotated already: this grant is the only live one, so a write that lost
+  // the compare-and-set to a change that kept the grant (a reschedule, a revocation
+  // bookkeeping write) is retried on top of it. Only a revoke, reconnect or delete wins.
+  absl::Status last;
+  for (int attempt = 0; attempt < 5; ++attempt) {
+    std::shared_ptr<const core::Connection> current = cache_.Get(id);
+    if (current == nullptr) {
+      return absl::NotFoundError("unknown connection");
+    }
+    if (current->status != core::ConnectionStatus::kActive ||
+        current->generation() != expected_generation || !current->grant) {
+      return absl::AbortedError("connection was revoked, reconnected or refreshed meanwhile");
+    }
+    core::Grant next_grant = grant;
+    if (!next_grant.refresh_token || next_grant.refresh_token->empty()) {
+      next_grant.refresh_token = current->grant->refresh_token;  // the provider kept the old one
+    }
+    if (next_grant.scopes.empty()) {
+      next_grant.scopes = current->grant->scopes;
+    }
+    next_grant.generation = expected_generation + 1;
+    Schedule(next_grant);
+    auto next = std::make_shared<core::Connection>(*current);
+    next->grant = std::move(next_grant);
+    next->refresh_intent.reset();
+    next->updated_at = clock_.Now();
+    std::shared_ptr<const core::Connection> published = next;
+    last = Replace(current, std::move(next), fence);
+    if (last.ok()) {
+      return published;
+    }
+    if (last.code() != absl::StatusCode::kAborted) {
+      return last;
+    }
   }
-  if (current->status != core::ConnectionStatus::kActive ||
-      current->generation() != expected_generation || !current->grant) {
-    return absl::AbortedError("connection was revoked, reconnected or refreshed meanwhile");
-  }
-  if (!grant.refresh_token || grant.refresh_token->empty()) {
-    grant.refresh_token = current->grant->refresh_token;  // the provider kept the old one
-  }
-  if (grant.scopes.empty()) {
-    grant.scopes = current->grant->scopes;
-  }
-  grant.generation = expected_generation + 1;
-  Schedule(grant);
-  auto next = std::make_shared<core::Connection>(*current);
-  next->grant = std::move(grant);
-  next->refresh_intent.reset();
-  next->updated_at = clock_.Now();
-  std::shared_ptr<const core::Connection> published = next;
-  TB_RETURN_IF_ERROR(Replace(current, std::move(next)));
-  return published;
+  return last;
 }
 
 absl::Status Broker::Modify(const core::ConnectionId& id,

@@ -1,10 +1,12 @@
 #ifndef TB_OAUTH_BROKER_H_
 #define TB_OAUTH_BROKER_H_
 
+#include <atomic>
 #include <cstddef>
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -31,6 +33,10 @@ struct BrokerOptions {
   // any lock; the refresh scheduler tracks refresh_at through it. Must not block.
   std::function<void(const std::shared_ptr<const core::Connection>&, const core::ConnectionId&)>
       on_change;
+  // Degraded-mode events (a record that cannot be decrypted at load); may be empty.
+  std::function<void(absl::string_view event, const core::ConnectionId& id,
+                     const absl::Status& status)>
+      events;
 };
 
 // A token as handed to a caller: the connection snapshot it came from plus the promise.
@@ -70,8 +76,21 @@ class Broker {
   Broker(const Clock& clock, core::TokenStore& store, cache::ConnectionCache& cache,
          BrokerOptions options = {});
 
-  // Loads every stored connection into the cache. Called once at start, before serving.
+  // Loads every stored connection into the cache. Called once at start, before serving. A
+  // record that cannot be read back is published as it is (it alone answers DATA_LOSS) and
+  // reported through options.events ("data_loss"); `data_loss_count()` counts them.
   absl::Status Load();
+  size_t data_loss_count() const { return data_loss_.load(std::memory_order_relaxed); }
+
+  // Another replica changed `id` in the store: publishes the stored record if it is newer than
+  // the cached one (or drops the cached one if it was deleted). Errors: store errors.
+  absl::Status Reload(const core::ConnectionId& id);
+
+  // The refresh lease of `id` (several replicas: only its holder calls the provider).
+  // nullopt: another replica holds it. Errors: store errors.
+  absl::StatusOr<std::optional<core::Lease>> AcquireRefreshLease(const core::ConnectionId& id,
+                                                                 absl::Duration ttl);
+  void ReleaseRefreshLease(const core::Lease& lease);
 
   // The serving decision for a token that serves at least `min_ttl` more and has at least
   // `min_generation`; records the use (ConnectionCache::Use). Never blocks, never does I/O.
@@ -115,14 +134,16 @@ class Broker {
   // Records that a refresh of `generation` is about to be sent (the durable intent). Returns
   // whether an intent for that same generation was already recorded, i.e. an earlier refresh's
   // outcome is unknown. Errors: NOT_FOUND, ABORTED (the generation or status moved on).
-  absl::StatusOr<bool> RecordRefreshIntent(const core::ConnectionId& id, uint64_t generation);
+  // With `fence`, the write is refused (ABORTED) if another replica took the lease since.
+  absl::StatusOr<bool> RecordRefreshIntent(const core::ConnectionId& id, uint64_t generation,
+                                           const core::Lease* fence = nullptr);
 
   // Stores a refreshed grant over `expected_generation` (compare-and-set) and publishes it; a
   // grant without a refresh token keeps the old one. Clears the intent.
   // Errors: NOT_FOUND, ABORTED (revoked, reconnected or refreshed meanwhile), store errors.
-  absl::StatusOr<std::shared_ptr<const core::Connection>> Rotate(const core::ConnectionId& id,
-                                                                 uint64_t expected_generation,
-                                                                 core::Grant grant);
+  absl::StatusOr<std::shared_ptr<const core::Connection>> Rotate(
+      const core::ConnectionId& id, uint64_t expected_generation, core::Grant grant,
+      const core::Lease* fence = nullptr);
 
   // Moves the refresh of the current grant of `generation` to `at` (never past its expiry):
   // a refresh that failed is retried then, and until then the token keeps being served with
@@ -138,6 +159,11 @@ class Broker {
   absl::Status ReplaceRevocation(const core::ConnectionId& id, const core::Grant& old,
                                  core::Grant replacement);
   absl::Status ResolveRevocation(const core::ConnectionId& id, const core::Grant& revoked);
+
+  // Key rotation: re-encrypts up to `batch` stored rows under the newest key (the store's
+  // compare-and-set keeps concurrent writes). Errors: INVALID_ARGUMENT (batch out of
+  // 1..10000), store errors.
+  absl::StatusOr<core::RotationProgress> RotateKeys(size_t batch);
 
   // Every connection, for the refresh scheduler's start. Reads the cache only.
   std::vector<std::shared_ptr<const core::Connection>> Snapshot() const;
@@ -158,7 +184,7 @@ class Broker {
  private:
   // Persists `next` over `current` (compare-and-set) and publishes it.
   absl::Status Replace(const std::shared_ptr<const core::Connection>& current,
-                       std::shared_ptr<core::Connection> next);
+                       std::shared_ptr<core::Connection> next, const core::Lease* fence = nullptr);
 
   // Applies `change` to the current snapshot and writes it, retrying compare-and-set conflicts.
   // `change` returns false to write nothing (then OK).
@@ -172,6 +198,7 @@ class Broker {
   core::TokenStore& store_;
   cache::ConnectionCache& cache_;
   const BrokerOptions options_;
+  std::atomic<size_t> data_loss_{0};
 };
 
 }  // namespace tb::oauth

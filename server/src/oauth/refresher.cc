@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "server/src/core/errors.h"
 #include "server/src/core/refresh_policy.h"
@@ -16,6 +17,16 @@ bool Retryable(const absl::Status& s) {
          s.code() == absl::StatusCode::kDeadlineExceeded ||
          s.code() == absl::StatusCode::kResourceExhausted || s.code() == absl::StatusCode::kAborted;
 }
+
+// Another replica holds the connection's refresh lease: its result arrives through the store.
+constexpr absl::string_view kLeaseHeldUrl = "tokenbroker.v1/lease-held";
+absl::Status LeaseHeldError() {
+  absl::Status s = absl::UnavailableError(
+      "another replica is refreshing this connection; its token arrives shortly");
+  s.SetPayload(kLeaseHeldUrl, absl::Cord("1"));
+  return s;
+}
+bool IsLeaseHeld(const absl::Status& s) { return s.GetPayload(kLeaseHeldUrl).has_value(); }
 
 bool Active(const std::shared_ptr<const core::Connection>& c) {
   return c != nullptr && c->status == core::ConnectionStatus::kActive && c->grant.has_value();
@@ -263,6 +274,10 @@ void Refresher::Finish(const core::ConnectionId& id, const absl::StatusOr<TokenV
   // Read before taking mu_: no lock is held across a call into another component.
   const absl::Time now = clock_.Now();
   std::optional<Due> retry;
+  if (!result.ok() && IsLeaseHeld(result.status())) {
+    FinishLeaseHeld(id, now);
+    return;
+  }
   const bool transient = !result.ok() && Retryable(result.status());
   if (transient) {
     std::shared_ptr<const core::Connection> c = broker_.GetConnection(id).value_or(nullptr);
@@ -294,6 +309,29 @@ void Refresher::Finish(const core::ConnectionId& id, const absl::StatusOr<TokenV
   NotifyWaiters(id, &result);
 }
 
+void Refresher::FinishLeaseHeld(const core::ConnectionId& id, absl::Time now) {
+  std::shared_ptr<const core::Connection> c = broker_.GetConnection(id).value_or(nullptr);
+  const uint64_t generation = c != nullptr ? c->generation() : 0;
+  std::vector<Done> callers;
+  {
+    MutexLock lock(&mu_);
+    callers = std::move(in_flight_[id]);
+    in_flight_.erase(id);
+    scheduled_in_flight_.erase(id);
+    if (Active(c)) {
+      // If the holder dies, its lease expires: look again then and take over.
+      const absl::Time again = now + options_.provider_timeout + 2 * options_.lease_margin;
+      tracked_[id] = {generation, again};
+      due_.push(Due{again, id, generation, Job::kRefresh});
+    }
+  }
+  wake_.SignalAll();
+  // Callers of this flight wait for the holder's generation instead, like GetToken waiters.
+  for (Done& done : callers) {
+    AwaitToken(id, absl::ZeroDuration(), generation + 1, now + options_.max_wait, std::move(done));
+  }
+}
+
 absl::StatusOr<TokenView> Refresher::RefreshNow(const core::ConnectionId& id) {
   absl::StatusOr<std::shared_ptr<const core::Connection>> got = broker_.GetConnection(id);
   if (!got.ok()) {
@@ -314,7 +352,23 @@ absl::StatusOr<TokenView> Refresher::RefreshNow(const core::ConnectionId& id) {
                              "the provider is not configured or rejected our client credentials");
   }
   const uint64_t generation = c->generation();
-  absl::StatusOr<bool> earlier_unknown = broker_.RecordRefreshIntent(id, generation);
+  // One replica at a time calls the provider for a connection.
+  absl::StatusOr<std::optional<core::Lease>> lease =
+      broker_.AcquireRefreshLease(id, options_.provider_timeout + 2 * options_.lease_margin);
+  if (!lease.ok()) {
+    return lease.status();
+  }
+  if (!lease->has_value() ||
+      (**lease).expires_at - clock_.Now() < options_.provider_timeout + options_.lease_margin) {
+    return LeaseHeldError();
+  }
+  const core::Lease held = **lease;
+  struct Release {
+    Broker& broker;
+    const core::Lease& lease;
+    ~Release() { broker.ReleaseRefreshLease(lease); }
+  } release{broker_, held};
+  absl::StatusOr<bool> earlier_unknown = broker_.RecordRefreshIntent(id, generation, &held);
   if (!earlier_unknown.ok()) {
     if (earlier_unknown.status().code() == absl::StatusCode::kAborted) {
       return broker_.GetToken(id);  // it moved on meanwhile: serve what is there now
@@ -326,6 +380,15 @@ absl::StatusOr<TokenView> Refresher::RefreshNow(const core::ConnectionId& id) {
   if (!grant.ok()) {
     const std::optional<core::Reason> reason = core::ReasonOf(grant.status());
     if (reason == core::Reason::kNeedsReauth) {
+      // Another replica may have rotated the grant (a lease that expired under a slow holder):
+      // what is stored decides, not our stale copy.
+      if (broker_.Reload(id).ok()) {
+        std::shared_ptr<const core::Connection> now_stored =
+            broker_.GetConnection(id).value_or(nullptr);
+        if (now_stored != nullptr && now_stored->generation() > generation) {
+          return broker_.GetToken(id);
+        }
+      }
       const core::Reason why =
           *earlier_unknown ? core::Reason::kRotationLost : core::Reason::kNeedsReauth;
       (void)broker_.MarkNeedsReauth(id, why, std::string(grant.status().message()));
@@ -358,7 +421,7 @@ absl::StatusOr<TokenView> Refresher::RefreshNow(const core::ConnectionId& id) {
     return grant.status();
   }
   absl::StatusOr<std::shared_ptr<const core::Connection>> rotated =
-      broker_.Rotate(id, generation, *grant);
+      broker_.Rotate(id, generation, *grant, &held);
   if (!rotated.ok()) {
     // Revoked, reconnected or deleted while the provider answered: the new grant must not
     // outlive that decision.

@@ -31,6 +31,10 @@ namespace tb::oauth {
 struct RefresherOptions {
   // Bound on one provider call. A call once sent is never cancelled by a caller.
   absl::Duration provider_timeout = absl::Seconds(30);
+  // Several replicas: a refresh is sent only by the holder of the connection's lease in the
+  // store, taken for provider_timeout + 2 * lease_margin, and only while at least
+  // provider_timeout + lease_margin of it is left (time to call, then to store the answer).
+  absl::Duration lease_margin = absl::Seconds(10);
   // At most one caller-triggered refresh (Refresh RPC) per connection per interval.
   absl::Duration caller_refresh_interval = absl::Seconds(10);
   // Scheduled refreshes in flight at once.
@@ -57,13 +61,16 @@ struct RefresherOptions {
 // token than the cache has, and on request (Refresh RPC); and drives owed revocations
 // (Connection::to_revoke) to the provider until it confirms.
 //
-// Single-flight per connection: every caller of a connection's refresh shares one provider
-// call. The call runs detached on `run_blocking` under provider_timeout; callers get the result
-// through their callback and give up on their own deadlines without cancelling it. Before the
-// call the intent is recorded; the rotated grant is stored (compare-and-set) before it is
-// published. invalid_grant moves the connection to needs_reauth (ROTATION_LOST if an earlier
-// refresh of the same generation had an unknown outcome) and no further call is made;
-// invalid_client marks the provider misconfigured and leaves every grant as it is.
+// Single-flight per connection, and across replicas on one database: only the holder of the
+// connection's refresh lease calls the provider; the others wait for its result through the
+// store's change feed (Broker::Reload), and take over when a dead holder's lease expires.
+// Within a process every caller of a connection's refresh shares one provider call. The call runs
+// detached on `run_blocking` under provider_timeout; callers get the result through their callback
+// and give up on their own deadlines without cancelling it. Before the call the intent is recorded;
+// the rotated grant is stored (compare-and-set) before it is published. invalid_grant moves the
+// connection to needs_reauth (ROTATION_LOST if an earlier refresh of the same generation had an
+// unknown outcome) and no further call is made; invalid_client marks the provider misconfigured and
+// leaves every grant as it is.
 //
 // Waiting (AwaitToken) never blocks a thread: a waiter is a callback, completed by whoever
 // publishes the token it waits for, by the end of the refresh it waits for, or by the scheduling
@@ -170,6 +177,9 @@ class Refresher {
   absl::StatusOr<TokenView> RefreshNow(const core::ConnectionId& id);
   void Finish(const core::ConnectionId& id, const absl::StatusOr<TokenView>& result)
       ABSL_LOCKS_EXCLUDED(mu_);
+  // The flight found another replica holding the lease: its callers wait for that replica's
+  // generation, and the schedule looks again when the lease would have expired.
+  void FinishLeaseHeld(const core::ConnectionId& id, absl::Time now) ABSL_LOCKS_EXCLUDED(mu_);
 
   // Completes every waiter of `id` that can be answered now; `flight` is the result of the
   // refresh that just ended, if that is why we look.

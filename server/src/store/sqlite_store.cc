@@ -530,6 +530,10 @@ absl::Status SqliteStore::Init() {
   stmts_ = std::move(s);
 
   TB_RETURN_IF_ERROR(CheckKeys());
+  // The newest key is recorded now, before it seals anything: a later start with other bytes
+  // under its id is refused even if nothing was stored in between.
+  TB_RETURN_IF_ERROR(RecordKeyCheck(cipher_.current_key_id()));
+  recorded_keys_.insert(cipher_.current_key_id());
   Query count(db_, stmts_->count_authorizations);
   TB_ASSIGN_OR_RETURN(const bool row, count.Step("count authorizations"));
   pending_count_ = row ? static_cast<size_t>(count.ColInt(0)) : 0;

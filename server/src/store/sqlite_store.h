@@ -56,15 +56,7 @@ struct SqliteStoreOptions {
   const Clock* clock = nullptr;
 };
 
-// Progress of a key rotation.
-struct RotationProgress {
-  size_t reencrypted = 0;  // rows re-sealed under the current key by this call
-  size_t remaining = 0;    // rows (all tables) still sealed under an older key after it
-  // Of `remaining`, the rows whose blob does not open (wrong key, corrupted ciphertext): they
-  // are left exactly as they are, never dropped, and stay under their old key until they are
-  // rewritten (reconnect) or deleted. Rotation is complete when remaining == unreadable.
-  size_t unreadable = 0;
-};
+using RotationProgress = core::RotationProgress;
 
 // Thread-safe: one sqlite3 connection behind a mutex, statements prepared once. Every write is
 // committed, and on disk (WAL, synchronous=FULL), before the call returns, so the broker
@@ -150,7 +142,8 @@ class SqliteStore final : public core::TokenStore, public core::FlowStore {
   // repeatedly until remaining == unreadable; each call holds the lock for one read and one
   // write of at most `max_rows` rows.
   // Errors: INVALID_ARGUMENT (max_rows == 0), the SQLite errors above, INTERNAL (cipher).
-  absl::StatusOr<RotationProgress> ReencryptBatch(size_t max_rows) ABSL_LOCKS_EXCLUDED(mu_);
+  absl::StatusOr<RotationProgress> ReencryptBatch(size_t max_rows) override
+      ABSL_LOCKS_EXCLUDED(mu_);
   // Rows (all tables) sealed under another key than cipher.current_key_id().
   absl::StatusOr<size_t> CountNotUnderCurrentKey() ABSL_LOCKS_EXCLUDED(mu_);
 

@@ -13,7 +13,9 @@ TEST(ConfigTest, EmptyConfigGivesEmbeddedDefaults) {
   absl::StatusOr<Config> c = ParseConfig("");
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->grpc.listen, "127.0.0.1:8443");
-  EXPECT_EQ(c->store.url, "memory:");
+  EXPECT_EQ(c->store.url, "sqlite:///var/lib/token-broker/tokens.db");
+  // Durable stores hold tokens encrypted: without a key the broker refuses to start.
+  EXPECT_EQ(Validate(*c).code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(ConfigTest, ParsesEverySection) {
@@ -32,6 +34,7 @@ log: {level: debug, format: json}
 
 TEST(ConfigTest, ParsesRefreshSettingsAndRejectsNonsense) {
   absl::StatusOr<Config> c = ParseConfig(R"(
+store: {url: "memory:"}
 grpc: {max_watch_streams: 50, max_watch_streams_per_caller: 5}
 refresh: {margin: 2m, max_jitter: 10s, hot_window: 15m, provider_timeout: 20s,
           caller_refresh_interval: 5s, retry_delay: 10s, max_concurrent: 8, max_min_ttl: 30m,
@@ -47,12 +50,41 @@ refresh: {margin: 2m, max_jitter: 10s, hot_window: 15m, provider_timeout: 20s,
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(ParseConfig("refresh: {max_wiat: 1s}").status().code(),
             absl::StatusCode::kInvalidArgument);
-  for (const char* bad : {"refresh: {max_concurrent: 0}", "refresh: {provider_timeout: 0s}",
-                          "grpc: {max_watch_streams: 5, max_watch_streams_per_caller: 6}"}) {
+  for (const char* bad : {"{store: {url: 'memory:'}, refresh: {max_concurrent: 0}}",
+                          "{store: {url: 'memory:'}, refresh: {provider_timeout: 0s}}",
+                          "{store: {url: 'memory:'}, grpc: {max_watch_streams: 5, "
+                          "max_watch_streams_per_caller: 6}}"}) {
     absl::StatusOr<Config> parsed = ParseConfig(bad);
     const absl::Status s = parsed.ok() ? Validate(*parsed) : parsed.status();
     EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << bad;
   }
+}
+
+TEST(ConfigTest, StoreUrlAndEncryptionKeys) {
+  const std::string keys = testing::NewTestSecret("key-ring");
+  absl::StatusOr<Config> c = ParseConfig(
+      R"(store: {url: "sqlite:///var/lib/tb/tokens.db", encryption_keys_env: TB_KEYS,
+                 pool_size: 8, statement_timeout: 2s})",
+      [&](const std::string& name) -> std::optional<std::string> {
+        return name == "TB_KEYS" ? std::optional<std::string>(keys) : std::nullopt;
+      });
+  ASSERT_TRUE(c.ok()) << c.status();
+  ASSERT_TRUE(c->store.encryption_keys.has_value());
+  EXPECT_EQ(c->store.encryption_keys->Reveal(), keys);
+  EXPECT_EQ(c->store.encryption_keys_source, "env TB_KEYS");
+  EXPECT_EQ(c->store.pool_size, 8);
+  EXPECT_TRUE(Validate(*c).ok());
+  for (const char* bad : {"store: {url: 'mysql://x'}", "store: {url: 'sqlite://relative.db'}",
+                          "store: {url: 'postgres://db/tb'}"}) {  // the last: no key
+    absl::StatusOr<Config> parsed = ParseConfig(bad);
+    const absl::Status s = parsed.ok() ? Validate(*parsed) : parsed.status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
+  EXPECT_EQ(ParseConfig("store: {encryption_keys_env: NOPE}",
+                        [](const std::string&) { return std::nullopt; })
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(ConfigTest, RejectsUnknownKeysNamingThem) {
@@ -66,7 +98,10 @@ TEST(ConfigTest, RejectsGarbage) {
        {"grpc: [1, 2", "grpc: 5", "grpc: {threads: many}", "grpc: {listen: nohostport}",
         "http: {threads: 0}", "log: {level: loud}", "store: {url: 'redis://x'}", "- a\n- b",
         "grpc: {listen: 'host:99999'}"}) {
-    EXPECT_EQ(ParseConfig(bad).status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    // Refused when parsed, or at the latest by Validate (which main runs after its flags).
+    absl::StatusOr<Config> c = ParseConfig(bad);
+    const absl::Status s = c.ok() ? Validate(*c) : c.status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << bad;
   }
 }
 

@@ -80,6 +80,10 @@ class TokenClient {
       absl::Duration timeout = kDefaultTimeout);
 
   // Revokes (best effort) and removes a connection. Errors: NOT_FOUND, INVALID_ARGUMENT.
+  // One batch of key rotation (ConnectionAdmin.RotateKeys). Errors: INVALID_ARGUMENT.
+  absl::StatusOr<tokenbroker::v1::RotateKeysResponse> RotateKeys(
+      int batch_size, absl::Duration timeout = kDefaultTimeout);
+
   absl::Status DeleteConnection(absl::string_view connection_id,
                                 absl::Duration timeout = kDefaultTimeout);
 
