@@ -12,6 +12,7 @@
 #include <cstring>
 #include <random>
 #include <thread>
+#include <tuple>
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
@@ -217,6 +218,37 @@ constexpr char kPurgeAuthorizationsSql[] =
 constexpr char kTakeAuthorizationSql[] =
     "DELETE FROM authorizations WHERE state_hash = $1::bytea "
     "RETURNING state_hash, expires_at_unix_ms, key_id, nonce, ciphertext";
+
+// Key rotation, per table (connections, links, authorizations): rows under an old key, the
+// compare-and-set re-seal (never touching revision, change_seq or the plaintext columns), and
+// whether an unreadable row is still as rotation found it.
+constexpr const char* kUnderOldKeySql[] = {
+    ("SELECT " TB_PG_CONNECTION_COLUMNS
+     " FROM connections WHERE key_id <> $1 ORDER BY id LIMIT $2::bigint"),
+    ("SELECT link_id, connection_id, expires_at_unix_ms, revision, key_id, nonce, ciphertext "
+     "FROM links WHERE key_id <> $1 ORDER BY link_id LIMIT $2::bigint"),
+    ("SELECT state_hash, expires_at_unix_ms, key_id, nonce, ciphertext "
+     "FROM authorizations WHERE key_id <> $1 ORDER BY state_hash LIMIT $2::bigint"),
+};
+constexpr const char* kResealSql[] = {
+    ("UPDATE connections SET key_id = $2, nonce = $3::bytea, ciphertext = $4::bytea "
+     "WHERE id = $1 AND revision = $5::bigint AND nonce = $6::bytea"),
+    ("UPDATE links SET key_id = $2, nonce = $3::bytea, ciphertext = $4::bytea "
+     "WHERE link_id = $1 AND revision = $5::bigint AND nonce = $6::bytea"),
+    // Authorizations have no revision; the nonce changes with every write.
+    ("UPDATE authorizations SET key_id = $2, nonce = $3::bytea, ciphertext = $4::bytea "
+     "WHERE state_hash = $1::bytea AND $5::bigint = 0 AND nonce = $6::bytea"),
+};
+constexpr const char* kStillUnreadableSql[] = {
+    "SELECT 1 FROM connections WHERE id = $1 AND nonce = $2::bytea AND key_id <> $3",
+    "SELECT 1 FROM links WHERE link_id = $1 AND nonce = $2::bytea AND key_id <> $3",
+    ("SELECT 1 FROM authorizations WHERE state_hash = $1::bytea AND nonce = $2::bytea "
+     "AND key_id <> $3"),
+};
+constexpr char kCountNotUnderKeySql[] =
+    "SELECT (SELECT count(*) FROM connections WHERE key_id <> $1) + "
+    "(SELECT count(*) FROM links WHERE key_id <> $1) + "
+    "(SELECT count(*) FROM authorizations WHERE key_id <> $1)";
 
 constexpr char kChangesSql[] =
     "SELECT id, change_seq, changed_by FROM connections "
@@ -1049,6 +1081,13 @@ class PostgresStore::Feed {
   bool poll_failing_ = false;
 };
 
+// ---- Rotation state --------------------------------------------------------------------------
+
+struct PostgresStore::Rotation {
+  Mutex mu;
+  absl::flat_hash_set<std::tuple<int, std::string, std::string>> unreadable ABSL_GUARDED_BY(mu);
+};
+
 // ---- PostgresStore -------------------------------------------------------------------------
 
 absl::StatusOr<std::unique_ptr<PostgresStore>> PostgresStore::Open(absl::string_view url,
@@ -1075,6 +1114,7 @@ PostgresStore::PostgresStore(std::string instance_id, const core::Cipher& cipher
       options_(std::move(options)),
       clock_(options_.clock != nullptr ? *options_.clock : system_clock_),
       pool_(std::move(pool)),
+      rotation_(std::make_unique<Rotation>()),
       feed_(std::make_unique<Feed>(*pool_, instance_id_, options_.poll_interval)) {}
 
 PostgresStore::~PostgresStore() {
@@ -1329,6 +1369,160 @@ absl::StatusOr<core::PendingAuthorization> PostgresStore::TakeAuthorization(absl
     return absl::NotFoundError("expired state");
   }
   return out;
+}
+
+// ---- Key rotation --------------------------------------------------------------------------
+
+absl::StatusOr<size_t> PostgresStore::CountNotUnderCurrentKey() {
+  TB_ASSIGN_OR_RETURN(Pool::Handle conn, pool_->Get());
+  TB_ASSIGN_OR_RETURN(Result r,
+                      Exec(*conn, kCountNotUnderKeySql, Params().Text(cipher_.current_key_id()),
+                           "count rows under old keys"));
+  const Rows rows(r.get());
+  return rows.size() > 0 ? static_cast<size_t>(rows.Int(0, 0)) : 0;
+}
+
+absl::StatusOr<core::RotationProgress> PostgresStore::ReencryptBatch(size_t max_rows) {
+  if (max_rows == 0) {
+    return absl::InvalidArgumentError("max_rows must be at least 1");
+  }
+  enum Table : int { kConnections = 0, kLinks = 1, kAuthorizations = 2 };
+  struct Candidate {
+    int table = kConnections;
+    std::string key;  // primary key
+    int64_t revision = 0;
+    ConnectionRow connection;
+    LinkRow link;
+    AuthorizationRow authorization;
+  };
+  const std::string current = cipher_.current_key_id();
+  absl::flat_hash_set<std::tuple<int, std::string, std::string>> known_unreadable;
+  {
+    MutexLock lock(&rotation_->mu);
+    known_unreadable = rotation_->unreadable;
+  }
+
+  // 1. A batch of rows under old keys, skipping those known not to open.
+  std::vector<Candidate> candidates;
+  {
+    TB_ASSIGN_OR_RETURN(Pool::Handle conn, pool_->Get());
+    for (int t = 0; t < 3 && candidates.size() < max_rows; ++t) {
+      TB_ASSIGN_OR_RETURN(Result r,
+                          Exec(*conn, kUnderOldKeySql[t],
+                               Params().Text(current).Int(static_cast<int64_t>(
+                                   max_rows - candidates.size() + known_unreadable.size())),
+                               "list rows under an old key"));
+      const Rows rows(r.get());
+      for (int i = 0; i < rows.size() && candidates.size() < max_rows; ++i) {
+        Candidate c;
+        c.table = t;
+        switch (t) {
+          case kConnections:
+            c.connection = ReadConnectionRow(rows, i);
+            c.key = c.connection.id;
+            c.revision = static_cast<int64_t>(c.connection.revision);
+            break;
+          case kLinks: {
+            StoredLink l = ReadLinkRow(rows, i);
+            c.link = std::move(l.row);
+            c.key = c.link.link_id;
+            c.revision = l.revision;
+            break;
+          }
+          default:
+            c.authorization.state_hash = rows.Bytes(i, 0);
+            c.authorization.expires_at_unix_ms = rows.Int(i, 1);
+            c.authorization.sealed.key_id = rows.Bytes(i, 2);
+            c.authorization.sealed.nonce = rows.Bytes(i, 3);
+            c.authorization.sealed.ciphertext = rows.Bytes(i, 4);
+            c.key = c.authorization.state_hash;
+            break;
+        }
+        const std::string& nonce = t == kConnections ? c.connection.sealed.nonce
+                                   : t == kLinks     ? c.link.sealed.nonce
+                                                     : c.authorization.sealed.nonce;
+        if (!known_unreadable.contains(std::make_tuple(t, c.key, nonce))) {
+          candidates.push_back(std::move(c));
+        }
+      }
+    }
+  }
+
+  // 2. Re-seal (no connection held) and write back, each row only if nothing rewrote it.
+  core::RotationProgress progress;
+  std::vector<std::tuple<int, std::string, std::string>> newly_unreadable;
+  for (Candidate& c : candidates) {
+    const core::Sealed& old = c.table == kConnections ? c.connection.sealed
+                              : c.table == kLinks     ? c.link.sealed
+                                                      : c.authorization.sealed;
+    absl::StatusOr<core::Sealed> sealed =
+        c.table == kConnections ? ResealConnection(c.connection, cipher_)
+        : c.table == kLinks     ? ResealLink(c.link, cipher_)
+                                : ResealAuthorization(c.authorization, cipher_);
+    if (absl::IsDataLoss(sealed.status())) {
+      // Left exactly as it is: it still answers DATA_LOSS until reconnected or deleted.
+      newly_unreadable.emplace_back(c.table, c.key, old.nonce);
+      continue;
+    }
+    if (!sealed.ok()) {
+      return sealed.status();
+    }
+    Params p;
+    if (c.table == kAuthorizations) {
+      p.Bytes(c.key);
+    } else {
+      p.Text(c.key);
+    }
+    p.Text(sealed->key_id)
+        .Bytes(sealed->nonce)
+        .Bytes(sealed->ciphertext)
+        .Int(c.revision)
+        .Bytes(old.nonce);
+    TB_ASSIGN_OR_RETURN(Pool::Handle conn, pool_->Get());
+    TB_ASSIGN_OR_RETURN(Result w, Exec(*conn, kResealSql[c.table], p, "re-seal a row"));
+    const char* affected = PQcmdTuples(w.get());
+    if (affected != nullptr && std::strcmp(affected, "1") == 0) {
+      ++progress.reencrypted;
+    }
+  }
+
+  // 3. Forget unreadable rows that were since rewritten or deleted; count what is left.
+  std::vector<std::tuple<int, std::string, std::string>> unreadable;
+  {
+    MutexLock lock(&rotation_->mu);
+    for (auto& u : newly_unreadable) {
+      rotation_->unreadable.insert(std::move(u));
+    }
+    unreadable.assign(rotation_->unreadable.begin(), rotation_->unreadable.end());
+  }
+  std::vector<std::tuple<int, std::string, std::string>> gone;
+  {
+    TB_ASSIGN_OR_RETURN(Pool::Handle conn, pool_->Get());
+    for (const auto& u : unreadable) {
+      const auto& [t, key, nonce] = u;
+      Params p;
+      if (t == kAuthorizations) {
+        p.Bytes(key);
+      } else {
+        p.Text(key);
+      }
+      p.Bytes(nonce).Text(current);
+      TB_ASSIGN_OR_RETURN(Result r,
+                          Exec(*conn, kStillUnreadableSql[t], p, "look up an unreadable row"));
+      if (Rows(r.get()).size() == 0) {
+        gone.push_back(u);
+      }
+    }
+  }
+  {
+    MutexLock lock(&rotation_->mu);
+    for (const auto& u : gone) {
+      rotation_->unreadable.erase(u);
+    }
+    progress.unreadable = rotation_->unreadable.size();
+  }
+  TB_ASSIGN_OR_RETURN(progress.remaining, CountNotUnderCurrentKey());
+  return progress;
 }
 
 }  // namespace tb::store

@@ -163,6 +163,19 @@ class PostgresStore final : public core::TokenStore, public core::FlowStore {
   absl::StatusOr<core::PendingAuthorization> TakeAuthorization(absl::string_view state,
                                                                absl::Time now) override;
 
+  // Key rotation while serving (every replica may run it; rows are claimed by compare-and-set,
+  // not by a lock). Re-seals up to `max_rows` rows (connections, then links, then
+  // authorizations) that are not under cipher.current_key_id(), plaintext unchanged (a
+  // connection's revision too, so the broker's next compare-and-set still matches, and no
+  // change is announced). Each row is written back only if its revision and nonce are still the
+  // ones read: a write that came in between wins and is never lost (it sealed under the current
+  // key anyway). Rows whose blob does not open are left exactly as they are and counted as
+  // unreadable; rotation is complete when remaining == unreadable.
+  // Errors: INVALID_ARGUMENT (max_rows == 0), the PostgreSQL errors above, INTERNAL (cipher).
+  absl::StatusOr<core::RotationProgress> ReencryptBatch(size_t max_rows) override;
+  // Rows (all tables) sealed under another key than cipher.current_key_id().
+  absl::StatusOr<size_t> CountNotUnderCurrentKey();
+
   // The owner name of this store's leases and the tag of its notifications.
   const std::string& instance_id() const { return instance_id_; }
 
@@ -178,6 +191,9 @@ class PostgresStore final : public core::TokenStore, public core::FlowStore {
 
   absl::Status ModifyLink(const std::string& link_id,
                           const std::function<void(core::LinkRecord&)>& change);
+  // Unreadable rows found by rotation, as (table, primary key, nonce), so that batches are not
+  // filled with rows that never open; a rewrite (new nonce) makes a row a candidate again.
+  struct Rotation;
 
   const std::string instance_id_;
   const core::Cipher& cipher_;
@@ -185,6 +201,7 @@ class PostgresStore final : public core::TokenStore, public core::FlowStore {
   SystemClock system_clock_;
   const Clock& clock_;
   const std::unique_ptr<Pool> pool_;
+  const std::unique_ptr<Rotation> rotation_;
   std::unique_ptr<Feed> feed_;
 };
 

@@ -574,6 +574,89 @@ TEST_F(PostgresStoreTest, RawTablesHoldNoTokenBytes) {
   ExpectSameConnection(*loaded, c);
 }
 
+TEST_F(PostgresStoreTest, RotationReSealsEveryRowUnderTheNewKeyAndLosesNoConcurrentWrite) {
+  std::vector<core::Connection> written;
+  {
+    std::unique_ptr<PostgresStore> s = Replica();
+    ASSERT_NE(s, nullptr);
+    for (const char* id : {"bad", "c0", "c1", "c2", "c3", "c4"}) {
+      written.push_back(FullConnection(id));
+      ASSERT_TRUE(s->Create(written.back()).ok());
+    }
+    ASSERT_TRUE(s->PutLink(FullLink("link-1")).ok());
+    ASSERT_TRUE(s->PutLink(FullLink("link-2")).ok());
+    ASSERT_TRUE(s->PutAuthorization(FullAuthorization(T(600)), T(0)).ok());
+    ASSERT_TRUE(s->PutAuthorization(FullAuthorization(T(600)), T(0)).ok());
+  }
+  ASSERT_TRUE(db_.Query("UPDATE connections SET ciphertext = set_byte(ciphertext, 3, "
+                        "get_byte(ciphertext, 3) # 1) WHERE id = 'bad'")
+                  .ok());
+
+  const TestKey k2 = NewKey("k2");
+  std::unique_ptr<core::Cipher> rotated = MakeCipher({key_, k2});
+  HookedCipher hooked(*rotated);
+  absl::StatusOr<std::unique_ptr<PostgresStore>> a = OpenStore(db_.url(), hooked);
+  absl::StatusOr<std::unique_ptr<PostgresStore>> b = OpenStore(db_.url(), *rotated);
+  ASSERT_TRUE(a.ok() && b.ok());
+  // While A re-seals its first readable row (c0, after "bad", which does not open), replica B
+  // writes that row: B's write must survive.
+  core::Connection during = written[1];
+  during.revision = 1;
+  during.last_error = "written during rotation";
+  absl::Status during_write;
+  hooked.RunOnceBeforeNextSeal([&] { during_write = (*b)->Update(during, 0, nullptr); });
+
+  core::RotationProgress progress;
+  for (int i = 0; i < 50; ++i) {
+    absl::StatusOr<core::RotationProgress> p = (*a)->ReencryptBatch(3);
+    ASSERT_TRUE(p.ok()) << p.status();
+    progress = *p;
+    if (progress.remaining == progress.unreadable) {
+      break;
+    }
+  }
+  ASSERT_TRUE(during_write.ok()) << during_write;
+  EXPECT_EQ(progress.remaining, 1u);
+  EXPECT_EQ(progress.unreadable, 1u);
+  absl::StatusOr<size_t> left = (*a)->CountNotUnderCurrentKey();
+  ASSERT_TRUE(left.ok());
+  EXPECT_EQ(*left, 1u);
+  absl::StatusOr<tb::testing::PgRows> old_rows = db_.Query(
+      "SELECT id FROM connections WHERE key_id <> 'k2' UNION ALL "
+      "SELECT link_id FROM links WHERE key_id <> 'k2' UNION ALL "
+      "SELECT 'authorization' FROM authorizations WHERE key_id <> 'k2'");
+  ASSERT_TRUE(old_rows.ok()) << old_rows.status();
+  ASSERT_EQ(old_rows->size(), 1u);
+  EXPECT_EQ((*old_rows)[0][0], "bad");
+
+  for (const core::Connection& w : written) {
+    absl::StatusOr<core::Connection> c = (*b)->Load(w.id);
+    ASSERT_TRUE(c.ok()) << c.status();
+    if (w.id == "bad") {
+      EXPECT_FALSE(c->data_loss.empty());
+    } else if (w.id == "c0") {
+      ExpectSameConnection(*c, during);
+    } else {
+      ExpectSameConnection(*c, w);  // revision unchanged too
+    }
+  }
+  EXPECT_TRUE((*b)->GetLink("link-2").ok());
+  EXPECT_EQ((*a)->ReencryptBatch(0).status().code(), absl::StatusCode::kInvalidArgument);
+
+  // Without the old key the store does not open while a row still needs it; once that row is
+  // gone, it does.
+  a->reset();
+  b->reset();
+  std::unique_ptr<core::Cipher> only_new = MakeCipher({k2});
+  EXPECT_EQ(OpenStore(db_.url(), *only_new).status().code(), absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(db_.Query("DELETE FROM connections WHERE id = 'bad'").ok());
+  absl::StatusOr<std::unique_ptr<PostgresStore>> after = OpenStore(db_.url(), *only_new);
+  ASSERT_TRUE(after.ok()) << after.status();
+  absl::StatusOr<core::Connection> c1 = (*after)->Load("c1");
+  ASSERT_TRUE(c1.ok());
+  ExpectSameConnection(*c1, written[2]);
+}
+
 // ---- Pool, timeouts, restarts --------------------------------------------------------------
 
 TEST_F(PostgresStoreTest, ManyThreadsShareASmallPool) {
