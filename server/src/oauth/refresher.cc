@@ -256,6 +256,10 @@ void Refresher::Join(const core::ConnectionId& id, Trigger trigger, Done done) {
       if (nb != not_before_.end() && now < nb->second) {
         return;  // a refresh failed moments ago; the scheduled retry comes at not_before
       }
+      const auto held = lease_held_until_.find(id);
+      if (held != lease_held_until_.end() && now < held->second) {
+        return;  // another replica is refreshing; its result arrives through the store
+      }
     }
     std::vector<Done>& waiters = in_flight_[id];
     start = waiters.empty();
@@ -301,6 +305,7 @@ void Refresher::Finish(const core::ConnectionId& id, const absl::StatusOr<TokenV
     } else {
       not_before_.erase(id);
     }
+    lease_held_until_.erase(id);
   }
   wake_.SignalAll();
   for (Done& done : waiters) {
@@ -318,6 +323,7 @@ void Refresher::FinishLeaseHeld(const core::ConnectionId& id, absl::Time now) {
     callers = std::move(in_flight_[id]);
     in_flight_.erase(id);
     scheduled_in_flight_.erase(id);
+    lease_held_until_[id] = now + std::min(absl::Seconds(1), options_.lease_margin);
     if (Active(c)) {
       // If the holder dies, its lease expires: look again then and take over.
       const absl::Time again = now + options_.provider_timeout + 2 * options_.lease_margin;
@@ -528,6 +534,7 @@ void Refresher::Track(const std::shared_ptr<const core::Connection>& c,
     if (!Active(c) || !c->grant->refresh_at) {
       tracked_.erase(id);
       not_before_.erase(id);
+      lease_held_until_.erase(id);
     } else {
       const std::pair<uint64_t, absl::Time> entry{c->generation(), *c->grant->refresh_at};
       const auto it = tracked_.find(id);

@@ -216,6 +216,9 @@ class Refresher {
   absl::flat_hash_map<core::ConnectionId, absl::Time> last_caller_refresh_ ABSL_GUARDED_BY(mu_);
   // After a failed refresh, no flight on use starts before this (no retry storm from callers).
   absl::flat_hash_map<core::ConnectionId, absl::Time> not_before_ ABSL_GUARDED_BY(mu_);
+  // Another replica held the lease moments ago: callers wait for its result through the store
+  // instead of asking the database for the lease again on every call.
+  absl::flat_hash_map<core::ConnectionId, absl::Time> lease_held_until_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_set<std::string> misconfigured_ ABSL_GUARDED_BY(mu_);
   std::priority_queue<Due, std::vector<Due>, std::greater<Due>> due_ ABSL_GUARDED_BY(mu_);
   // The one live refresh entry per connection (generation, time); heap entries that differ

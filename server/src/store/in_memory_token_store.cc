@@ -73,6 +73,12 @@ absl::Status InMemoryTokenStore::Delete(const core::ConnectionId& id) {
 
 absl::StatusOr<std::optional<core::Lease>> InMemoryTokenStore::AcquireLease(
     const core::ConnectionId& id, absl::Duration ttl) {
+  {
+    MutexLock lock(&mu_);
+    if (leases_held_elsewhere_) {
+      return std::nullopt;
+    }
+  }
   core::Lease lease;
   lease.id = id;
   lease.owner = "memory";
@@ -83,6 +89,11 @@ absl::StatusOr<std::optional<core::Lease>> InMemoryTokenStore::AcquireLease(
 }
 
 absl::Status InMemoryTokenStore::ReleaseLease(const core::Lease&) { return absl::OkStatus(); }
+
+void InMemoryTokenStore::SetLeasesHeldElsewhere(bool held) {
+  MutexLock lock(&mu_);
+  leases_held_elsewhere_ = held;
+}
 
 void InMemoryTokenStore::FailNextWrite(absl::Status status) {
   MutexLock lock(&mu_);

@@ -24,9 +24,12 @@ class InMemoryTokenStore final : public core::TokenStore {
   absl::Status Delete(const core::ConnectionId& id) override ABSL_LOCKS_EXCLUDED(mu_);
   // One process owns the memory: every lease is granted.
   absl::StatusOr<std::optional<core::Lease>> AcquireLease(const core::ConnectionId& id,
-                                                          absl::Duration ttl) override;
+                                                          absl::Duration ttl) override
+      ABSL_LOCKS_EXCLUDED(mu_);
   absl::Status ReleaseLease(const core::Lease& lease) override;
 
+  // Test knob: another process holds every lease (AcquireLease answers nullopt).
+  void SetLeasesHeldElsewhere(bool held) ABSL_LOCKS_EXCLUDED(mu_);
   // Test knob: the next write fails with `status` (then writes work again).
   void FailNextWrite(absl::Status status) ABSL_LOCKS_EXCLUDED(mu_);
   size_t writes() const ABSL_LOCKS_EXCLUDED(mu_);
@@ -38,6 +41,7 @@ class InMemoryTokenStore final : public core::TokenStore {
   absl::flat_hash_map<core::ConnectionId, core::Connection> rows_ ABSL_GUARDED_BY(mu_);
   absl::Status next_write_failure_ ABSL_GUARDED_BY(mu_);
   size_t writes_ ABSL_GUARDED_BY(mu_) = 0;
+  bool leases_held_elsewhere_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace tb::store

@@ -625,5 +625,56 @@ TEST_F(RefresherTest, RevokingARevokedConnectionRetriesWhatIsOwed) {
   EXPECT_EQ(RevokeAndWait(*refresher_, "nobody").status().code(), absl::StatusCode::kNotFound);
 }
 
+// --- Several replicas: the lease ------------------------------------------------------------
+
+TEST_F(RefresherTest, WithoutTheLeaseNoProviderCallAndCallersGetTheHoldersGeneration) {
+  Connect("acme", absl::Minutes(30));
+  clock_.Advance(absl::Minutes(25));  // due
+  store_.SetLeasesHeldElsewhere(true);
+  Awaited waiting;
+  refresher_->AwaitToken("acme", absl::ZeroDuration(), 0, clock_.Now() + kFar, waiting.Callback());
+  Result asked;
+  refresher_->Refresh("acme", 1, asked.Callback());
+  work_.Drain();
+  EXPECT_EQ(provider_.refresh_calls(), 0);  // only the holder calls the provider
+  EXPECT_FALSE(waiting.done());
+
+  // The holder (another process) stores generation 2; its change reaches us through the store.
+  core::Connection stored = *store_.Load("acme");
+  core::Grant next = NewGrant(absl::Minutes(30));
+  next.generation = 2;
+  next.refresh_at = clock_.Now() + absl::Minutes(25);
+  stored.grant = next;
+  stored.refresh_intent.reset();
+  stored.revision += 1;
+  ASSERT_TRUE(store_.Update(stored, stored.revision - 1, nullptr).ok());
+  ASSERT_TRUE(broker_.Reload("acme").ok());
+  absl::StatusOr<TokenView> v = waiting.Wait();
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(v->grant().access_token, next.access_token);
+  absl::StatusOr<TokenView> r = asked.Wait();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->grant().generation, 2u);
+  EXPECT_EQ(provider_.refresh_calls(), 0);
+}
+
+TEST_F(RefresherTest, ADeadHoldersLeaseIsTakenOverWhenItExpires) {
+  Connect("acme", absl::Minutes(30));
+  clock_.Advance(absl::Minutes(25));
+  store_.SetLeasesHeldElsewhere(true);
+  refresher_->RunDue();
+  work_.Drain();
+  EXPECT_EQ(provider_.refresh_calls(), 0);
+  store_.SetLeasesHeldElsewhere(false);  // the holder died; its lease runs out
+  provider_.NextRefreshReturns(NewGrant(absl::Minutes(30)));
+  clock_.Advance(absl::Seconds(49));
+  refresher_->RunDue();
+  work_.Drain();
+  EXPECT_EQ(provider_.refresh_calls(), 0);  // not before the lease (30 s + 2 x 10 s) is over
+  clock_.Advance(absl::Seconds(1));
+  RunDueAndAwait(1);
+  EXPECT_EQ(broker_.GetConnection("acme").value()->generation(), 2u);
+}
+
 }  // namespace
 }  // namespace tb::oauth
