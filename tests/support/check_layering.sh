@@ -5,7 +5,7 @@
 set -euo pipefail
 root=${1:?usage: check_layering.sh REPO_ROOT}
 bad=$(grep -rnE '#include [<"](grpc|grpcpp|google/protobuf|boost|openssl|spdlog|fmt|yaml-cpp)' \
-  "$root"/server/src/{common,core,cache,oauth} \
+  "$root"/server/src/{common,core,cache,oauth,auth} \
   | grep -vE 'common/(secret_format\.h|logging\.cc|secret\.cc):' || true)
 if [[ -n $bad ]]; then
   echo "layering: the domain core must not include adapter headers:"

@@ -7,6 +7,7 @@
 #include <map>
 #include <sstream>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -162,6 +163,85 @@ FieldSetter Int(int* out) {
 FieldSetter Section(std::map<std::string, FieldSetter> fields) {
   return [fields = std::move(fields)](const YAML::Node& n, const std::string& p) {
     return ReadSection(n, p, fields);
+  };
+}
+FieldSetter StringVec(std::vector<std::string>* out) {
+  return [out](const YAML::Node& n, const std::string& p) -> absl::Status {
+    std::optional<std::vector<std::string>> v;
+    TB_RETURN_IF_ERROR(StringList(&v)(n, p));
+    *out = *std::move(v);
+    return absl::OkStatus();
+  };
+}
+FieldSetter Tls(std::optional<TlsFiles>* out, bool with_client_ca) {
+  return [out, with_client_ca](const YAML::Node& n, const std::string& p) -> absl::Status {
+    TlsFiles t;
+    std::map<std::string, FieldSetter> fields = {
+        {"cert_file", String(&t.cert_file)},
+        {"key_file", String(&t.key_file)},
+        {"reload_interval", Duration(&t.reload_interval)},
+    };
+    if (with_client_ca) {
+      fields["client_ca_file"] = String(&t.client_ca_file);
+    }
+    TB_RETURN_IF_ERROR(ReadSection(n, p, fields));
+    if (t.cert_file.empty() || t.key_file.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(p, ": cert_file and key_file are required"));
+    }
+    if (t.reload_interval < absl::Seconds(1)) {
+      return absl::InvalidArgumentError(absl::StrCat(p, ".reload_interval must be at least 1s"));
+    }
+    *out = std::move(t);
+    return absl::OkStatus();
+  };
+}
+
+// One entry of a callers list.
+absl::StatusOr<auth::CallerRule> ReadCaller(const YAML::Node& n, const std::string& p) {
+  auth::CallerRule r;
+  std::vector<std::string> rpcs;
+  TB_RETURN_IF_ERROR(ReadSection(n, p,
+                                 {{"name", String(&r.name)},
+                                  {"uri_sans", StringVec(&r.uri_sans)},
+                                  {"common_names", StringVec(&r.common_names)},
+                                  {"api_key_sha256", StringVec(&r.api_key_sha256)},
+                                  {"connections", StringVec(&r.connections)},
+                                  {"rpcs", StringVec(&rpcs)}}));
+  for (const std::string& rpc : rpcs) {
+    std::optional<auth::Permission> perm = auth::ParsePermission(rpc);
+    if (!perm) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          p, ".rpcs: '", rpc, "' is not one of GetToken, WatchToken, Refresh, Revoke, Admin"));
+    }
+    r.permissions.push_back(*perm);
+  }
+  for (std::string& h : r.api_key_sha256) {
+    h = absl::AsciiStrToLower(h);
+  }
+  return r;
+}
+
+absl::StatusOr<std::vector<auth::CallerRule>> ReadCallers(const YAML::Node& n,
+                                                          const std::string& p) {
+  if (!n.IsSequence()) {
+    return absl::InvalidArgumentError(absl::StrCat(p, ": expected a list of callers"));
+  }
+  std::vector<auth::CallerRule> out;
+  int i = 0;
+  for (const auto& item : n) {
+    TB_ASSIGN_OR_RETURN(auth::CallerRule r, ReadCaller(item, absl::StrCat(p, "[", i++, "]")));
+    out.push_back(std::move(r));
+  }
+  if (absl::Status s = auth::ValidateRules(out); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(p, ": ", s.message()));
+  }
+  return out;
+}
+
+FieldSetter Callers(std::vector<auth::CallerRule>* out) {
+  return [out](const YAML::Node& n, const std::string& p) -> absl::Status {
+    TB_ASSIGN_OR_RETURN(*out, ReadCallers(n, p));
+    return absl::OkStatus();
   };
 }
 
@@ -346,10 +426,25 @@ absl::Status ParseInto(const YAML::Node& root, Config& c, const EnvLookup& env) 
                     {"probe_listen", String(&c.grpc.probe_listen)},
                     {"threads", Int(&c.grpc.threads)},
                     {"max_watch_streams", Int(&c.grpc.max_watch_streams)},
-                    {"max_watch_streams_per_caller", Int(&c.grpc.max_watch_streams_per_caller)}})},
+                    {"max_watch_streams_per_caller", Int(&c.grpc.max_watch_streams_per_caller)},
+                    {"tls", Tls(&c.grpc.tls, /*with_client_ca=*/true)},
+                    {"insecure", Bool(&c.grpc.insecure)},
+                    {"reflection", Bool(&c.grpc.reflection)}})},
           {"http", Section({{"public_listen", String(&c.http.public_listen)},
                             {"admin_listen", String(&c.http.admin_listen)},
-                            {"threads", Int(&c.http.threads)}})},
+                            {"threads", Int(&c.http.threads)},
+                            {"max_header_bytes", Int(&c.http.max_header_bytes)},
+                            {"max_body_bytes", Int(&c.http.max_body_bytes)},
+                            {"read_timeout", Duration(&c.http.read_timeout)},
+                            {"idle_timeout", Duration(&c.http.idle_timeout)},
+                            {"max_connections", Int(&c.http.max_connections)},
+                            {"rate_limit_per_minute", Int(&c.http.rate_limit_per_minute)},
+                            {"rate_limit_burst", Int(&c.http.rate_limit_burst)},
+                            {"trusted_proxy_header", String(&c.http.trusted_proxy_header)},
+                            {"trusted_proxies", StringVec(&c.http.trusted_proxies)},
+                            {"tls", Tls(&c.http.tls, /*with_client_ca=*/false)}})},
+          {"auth", Section({{"callers_file", String(&c.auth.callers_file)},
+                            {"callers", Callers(&c.auth.callers)}})},
           {"store", Section({{"url", String(&c.store.url)},
                              {"encryption_keys_file", String(&store_keys.file)},
                              {"encryption_keys_env", String(&store_keys.env)},
@@ -370,7 +465,8 @@ absl::Status ParseInto(const YAML::Node& root, Config& c, const EnvLookup& env) 
           {"links", Section({{"signing_key_file", String(&link_key.file)},
                              {"signing_key_env", String(&link_key.env)},
                              {"default_ttl", Duration(&c.links.default_ttl)},
-                             {"max_ttl", Duration(&c.links.max_ttl)}})},
+                             {"max_ttl", Duration(&c.links.max_ttl)},
+                             {"return_url_allowlist", StringVec(&c.links.return_url_allowlist)}})},
           {"outbound", Section({{"https_proxy", OptString(&c.outbound.https_proxy)},
                                 {"no_proxy", OptString(&c.outbound.no_proxy)}})},
           {"providers", Providers(&c.providers, env)},
@@ -471,6 +567,30 @@ absl::Status ValidateFields(const Config& c) {
   if (r.max_concurrent < 1 || r.max_concurrent > 10'000) {
     return absl::InvalidArgumentError("refresh.max_concurrent must be 1 to 10000");
   }
+  const HttpConfig& h = c.http;
+  if (h.max_header_bytes < 1024 || h.max_header_bytes > 1 << 20 || h.max_body_bytes < 0 ||
+      h.max_body_bytes > 1 << 20) {
+    return absl::InvalidArgumentError(
+        "http.max_header_bytes must be 1024 to 1048576 and http.max_body_bytes 0 to 1048576");
+  }
+  if (h.read_timeout <= absl::ZeroDuration() || h.idle_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("http.read_timeout and http.idle_timeout must be positive");
+  }
+  if (h.max_connections < 1 || h.rate_limit_per_minute < 0 || h.rate_limit_burst < 1) {
+    return absl::InvalidArgumentError(
+        "http.max_connections and http.rate_limit_burst must be at least 1, "
+        "http.rate_limit_per_minute at least 0");
+  }
+  if (!h.trusted_proxies.empty() && h.trusted_proxy_header.empty()) {
+    return absl::InvalidArgumentError(
+        "http.trusted_proxies needs http.trusted_proxy_header (e.g. X-Forwarded-For)");
+  }
+  for (const std::string& prefix : c.links.return_url_allowlist) {
+    if (!absl::StartsWith(prefix, "https://") && !absl::StartsWith(prefix, "http://")) {
+      return absl::InvalidArgumentError(absl::StrCat("links.return_url_allowlist: '", prefix,
+                                                     "' must be an http(s):// URL prefix"));
+    }
+  }
   if (c.http.threads < 1 || c.http.threads > 256) {
     return absl::InvalidArgumentError("http.threads must be 1 to 256");
   }
@@ -531,6 +651,27 @@ absl::StatusOr<Config> LoadConfigFile(const std::string& path, const EnvLookup& 
     return absl::Status(c.status().code(), absl::StrCat(path, ": ", c.status().message()));
   }
   return c;
+}
+
+absl::StatusOr<std::vector<auth::CallerRule>> ParseCallers(absl::string_view yaml,
+                                                           absl::string_view source) {
+  try {
+    const YAML::Node root = YAML::Load(std::string(yaml));
+    return ReadCallers(root, std::string(source));
+  } catch (const YAML::Exception& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, " is not valid YAML: line ", e.mark.line + 1, ": ", e.msg));
+  }
+}
+
+absl::StatusOr<std::vector<auth::CallerRule>> LoadCallersFile(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) {
+    return absl::NotFoundError(absl::StrCat("cannot read callers file ", path));
+  }
+  std::stringstream buf;
+  buf << in.rdbuf();
+  return ParseCallers(buf.str(), path);
 }
 
 }  // namespace tb::config

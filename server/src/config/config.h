@@ -4,16 +4,26 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "server/src/auth/authorizer.h"
 #include "server/src/common/secret.h"
 #include "server/src/core/provider_spec.h"
 
 namespace tb::config {
 
 // Every listener is "host:port"; port 0 picks a free port (tests).
+// A certificate and its key in PEM files, re-read when they change on disk (cert-manager).
+struct TlsFiles {
+  std::string cert_file;
+  std::string key_file;
+  std::string client_ca_file;  // gRPC only: verify client certificates against it (mTLS)
+  absl::Duration reload_interval = absl::Seconds(60);
+};
+
 struct GrpcConfig {
   std::string listen = "127.0.0.1:8443";
   std::string probe_listen = "127.0.0.1:8081";
@@ -21,12 +31,40 @@ struct GrpcConfig {
   // Open WatchToken streams at most, in all and per caller.
   int max_watch_streams = 10'000;
   int max_watch_streams_per_caller = 1'000;
+  // TLS on the main port. Unset: plaintext, allowed only on a loopback listener.
+  std::optional<TlsFiles> tls;
+  // Development only: no TLS and no caller authentication. Loud at start; refused on a
+  // non-loopback listener unless --allow_insecure_grpc_on_non_loopback.
+  bool insecure = false;
+  bool reflection = true;  // server reflection on the main port (the schema, no data)
 };
 
 struct HttpConfig {
   std::string public_listen = "127.0.0.1:8080";  // OAuth routes
   std::string admin_listen = "127.0.0.1:9090";   // /healthz /readyz /metrics
   int threads = 1;
+  // Limits of the public front (it faces the internet).
+  int max_header_bytes = 8 * 1024;
+  int max_body_bytes = 4 * 1024;
+  absl::Duration read_timeout = absl::Seconds(10);  // a whole request must arrive within
+  absl::Duration idle_timeout = absl::Seconds(30);  // keep-alive between requests
+  int max_connections = 1024;
+  // Per client IP on /oauth/*: a token bucket of `rate_limit_burst` refilled at
+  // `rate_limit_per_minute`. 0: no limit.
+  int rate_limit_per_minute = 60;
+  int rate_limit_burst = 20;
+  // The client IP comes from this header (e.g. X-Forwarded-For, rightmost untrusted entry)
+  // only when the peer is one of `trusted_proxies` (CIDRs); otherwise from the socket.
+  std::string trusted_proxy_header;
+  std::vector<std::string> trusted_proxies;
+  std::optional<TlsFiles> tls;  // HTTPS on the public port
+};
+
+// Who may call the gRPC API (auth::CallerRule), from the file `callers_file` (re-read when it
+// changes) and/or inline.
+struct AuthConfig {
+  std::string callers_file;
+  std::vector<auth::CallerRule> callers;
 };
 
 struct StoreConfig {
@@ -68,6 +106,9 @@ struct LinksConfig {
   std::optional<KeyMaterial> signing_key;
   absl::Duration default_ttl = absl::Hours(72);
   absl::Duration max_ttl = absl::Hours(24 * 30);
+  // Where a connect link may send the account admin after the flow (a link's return_url must
+  // start with one of these). Empty: links carry no return URL.
+  std::vector<std::string> return_url_allowlist;
 };
 
 struct OutboundConfig {
@@ -85,6 +126,7 @@ struct Config {
   StoreConfig store;
   LogConfig log;
   RefreshConfig refresh;
+  AuthConfig auth;
   // The broker's origin as browsers see it; redirect_uri and link URLs are built from it.
   std::string public_base_url = "http://127.0.0.1:8080";
   LinksConfig links;
@@ -102,6 +144,18 @@ using EnvLookup = std::function<std::optional<std::string>(const std::string& na
 absl::StatusOr<Config> ParseConfig(absl::string_view yaml, const EnvLookup& env = nullptr);
 // Reads and parses a file. Errors: NOT_FOUND / PERMISSION_DENIED reading it, or ParseConfig's.
 absl::StatusOr<Config> LoadConfigFile(const std::string& path, const EnvLookup& env = nullptr);
+
+// The callers file (auth.callers_file): a YAML list of callers, the same shape as auth.callers:
+//   - name: billing
+//     uri_sans: ["spiffe://corp.example/ns/billing/sa/api"]
+//     common_names: [billing.corp.example]
+//     api_key_sha256: ["<64 hex digits>"]
+//     connections: ["acme", "zd-*"]
+//     rpcs: [GetToken, Refresh]          # GetToken (with WatchToken), Refresh, Revoke, Admin
+// Errors: NOT_FOUND / PERMISSION_DENIED reading it, INVALID_ARGUMENT naming the entry.
+absl::StatusOr<std::vector<auth::CallerRule>> ParseCallers(absl::string_view yaml,
+                                                           absl::string_view source);
+absl::StatusOr<std::vector<auth::CallerRule>> LoadCallersFile(const std::string& path);
 // Checks every value (listeners parse as host:port, levels exist...), as ParseConfig does, and
 // that a durable store has its encryption keys. main runs it after its flag overrides (so that
 // --store_url=memory: needs no keys).
