@@ -38,7 +38,9 @@ trap cleanup EXIT
 trap 'exit 0' INT TERM
 
 cat >"$run/config.yaml" <<YAML
-grpc: {listen: "127.0.0.1:$grpc_port", probe_listen: "127.0.0.1:$probe_port"}
+# Development only: no TLS and no caller authentication on the (loopback) gRPC port, so that
+# tokenctl needs no credentials. Production configures grpc.tls and auth.callers instead.
+grpc: {listen: "127.0.0.1:$grpc_port", probe_listen: "127.0.0.1:$probe_port", insecure: true}
 http: {public_listen: "127.0.0.1:$public_port", admin_listen: "127.0.0.1:$admin_port"}
 public_base_url: "http://127.0.0.1:$public_port"
 links: {signing_key_file: "$run/link-key"}

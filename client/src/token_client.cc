@@ -5,9 +5,13 @@
 #include <grpcpp/security/credentials.h>
 
 #include <cstdint>
+#include <fstream>
+#include <sstream>
+#include <string>
 #include <utility>
 
 #include "absl/strings/cord.h"
+#include "absl/strings/str_cat.h"
 #include "absl/types/optional.h"
 #include "google/rpc/error_details.pb.h"
 #include "google/rpc/status.pb.h"
@@ -25,14 +29,59 @@ void SetDuration(absl::Duration d, google::protobuf::Duration* out) {
   out->set_nanos(static_cast<int32_t>(absl::ToInt64Nanoseconds(d)));
 }
 
-void SetDeadline(grpc::ClientContext& ctx, absl::Duration timeout) {
+absl::StatusOr<std::string> ReadFile(const std::string& path, absl::string_view what) {
+  std::ifstream in(path);
+  if (!in) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot read the ", what, " file ", path));
+  }
+  std::stringstream buf;
+  buf << in.rdbuf();
+  return buf.str();
+}
+
+}  // namespace
+
+void TokenClient::SetDeadline(grpc::ClientContext& ctx, absl::Duration timeout) const {
   // An infinite timeout means no deadline; converting it would overflow the chrono time point.
   if (timeout != absl::InfiniteDuration()) {
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
   }
+  if (!api_key_.empty()) {
+    ctx.AddMetadata("authorization", absl::StrCat("Bearer ", api_key_));
+  }
 }
 
-}  // namespace
+absl::StatusOr<std::unique_ptr<TokenClient>> TokenClient::Create(const ClientOptions& options) {
+  std::shared_ptr<grpc::ChannelCredentials> creds;
+  if (options.tls || !options.ca_file.empty() || !options.cert_file.empty()) {
+    grpc::SslCredentialsOptions ssl;
+    if (!options.ca_file.empty()) {
+      absl::StatusOr<std::string> ca = ReadFile(options.ca_file, "CA");
+      if (!ca.ok()) {
+        return ca.status();
+      }
+      ssl.pem_root_certs = *std::move(ca);
+    }
+    if (options.cert_file.empty() != options.key_file.empty()) {
+      return absl::InvalidArgumentError("a client certificate needs both cert_file and key_file");
+    }
+    if (!options.cert_file.empty()) {
+      absl::StatusOr<std::string> cert = ReadFile(options.cert_file, "certificate");
+      absl::StatusOr<std::string> key = ReadFile(options.key_file, "private key");
+      if (!cert.ok() || !key.ok()) {
+        return !cert.ok() ? cert.status() : key.status();
+      }
+      ssl.pem_cert_chain = *std::move(cert);
+      ssl.pem_private_key = *std::move(key);
+    }
+    creds = grpc::SslCredentials(ssl);
+  } else {
+    creds = grpc::InsecureChannelCredentials();
+  }
+  auto client = std::make_unique<TokenClient>(grpc::CreateChannel(options.target, creds));
+  client->api_key_ = options.api_key;
+  return client;
+}
 
 absl::Status FromGrpcStatus(const grpc::Status& status) {
   if (status.ok()) {
@@ -191,6 +240,7 @@ absl::Status TokenClient::Watch(absl::string_view connection_id,
   v1::WatchTokenRequest req;
   req.set_connection_id(std::string(connection_id));
   grpc::ClientContext ctx;
+  SetDeadline(ctx, absl::InfiniteDuration());  // a stream: no deadline, but the credentials
   std::unique_ptr<grpc::ClientReader<v1::WatchTokenResponse>> reader =
       broker_->WatchToken(&ctx, req);
   v1::WatchTokenResponse msg;

@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
+#include <fstream>
 #include <map>
 #include <optional>
 #include <set>
@@ -31,6 +33,13 @@
 
 ABSL_FLAG(std::string, target, "127.0.0.1:8443", "token-broker's gRPC address, host:port");
 ABSL_FLAG(absl::Duration, timeout, absl::Seconds(5), "deadline of each RPC");
+ABSL_FLAG(std::string, ca_file, "", "TLS: the CA (PEM) the broker's certificate chains to");
+ABSL_FLAG(bool, tls, false, "TLS with the system's CAs (implied by --ca_file)");
+ABSL_FLAG(std::string, cert_file, "", "mTLS: this client's certificate (PEM)");
+ABSL_FLAG(std::string, key_file, "", "mTLS: this client's private key (PEM)");
+ABSL_FLAG(std::string, api_key_file, "", "a file holding the API key sent as Bearer");
+ABSL_FLAG(std::string, api_key_env, "TB_API_KEY",
+          "an environment variable holding the API key (when --api_key_file is not given)");
 ABSL_FLAG(bool, verbose, false,
           "get: also print the token's generation, validity and expiry on stderr");
 ABSL_FLAG(absl::Duration, min_ttl, absl::Seconds(60),
@@ -86,6 +95,10 @@ commands:
   rotate-keys [--batch=N]
       re-encrypt every stored row under the newest encryption key, printing progress
 
+connection and credentials (all commands):
+  --target=host:port  --timeout=5s  --tls | --ca_file=ca.pem  [--cert_file=c.pem --key_file=k.pem]
+  --api_key_file=FILE, or the API key in $TB_API_KEY (--api_key_env=NAME)
+
 flags:
 )";
 
@@ -94,7 +107,9 @@ constexpr char kCommandList[] =
 
 // Flags by the commands they apply to; the global ones apply to all.
 const std::set<std::string>& GlobalFlags() {
-  static const auto* const kFlags = new std::set<std::string>{"target", "timeout", "verbose"};
+  static const auto* const kFlags =
+      new std::set<std::string>{"target",    "timeout",  "verbose",      "ca_file",    "tls",
+                                "cert_file", "key_file", "api_key_file", "api_key_env"};
   return *kFlags;
 }
 
@@ -684,8 +699,28 @@ int Run(int argc, char** argv) {
     return Fail(kExitUsage, "--timeout must be positive");
   }
 
-  const std::unique_ptr<tb::client::TokenClient> client =
-      tb::client::TokenClient::Insecure(call.target);
+  tb::client::ClientOptions client_options;
+  client_options.target = call.target;
+  client_options.tls = absl::GetFlag(FLAGS_tls);
+  client_options.ca_file = absl::GetFlag(FLAGS_ca_file);
+  client_options.cert_file = absl::GetFlag(FLAGS_cert_file);
+  client_options.key_file = absl::GetFlag(FLAGS_key_file);
+  if (const std::string key_file = absl::GetFlag(FLAGS_api_key_file); !key_file.empty()) {
+    std::ifstream in(key_file);
+    if (!in || !std::getline(in, client_options.api_key) || client_options.api_key.empty()) {
+      return Fail(kExitUsage, absl::StrFormat("cannot read an API key from %s", Quoted(key_file)));
+    }
+  } else if (const std::string env = absl::GetFlag(FLAGS_api_key_env); !env.empty()) {
+    if (const char* v = std::getenv(env.c_str()); v != nullptr) {
+      client_options.api_key = v;
+    }
+  }
+  absl::StatusOr<std::unique_ptr<tb::client::TokenClient>> created =
+      tb::client::TokenClient::Create(client_options);
+  if (!created.ok()) {
+    return Fail(kExitUsage, created.status().message());
+  }
+  const std::unique_ptr<tb::client::TokenClient> client = *std::move(created);
   int rc = kExitUsage;
   if (call.command == "get") {
     rc = RunGet(*client, call);

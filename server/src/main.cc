@@ -5,12 +5,15 @@
 #include <signal.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 
 #include <spdlog/spdlog.h>
 
@@ -22,9 +25,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/time.h"
+#include "server/src/auth/authorizer.h"
 #include "server/src/cache/connection_cache.h"
 #include "server/src/common/clock.h"
 #include "server/src/common/logging.h"
+#include "server/src/common/mutex.h"
 #include "server/src/common/secret_format.h"
 #include "server/src/common/work_pool.h"
 #include "server/src/config/config.h"
@@ -53,6 +58,9 @@ ABSL_FLAG(std::string, log_level, "", "Override log.level");
 ABSL_FLAG(std::string, log_file, "", "Append logs to this file instead of stderr");
 ABSL_FLAG(std::string, public_base_url, "", "Override public_base_url");
 ABSL_FLAG(std::string, store_url, "", "Override store.url");
+ABSL_FLAG(bool, allow_insecure_grpc_on_non_loopback, false,
+          "Allow grpc.insecure (no TLS, no authentication) on a non-loopback listener. Anyone who "
+          "reaches the port gets every token: never in production");
 
 namespace {
 
@@ -82,6 +90,8 @@ std::string EnvOr(std::initializer_list<const char*> names) {
   return "";
 }
 
+absl::Status CheckGrpcExposure(const tb::config::Config& c);
+
 absl::StatusOr<tb::config::Config> ReadConfig() {
   tb::config::Config c;
   if (const std::string path = absl::GetFlag(FLAGS_config); !path.empty()) {
@@ -101,7 +111,55 @@ absl::StatusOr<tb::config::Config> ReadConfig() {
   if (absl::Status s = tb::config::Validate(c); !s.ok()) {
     return s;
   }
+  if (absl::Status s = CheckGrpcExposure(c); !s.ok()) {
+    return s;
+  }
   return c;
+}
+
+// Inline callers plus those of the callers file.
+absl::StatusOr<std::vector<tb::auth::CallerRule>> CallerRules(const tb::config::Config& c) {
+  std::vector<tb::auth::CallerRule> rules = c.auth.callers;
+  if (!c.auth.callers_file.empty()) {
+    absl::StatusOr<std::vector<tb::auth::CallerRule>> from_file =
+        tb::config::LoadCallersFile(c.auth.callers_file);
+    if (!from_file.ok()) {
+      return from_file.status();
+    }
+    rules.insert(rules.end(), from_file->begin(), from_file->end());
+  }
+  return rules;
+}
+
+std::optional<std::filesystem::file_time_type> ModifiedAt(const std::string& path) {
+  std::error_code ec;
+  const std::filesystem::file_time_type t = std::filesystem::last_write_time(path, ec);
+  return ec ? std::nullopt : std::optional(t);
+}
+
+bool IsLoopback(const std::string& listen) {
+  absl::StatusOr<tb::config::HostPort> hp = tb::config::ParseHostPort(listen);
+  return hp.ok() &&
+         (hp->host == "localhost" || hp->host == "::1" || absl::StartsWith(hp->host, "127."));
+}
+
+// The rules that keep the main port from being left open by mistake.
+absl::Status CheckGrpcExposure(const tb::config::Config& c) {
+  const bool loopback = IsLoopback(c.grpc.listen);
+  if (c.grpc.insecure && !loopback && !absl::GetFlag(FLAGS_allow_insecure_grpc_on_non_loopback)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "grpc.insecure is set and grpc.listen (", c.grpc.listen,
+        ") is not a loopback address: that would hand every token to anyone on the network. "
+        "Configure grpc.tls and callers, or pass --allow_insecure_grpc_on_non_loopback if you "
+        "really mean it"));
+  }
+  if (!c.grpc.insecure && !c.grpc.tls && !loopback) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "grpc.listen (", c.grpc.listen,
+        ") is not a loopback address: configure grpc.tls (cert_file, key_file, and "
+        "client_ca_file for mTLS) so that API keys and tokens never cross the network in clear"));
+  }
+  return absl::OkStatus();
 }
 
 // A store URL for the log: a postgres:// password, if the URL carries one, is not printed.
@@ -268,12 +326,47 @@ int main(int argc, char** argv) {
                                  **provider_client, revoker, run_blocking, events);
   refresher_hook = &refresher;
 
+  // Who may call the main port. Insecure mode (development only) lets everyone do everything.
+  std::unique_ptr<tb::auth::Authorizer> authorizer;
+  if (config->grpc.insecure) {
+    spdlog::warn(
+        "!!! grpc.insecure is set: the main gRPC port on {} has NO TLS and NO caller "
+        "authentication; anyone who reaches it gets every token. Development only. !!!",
+        config->grpc.listen);
+  } else {
+    absl::StatusOr<std::vector<tb::auth::CallerRule>> rules = CallerRules(*config);
+    if (!rules.ok()) {
+      return Fail(rules.status());
+    }
+    absl::StatusOr<std::unique_ptr<tb::auth::Authorizer>> created =
+        tb::auth::Authorizer::Create(*std::move(rules));
+    if (!created.ok()) {
+      return Fail(created.status());
+    }
+    authorizer = *std::move(created);
+    if (authorizer->callers() == 0) {
+      spdlog::warn(
+          "no gRPC callers are configured (auth.callers, auth.callers_file): every call "
+          "to the main port is refused as UNAUTHENTICATED");
+    }
+  }
+  tb::grpc_api::GrpcServerOptions grpc_options;
+  grpc_options.listen = config->grpc.listen;
+  grpc_options.probe_listen = config->grpc.probe_listen;
+  grpc_options.cq_threads = config->grpc.threads;
+  grpc_options.max_watch_streams = static_cast<size_t>(config->grpc.max_watch_streams);
+  grpc_options.max_watch_streams_per_caller =
+      static_cast<size_t>(config->grpc.max_watch_streams_per_caller);
+  grpc_options.reflection = config->grpc.reflection;
+  if (config->grpc.tls) {
+    grpc_options.tls = tb::grpc_api::GrpcTlsOptions{
+        config->grpc.tls->cert_file, config->grpc.tls->key_file, config->grpc.tls->client_ca_file,
+        config->grpc.tls->reload_interval};
+  }
+  tb::grpc_api::GrpcDomain grpc_domain{broker,    cache,        flow,
+                                       refresher, run_blocking, authorizer.get()};
   absl::StatusOr<std::unique_ptr<tb::grpc_api::GrpcServer>> grpc_server =
-      tb::grpc_api::GrpcServer::Start(
-          {config->grpc.listen, config->grpc.probe_listen, config->grpc.threads,
-           static_cast<size_t>(config->grpc.max_watch_streams),
-           static_cast<size_t>(config->grpc.max_watch_streams_per_caller)},
-          {broker, cache, flow, refresher, run_blocking});
+      tb::grpc_api::GrpcServer::Start(grpc_options, grpc_domain);
   if (!grpc_server.ok()) {
     return Fail(grpc_server.status());
   }
@@ -322,9 +415,49 @@ int main(int argc, char** argv) {
       cache.size(), broker.data_loss_count(), config->providers.size(),
       RedactedStoreUrl(config->store.url), flow.redirect_uri());
 
+  // Callers and their rules reload without a restart when the callers file changes.
+  tb::Mutex reload_mu;
+  tb::CondVar reload_cv;
+  bool reload_stop = false;
+  std::thread callers_watcher;
+  if (authorizer != nullptr && !config->auth.callers_file.empty()) {
+    callers_watcher = std::thread([&] {
+      std::optional<std::filesystem::file_time_type> seen = ModifiedAt(config->auth.callers_file);
+      tb::MutexLock lock(&reload_mu);
+      while (!reload_stop) {
+        reload_cv.WaitFor(&reload_mu, std::chrono::seconds(2));
+        const std::optional<std::filesystem::file_time_type> now =
+            ModifiedAt(config->auth.callers_file);
+        if (reload_stop || now == seen) {
+          continue;
+        }
+        seen = now;
+        absl::StatusOr<std::vector<tb::auth::CallerRule>> rules = CallerRules(*config);
+        absl::Status s = rules.ok() ? authorizer->Replace(*std::move(rules)) : rules.status();
+        if (s.ok()) {
+          spdlog::info("callers reloaded from {}: {} callers", config->auth.callers_file,
+                       authorizer->callers());
+        } else {
+          spdlog::error("callers file {} not reloaded, keeping the previous rules: {}",
+                        config->auth.callers_file, s.ToString());
+        }
+        tb::Audit("callers_reloaded", {{"file", config->auth.callers_file},
+                                       {"outcome", s.ok() ? "ok" : std::string(s.message())}});
+      }
+    });
+  }
+
   int sig = 0;
   sigwait(&stop_signals, &sig);
   spdlog::info("signal {}: draining", sig);
+  {
+    tb::MutexLock lock(&reload_mu);
+    reload_stop = true;
+  }
+  reload_cv.SignalAll();
+  if (callers_watcher.joinable()) {
+    callers_watcher.join();
+  }
   grpc->SetReady(false);
   refresher.Stop();
   grpc->Shutdown(absl::Now() + absl::Seconds(10));

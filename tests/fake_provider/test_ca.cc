@@ -244,6 +244,71 @@ absl::StatusOr<TestCertificates> GenerateTestCertificates(const TestCaOptions& o
     return pem.status();
   }
   out.server_key_pem = *std::move(pem);
+  pem = PrivateKeyPem(ca_key->get());
+  if (!pem.ok()) {
+    return pem.status();
+  }
+  out.ca_key_pem = *std::move(pem);
+  return out;
+}
+
+absl::StatusOr<ClientCertificate> IssueClientCertificate(const TestCertificates& ca,
+                                                         const std::string& common_name,
+                                                         const std::vector<std::string>& uri_sans,
+                                                         const TestCaOptions& options) {
+  if (common_name.empty()) {
+    return absl::InvalidArgumentError("test CA: a client certificate needs a common name");
+  }
+  std::vector<std::string> sans;
+  for (const std::string& uri : uri_sans) {
+    if (uri.empty() || uri.find_first_of(", \t\r\n") != std::string::npos) {
+      return absl::InvalidArgumentError(absl::StrCat("test CA: bad URI SAN '", uri, "'"));
+    }
+    sans.push_back(absl::StrCat("URI:", uri));
+  }
+  BioPtr cert_bio(BIO_new_mem_buf(ca.ca_cert_pem.data(), static_cast<int>(ca.ca_cert_pem.size())));
+  BioPtr key_bio(BIO_new_mem_buf(ca.ca_key_pem.data(), static_cast<int>(ca.ca_key_pem.size())));
+  if (cert_bio == nullptr || key_bio == nullptr) {
+    return OpenSslError("BIO_new_mem_buf");
+  }
+  X509Ptr ca_cert(PEM_read_bio_X509(cert_bio.get(), nullptr, nullptr, nullptr));
+  PkeyPtr ca_key(PEM_read_bio_PrivateKey(key_bio.get(), nullptr, nullptr, nullptr));
+  if (ca_cert == nullptr || ca_key == nullptr) {
+    return OpenSslError("reading the CA");
+  }
+  absl::StatusOr<PkeyPtr> key = NewP256Key();
+  if (!key.ok()) {
+    return key.status();
+  }
+  CertSpec spec;
+  spec.common_name = common_name;
+  spec.issuer_cert = ca_cert.get();
+  spec.issuer_key = ca_key.get();
+  spec.extensions = {
+      {NID_basic_constraints, "critical,CA:FALSE"},
+      {NID_key_usage, "critical,digitalSignature"},
+      {NID_ext_key_usage, "clientAuth"},
+      {NID_subject_key_identifier, "hash"},
+      {NID_authority_key_identifier, "keyid:always"},
+  };
+  if (!sans.empty()) {
+    spec.extensions.emplace_back(NID_subject_alt_name, absl::StrJoin(sans, ","));
+  }
+  absl::StatusOr<X509Ptr> cert = NewCertificate(key->get(), spec, options);
+  if (!cert.ok()) {
+    return cert.status();
+  }
+  ClientCertificate out;
+  absl::StatusOr<std::string> pem = CertificatePem(cert->get());
+  if (!pem.ok()) {
+    return pem.status();
+  }
+  out.cert_pem = *std::move(pem);
+  pem = PrivateKeyPem(key->get());
+  if (!pem.ok()) {
+    return pem.status();
+  }
+  out.key_pem = *std::move(pem);
   return out;
 }
 

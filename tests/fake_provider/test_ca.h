@@ -29,7 +29,21 @@ struct TestCertificates {
   std::string ca_cert_pem;      // the trust anchor: what a client uses as its CA file
   std::string server_cert_pem;  // the leaf certificate alone (the CA is not part of the chain)
   std::string server_key_pem;   // the leaf's private key, PKCS#8 PEM. Never log it.
+  std::string ca_key_pem;       // the CA's private key, to issue more leaves. Never log it.
 };
+
+struct ClientCertificate {
+  std::string cert_pem;
+  std::string key_pem;  // PKCS#8 PEM. Never log it.
+};
+
+// Issues a client certificate (CA:FALSE, digitalSignature, clientAuth) signed by `ca`'s CA,
+// with subject CN `common_name` and the URI subjectAltNames `uri_sans` (SPIFFE ids, say).
+// Errors: kInvalidArgument (an empty CN, a URI with a comma or space); kInternal (OpenSSL).
+absl::StatusOr<ClientCertificate> IssueClientCertificate(const TestCertificates& ca,
+                                                         const std::string& common_name,
+                                                         const std::vector<std::string>& uri_sans,
+                                                         const TestCaOptions& options = {});
 
 // Generates a new CA key and certificate (basicConstraints CA:TRUE, keyCertSign) and a server
 // certificate signed by it (CA:FALSE, digitalSignature, serverAuth, the SANs of `options`).

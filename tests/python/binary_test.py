@@ -11,6 +11,7 @@ start with a message naming the problem.
 Usage: /usr/bin/python3 binary_test.py <path to token-broker> [unittest arguments]
 """
 import base64
+import hashlib
 import os
 import shutil
 import signal
@@ -69,8 +70,18 @@ class StateDir:
             f.write(f"k1 {key}\n")
         self.db = os.path.join(self.path, "tokens.db")
         self.config = os.path.join(self.path, "config.yaml")
+        # One caller, authenticated by an API key (the config holds only its SHA-256).
+        self.api_key = base64.urlsafe_b64encode(os.urandom(24)).decode()
+        record_secret(self.api_key)
+        digest = hashlib.sha256(self.api_key.encode()).hexdigest()
         with open(self.config, "w") as f:
             f.write(f'store: {{url: "sqlite://{self.db}", encryption_keys_file: "{self.keys}"}}\n')
+            f.write("auth:\n  callers:\n")
+            f.write(f'    - {{name: tests, api_key_sha256: ["{digest}"], connections: ["*"],\n')
+            f.write("       rpcs: [GetToken, Refresh, Revoke, Admin]}\n")
+
+    def credentials(self):
+        return [("authorization", f"Bearer {self.api_key}")]
 
     def remove(self):
         shutil.rmtree(self.path, ignore_errors=True)
@@ -160,12 +171,30 @@ class BinaryTest(unittest.TestCase):
     def test_main_port_answers_the_contract(self):
         with self.channel(self.broker.ports["grpc"]) as ch:
             stub = pb_grpc.TokenBrokerStub(ch)
+            md = self.state.credentials()
             with self.assertRaises(grpc.RpcError) as err:
-                stub.GetToken(pb.GetTokenRequest(connection_id="acme"), timeout=5)
+                stub.GetToken(pb.GetTokenRequest(connection_id="acme"), timeout=5, metadata=md)
             self.assertEqual(err.exception.code(), grpc.StatusCode.NOT_FOUND)
             admin = pb_grpc.ConnectionAdminStub(ch)
-            self.assertEqual(len(admin.ListConnections(pb.ListConnectionsRequest(),
-                                                       timeout=5).connections), 0)
+            self.assertEqual(len(admin.ListConnections(pb.ListConnectionsRequest(), timeout=5,
+                                                       metadata=md).connections), 0)
+
+    def test_main_port_refuses_callers_without_a_known_key(self):
+        with self.channel(self.broker.ports["grpc"]) as ch:
+            stub = pb_grpc.TokenBrokerStub(ch)
+            for md in ([], [("authorization", "Bearer not-a-configured-key")]):
+                with self.assertRaises(grpc.RpcError) as err:
+                    stub.GetToken(pb.GetTokenRequest(connection_id="acme"), timeout=5,
+                                  metadata=md)
+                self.assertEqual(err.exception.code(), grpc.StatusCode.UNAUTHENTICATED)
+                admin = pb_grpc.ConnectionAdminStub(ch)
+                with self.assertRaises(grpc.RpcError) as err:
+                    admin.ListConnections(pb.ListConnectionsRequest(), timeout=5, metadata=md)
+                self.assertEqual(err.exception.code(), grpc.StatusCode.UNAUTHENTICATED)
+            # Health needs no credentials, on the main port too.
+            health = health_pb2_grpc.HealthStub(ch)
+            resp = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            self.assertEqual(resp.status, health_pb2.HealthCheckResponse.SERVING)
 
     def test_zz_sigterm_drains_and_exits_zero(self):  # runs last: it stops the shared broker
         started = time.monotonic()
@@ -238,6 +267,25 @@ class StartupErrorTest(unittest.TestCase):
                                     "--public_listen=127.0.0.1:0", "--admin_listen=127.0.0.1:0")
         self.assertNotEqual(code, 0)
         self.assertIn("encryption_keys_file", err)
+
+    def test_plaintext_or_insecure_grpc_on_a_non_loopback_listener_is_refused(self):
+        state = StateDir()
+        try:
+            for extra, mentions in (([], "grpc.tls"),
+                                    (["--config=" + state.config + ".insecure"],
+                                     "--allow_insecure_grpc_on_non_loopback")):
+                with open(state.config + ".insecure", "w") as f:
+                    f.write(open(state.config).read())
+                    f.write("grpc: {insecure: true}\n")
+                args = extra or [f"--config={state.config}"]
+                code, err = self.run_broker(*args, "--grpc_listen=0.0.0.0:0",
+                                            "--probe_listen=127.0.0.1:0",
+                                            "--public_listen=127.0.0.1:0",
+                                            "--admin_listen=127.0.0.1:0")
+                self.assertNotEqual(code, 0)
+                self.assertIn(mentions, err)
+        finally:
+            state.remove()
 
     def test_missing_config_file_is_refused(self):
         code, err = self.run_broker("--config=/nonexistent/token-broker.yaml")

@@ -5,7 +5,13 @@
 #include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <atomic>
+#include <memory>
+#include <string>
+
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 
 namespace tb {
 
@@ -42,7 +48,54 @@ class JsonEscapedMessage final : public spdlog::custom_flag_formatter {
   }
 };
 
+void AppendJsonEscaped(absl::string_view in, std::string* out) {
+  for (const char c : in) {
+    switch (c) {
+      case '"':
+        out->append("\\\"");
+        break;
+      case '\\':
+        out->append("\\\\");
+        break;
+      case '\n':
+        out->append("\\n");
+        break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) {
+          absl::StrAppend(out, "\\u00", absl::Hex(static_cast<unsigned char>(c), absl::kZeroPad2));
+        } else {
+          out->push_back(c);
+        }
+    }
+  }
+}
+
+std::shared_ptr<spdlog::logger>& AuditLogger() {
+  static auto* const logger = new std::shared_ptr<spdlog::logger>(
+      std::make_shared<spdlog::logger>("audit", std::make_shared<spdlog::sinks::stderr_sink_mt>()));
+  return *logger;
+}
+
 }  // namespace
+
+void Audit(absl::string_view event,
+           std::initializer_list<std::pair<absl::string_view, absl::string_view>> fields) {
+  std::string line = "{\"time\":\"";
+  line += absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", absl::Now(), absl::UTCTimeZone());
+  line += "\",\"audit\":\"";
+  AppendJsonEscaped(event, &line);
+  line += "\"";
+  for (const auto& [k, v] : fields) {
+    line += ",\"";
+    AppendJsonEscaped(k, &line);
+    line += "\":\"";
+    AppendJsonEscaped(v, &line);
+    line += "\"";
+  }
+  line += "}";
+  std::shared_ptr<spdlog::logger> logger = std::atomic_load(&AuditLogger());
+  logger->info(line);
+}
 
 absl::Status InitLogging(const LogOptions& options) {
   const spdlog::level::level_enum level = spdlog::level::from_str(options.level);
@@ -74,6 +127,25 @@ absl::Status InitLogging(const LogOptions& options) {
   }
   logger->set_level(level);
   logger->flush_on(spdlog::level::trace);
+  // Audit lines go where the log goes, as bare JSON objects, never filtered by level. A sink
+  // of their own (a formatter belongs to a sink), appending to the same destination.
+  std::shared_ptr<spdlog::logger> audit;
+  try {
+    if (options.file.empty()) {
+      audit = std::make_shared<spdlog::logger>("audit",
+                                               std::make_shared<spdlog::sinks::stderr_sink_mt>());
+    } else {
+      audit = std::make_shared<spdlog::logger>(
+          "audit",
+          std::make_shared<spdlog::sinks::basic_file_sink_mt>(options.file, /*truncate=*/false));
+    }
+  } catch (const spdlog::spdlog_ex& e) {
+    return absl::UnavailableError(absl::StrCat("cannot open log file: ", e.what()));
+  }
+  audit->set_pattern("%v");
+  audit->set_level(spdlog::level::trace);
+  audit->flush_on(spdlog::level::trace);
+  std::atomic_store(&AuditLogger(), std::move(audit));
   spdlog::set_default_logger(std::move(logger));
   return absl::OkStatus();
 }

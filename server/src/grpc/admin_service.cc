@@ -7,6 +7,7 @@
 
 #include "absl/strings/escaping.h"
 #include "server/src/core/errors.h"
+#include "server/src/grpc/caller_auth.h"
 #include "server/src/grpc/status_mapping.h"
 
 namespace tb::grpc_api {
@@ -40,6 +41,11 @@ absl::StatusOr<std::string> DecodePageToken(const std::string& token) {
 grpc::ServerUnaryReactor* AdminService::CreateConnectLink(grpc::CallbackServerContext* ctx,
                                                           const v1::CreateConnectLinkRequest* req,
                                                           v1::CreateConnectLinkResponse* resp) {
+  if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
+          Authorize(*ctx, authorizer_, auth::Permission::kAdmin, "CreateConnectLink", "");
+      !caller.ok()) {
+    return Done(ctx, ToGrpcStatus(caller.status()));
+  }
   if (req->ttl().seconds() < 0 || req->ttl().nanos() < 0) {
     return Done(ctx, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "ttl must not be negative"));
   }
@@ -68,6 +74,11 @@ grpc::ServerUnaryReactor* AdminService::CreateConnectLink(grpc::CallbackServerCo
 grpc::ServerUnaryReactor* AdminService::RevokeConnectLink(grpc::CallbackServerContext* ctx,
                                                           const v1::RevokeConnectLinkRequest* req,
                                                           v1::RevokeConnectLinkResponse*) {
+  if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
+          Authorize(*ctx, authorizer_, auth::Permission::kAdmin, "RevokeConnectLink", "");
+      !caller.ok()) {
+    return Done(ctx, ToGrpcStatus(caller.status()));
+  }
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   run_blocking_([this, reactor, req] {
     const absl::Status s = flow_.RevokeLink(req->link_id());
@@ -80,6 +91,11 @@ grpc::ServerUnaryReactor* AdminService::RevokeConnectLink(grpc::CallbackServerCo
 grpc::ServerUnaryReactor* AdminService::GetConnection(grpc::CallbackServerContext* ctx,
                                                       const v1::GetConnectionRequest* req,
                                                       v1::Connection* resp) {
+  if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
+          Authorize(*ctx, authorizer_, auth::Permission::kAdmin, "GetConnection", "");
+      !caller.ok()) {
+    return Done(ctx, ToGrpcStatus(caller.status()));
+  }
   if (absl::Status s = core::ValidateConnectionId(req->connection_id()); !s.ok()) {
     return Done(ctx, ToGrpcStatus(s));
   }
@@ -95,6 +111,11 @@ grpc::ServerUnaryReactor* AdminService::GetConnection(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* AdminService::ListConnections(grpc::CallbackServerContext* ctx,
                                                         const v1::ListConnectionsRequest* req,
                                                         v1::ListConnectionsResponse* resp) {
+  if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
+          Authorize(*ctx, authorizer_, auth::Permission::kAdmin, "ListConnections", "");
+      !caller.ok()) {
+    return Done(ctx, ToGrpcStatus(caller.status()));
+  }
   if (req->page_size() < 0) {
     return Done(ctx,
                 grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "page_size must not be negative"));
@@ -128,6 +149,11 @@ grpc::ServerUnaryReactor* AdminService::ListConnections(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* AdminService::DeleteConnection(grpc::CallbackServerContext* ctx,
                                                          const v1::DeleteConnectionRequest* req,
                                                          v1::DeleteConnectionResponse*) {
+  if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
+          Authorize(*ctx, authorizer_, auth::Permission::kAdmin, "DeleteConnection", "");
+      !caller.ok()) {
+    return Done(ctx, ToGrpcStatus(caller.status()));
+  }
   if (absl::Status s = core::ValidateConnectionId(req->connection_id()); !s.ok()) {
     return Done(ctx, ToGrpcStatus(s));
   }
@@ -144,6 +170,11 @@ grpc::ServerUnaryReactor* AdminService::DeleteConnection(grpc::CallbackServerCon
 grpc::ServerUnaryReactor* AdminService::RotateKeys(grpc::CallbackServerContext* ctx,
                                                    const v1::RotateKeysRequest* req,
                                                    v1::RotateKeysResponse* resp) {
+  if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
+          Authorize(*ctx, authorizer_, auth::Permission::kAdmin, "RotateKeys", "");
+      !caller.ok()) {
+    return Done(ctx, ToGrpcStatus(caller.status()));
+  }
   if (req->batch_size() < 0 || req->batch_size() > 10'000) {
     return Done(ctx, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                                   "batch_size must be 0 (500) to 10000"));

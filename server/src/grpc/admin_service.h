@@ -1,6 +1,7 @@
 #ifndef TB_GRPC_ADMIN_SERVICE_H_
 #define TB_GRPC_ADMIN_SERVICE_H_
 
+#include "server/src/auth/authorizer.h"
 #include "server/src/common/work_pool.h"
 #include "server/src/oauth/authorization_flow.h"
 #include "server/src/oauth/broker.h"
@@ -13,8 +14,13 @@ namespace tb::grpc_api {
 // `run_blocking`, never on a gRPC thread. `broker` and `flow` must outlive the service.
 class AdminService final : public tokenbroker::v1::ConnectionAdmin::CallbackService {
  public:
-  AdminService(oauth::Broker& broker, oauth::AuthorizationFlow& flow, RunBlocking run_blocking)
-      : broker_(broker), flow_(flow), run_blocking_(std::move(run_blocking)) {}
+  // Every method needs the caller's Admin permission (`authorizer`, which must outlive it).
+  AdminService(oauth::Broker& broker, oauth::AuthorizationFlow& flow, RunBlocking run_blocking,
+               const auth::Authorizer& authorizer)
+      : broker_(broker),
+        flow_(flow),
+        run_blocking_(std::move(run_blocking)),
+        authorizer_(authorizer) {}
 
   grpc::ServerUnaryReactor* CreateConnectLink(
       grpc::CallbackServerContext* ctx, const tokenbroker::v1::CreateConnectLinkRequest* req,
@@ -39,6 +45,7 @@ class AdminService final : public tokenbroker::v1::ConnectionAdmin::CallbackServ
   oauth::Broker& broker_;
   oauth::AuthorizationFlow& flow_;
   const RunBlocking run_blocking_;
+  const auth::Authorizer& authorizer_;
 };
 
 }  // namespace tb::grpc_api

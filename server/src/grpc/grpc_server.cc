@@ -5,13 +5,22 @@
 #include <grpcpp/impl/server_builder_option.h>
 #include <spdlog/spdlog.h>
 
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_credentials_options.h>
+
+#include <algorithm>
 #include <atomic>
+#include <fstream>
+#include <sstream>
 #include <thread>
 #include <utility>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "server/src/common/mutex.h"
+#include "server/src/common/status_macros.h"
 #include "server/src/grpc/admin_service.h"
 #include "server/src/grpc/health_service.h"
 #include "server/src/grpc/token_service.h"
@@ -34,19 +43,66 @@ class WithoutReflection final : public grpc::ServerBuilderOption {
   }
 };
 
+// Checks that a PEM file is readable and holds what it should before gRPC gets it (gRPC's file
+// watcher would only log and keep serving without credentials).
+absl::Status CheckPemFile(const std::string& path, absl::string_view what,
+                          absl::string_view marker) {
+  std::ifstream in(path);
+  if (!in) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot read the ", what, " file ", path));
+  }
+  std::stringstream buf;
+  buf << in.rdbuf();
+  if (!absl::StrContains(buf.str(), marker)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, " does not hold a PEM ", what, " (no '", marker, "')"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MainCredentials(
+    const std::optional<GrpcTlsOptions>& tls) {
+  if (!tls) {
+    return grpc::InsecureServerCredentials();
+  }
+  TB_RETURN_IF_ERROR(CheckPemFile(tls->cert_file, "certificate", "-----BEGIN CERTIFICATE-----"));
+  TB_RETURN_IF_ERROR(CheckPemFile(tls->key_file, "private key", "PRIVATE KEY-----"));
+  if (!tls->client_ca_file.empty()) {
+    TB_RETURN_IF_ERROR(
+        CheckPemFile(tls->client_ca_file, "client CA", "-----BEGIN CERTIFICATE-----"));
+  }
+  const auto interval =
+      static_cast<unsigned int>(std::max<int64_t>(1, absl::ToInt64Seconds(tls->reload_interval)));
+  auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+      tls->key_file, tls->cert_file, tls->client_ca_file, interval);
+  grpc::experimental::TlsServerCredentialsOptions options(provider);
+  options.watch_identity_key_cert_pairs();
+  if (!tls->client_ca_file.empty()) {
+    options.watch_root_certs();
+    // Requested and verified when sent, not required: callers may use API keys instead. A
+    // certificate from another CA fails the handshake.
+    options.set_cert_request_type(GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY);
+  } else {
+    options.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  }
+  return grpc::experimental::TlsServerCredentials(options);
+}
+
 }  // namespace
 
 class GrpcServer::Impl {
  public:
   Impl(const GrpcServerOptions& options, GrpcDomain domain)
       : options_(options),
-        token_service_(
-            {domain.broker, domain.cache, domain.flow, domain.refresher, domain.run_blocking},
-            {options.cq_threads > 0
-                 ? options.cq_threads
-                 : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())),
-             options.max_watch_streams, options.max_watch_streams_per_caller}),
-        admin_service_(domain.broker, domain.flow, std::move(domain.run_blocking)) {}
+        allow_all_(domain.authorizer == nullptr ? auth::Authorizer::AllowAll() : nullptr),
+        authorizer_(domain.authorizer != nullptr ? *domain.authorizer : *allow_all_),
+        token_service_({domain.broker, domain.cache, domain.flow, domain.refresher,
+                        domain.run_blocking, authorizer_},
+                       {options.cq_threads > 0
+                            ? options.cq_threads
+                            : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())),
+                        options.max_watch_streams, options.max_watch_streams_per_caller}),
+        admin_service_(domain.broker, domain.flow, std::move(domain.run_blocking), authorizer_) {}
 
   absl::Status Start() {
     // Our own health service (one status table for both ports) instead of gRPC's built-in one;
@@ -54,11 +110,18 @@ class GrpcServer::Impl {
     grpc::EnableDefaultHealthCheckService(false);
     grpc::reflection::InitProtoReflectionServerBuilderPlugin();
 
+    absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> creds = MainCredentials(options_.tls);
+    if (!creds.ok()) {
+      return creds.status();
+    }
     grpc::ServerBuilder builder;
     // gRPC sets SO_REUSEPORT by default, which would let a second broker bind the same port
     // and silently share its traffic; a taken port must be a start-up error instead.
     builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
-    builder.AddListeningPort(options_.listen, grpc::InsecureServerCredentials(), &port_);
+    if (!options_.reflection) {
+      builder.SetOption(std::make_unique<WithoutReflection>());
+    }
+    builder.AddListeningPort(options_.listen, *creds, &port_);
     token_service_.RegisterWith(builder);
     builder.RegisterService(&admin_service_);
     builder.RegisterService(&health_);
@@ -84,7 +147,11 @@ class GrpcServer::Impl {
     health_.SetServing(kLivenessService, true);
     health_.SetServing("", false);
     health_.SetServing(kTokenBrokerService, false);
-    spdlog::info("gRPC listening on {} (port {}), probes on {} (port {})", options_.listen, port_,
+    spdlog::info("gRPC listening on {} (port {}, {}), probes on {} (port {})", options_.listen,
+                 port_,
+                 !options_.tls                          ? "plaintext"
+                 : options_.tls->client_ca_file.empty() ? "TLS"
+                                                        : "TLS, client certificates",
                  options_.probe_listen, probe_port_);
     return absl::OkStatus();
   }
@@ -133,6 +200,8 @@ class GrpcServer::Impl {
 
  private:
   const GrpcServerOptions options_;
+  const std::unique_ptr<auth::Authorizer> allow_all_;  // when the domain brings none
+  auth::Authorizer& authorizer_;
   HealthService health_;
   TokenService token_service_;
   AdminService admin_service_;

@@ -2,10 +2,12 @@
 #define TB_GRPC_GRPC_SERVER_H_
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "server/src/auth/authorizer.h"
 #include "server/src/cache/connection_cache.h"
 #include "server/src/common/work_pool.h"
 #include "server/src/oauth/authorization_flow.h"
@@ -14,10 +16,23 @@
 
 namespace tb::grpc_api {
 
+// A server certificate and key (and optionally the CA that client certificates must chain to),
+// in PEM files that are re-read every `reload_interval` (gRPC's FileWatcherCertificateProvider):
+// cert-manager can rotate them without a restart, and open connections are not dropped.
+struct GrpcTlsOptions {
+  std::string cert_file;
+  std::string key_file;
+  std::string client_ca_file;  // empty: no client certificates (API keys only)
+  absl::Duration reload_interval = absl::Seconds(60);
+};
+
 struct GrpcServerOptions {
   std::string listen = "127.0.0.1:0";        // main port: every service
   std::string probe_listen = "127.0.0.1:0";  // plaintext probe port: grpc.health.v1 only
   int cq_threads = 0;                        // 0: one per core
+  // TLS on the main port; nullopt: plaintext (main refuses that on a non-loopback listener).
+  std::optional<GrpcTlsOptions> tls;
+  bool reflection = true;  // server reflection on the main port
   // Open WatchToken streams at most, in all and per caller.
   size_t max_watch_streams = 10'000;
   size_t max_watch_streams_per_caller = 1'000;
@@ -40,13 +55,17 @@ struct GrpcDomain {
   oauth::AuthorizationFlow& flow;
   oauth::Refresher& refresher;
   RunBlocking run_blocking;
+  // Who may call what on the main port (health needs no credentials). Null: insecure mode,
+  // everything allowed (tests; main only with grpc.insecure).
+  auth::Authorizer* authorizer = nullptr;
 };
 
 // Thread-safe.
 class GrpcServer {
  public:
   // Binds both ports and starts serving; readiness starts NOT_SERVING.
-  // Errors: UNAVAILABLE (a port could not be bound).
+  // Errors: UNAVAILABLE (a port could not be bound), INVALID_ARGUMENT (a TLS file that cannot be
+  // read, or that is not a certificate / key).
   static absl::StatusOr<std::unique_ptr<GrpcServer>> Start(const GrpcServerOptions& options,
                                                            GrpcDomain domain);
   ~GrpcServer();

@@ -10,9 +10,11 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "server/src/common/logging.h"
 #include "server/src/common/mutex.h"
 #include "server/src/common/secret_format.h"
 #include "server/src/core/errors.h"
+#include "server/src/grpc/caller_auth.h"
 #include "server/src/grpc/status_mapping.h"
 
 namespace tb::grpc_api {
@@ -94,10 +96,12 @@ class TokenService::Impl final : public TokenService::Service {
         cache_(deps.cache),
         refresher_(deps.refresher),
         run_blocking_(std::move(deps.run_blocking)),
+        authorizer_(deps.authorizer),
         options_(options),
         cq_threads_(std::max(1, options.cq_threads)) {}
 
   void RegisterWith(grpc::ServerBuilder& builder) {
+    authorizer_.set_on_replace([this] { RecheckStreams(); });
     builder.RegisterService(this);
     for (int i = 0; i < cq_threads_; ++i) {
       cqs_.push_back(builder.AddCompletionQueue());
@@ -123,6 +127,12 @@ class TokenService::Impl final : public TokenService::Service {
   grpc::ServerUnaryReactor* Refresh(grpc::CallbackServerContext* ctx, const v1::RefreshRequest* req,
                                     v1::RefreshResponse* resp) override {
     grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
+    if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller = Authorize(
+            *ctx, authorizer_, auth::Permission::kRefresh, "Refresh", req->connection_id());
+        !caller.ok()) {
+      r->Finish(ToGrpcStatus(caller.status()));
+      return r;
+    }
     if (absl::Status s = core::ValidateConnectionId(req->connection_id()); !s.ok()) {
       r->Finish(ToGrpcStatus(s));
       return r;
@@ -143,22 +153,33 @@ class TokenService::Impl final : public TokenService::Service {
   grpc::ServerUnaryReactor* Revoke(grpc::CallbackServerContext* ctx, const v1::RevokeRequest* req,
                                    v1::RevokeResponse* resp) override {
     grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
+    absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
+        Authorize(*ctx, authorizer_, auth::Permission::kRevoke, "Revoke", req->connection_id());
+    if (!caller.ok()) {
+      r->Finish(ToGrpcStatus(caller.status()));
+      return r;
+    }
     if (absl::Status s = core::ValidateConnectionId(req->connection_id()); !s.ok()) {
       r->Finish(ToGrpcStatus(s));
       return r;
     }
-    refresher_.Revoke(req->connection_id(),
-                      [r, resp, id = req->connection_id()](absl::StatusOr<bool> confirmed) {
-                        spdlog::info("Revoke connection={} code={} provider_confirmed={}", id,
-                                     absl::StatusCodeToString(confirmed.status().code()),
-                                     confirmed.ok() && *confirmed);
-                        if (!confirmed.ok()) {
-                          r->Finish(ToGrpcStatus(confirmed.status()));
-                          return;
-                        }
-                        resp->set_provider_confirmed(*confirmed);
-                        r->Finish(grpc::Status::OK);
-                      });
+    refresher_.Revoke(req->connection_id(), [r, resp, id = req->connection_id(),
+                                             who =
+                                                 (*caller)->name](absl::StatusOr<bool> confirmed) {
+      spdlog::info("Revoke connection={} code={} provider_confirmed={}", id,
+                   absl::StatusCodeToString(confirmed.status().code()),
+                   confirmed.ok() && *confirmed);
+      Audit("revoke", {{"caller", who},
+                       {"connection", id},
+                       {"outcome", absl::StatusCodeToString(confirmed.status().code())},
+                       {"provider_confirmed", confirmed.ok() && *confirmed ? "true" : "false"}});
+      if (!confirmed.ok()) {
+        r->Finish(ToGrpcStatus(confirmed.status()));
+        return;
+      }
+      resp->set_provider_confirmed(*confirmed);
+      r->Finish(grpc::Status::OK);
+    });
     return r;
   }
 
@@ -180,6 +201,9 @@ class TokenService::Impl final : public TokenService::Service {
   // At shutdown: every waiting call gets an answer before the completion queues close.
   void AnswerWaitingCalls() ABSL_LOCKS_EXCLUDED(wait_mu_);
 
+  // Rules were reloaded: every open WatchToken stream checks its caller again.
+  void RecheckStreams() ABSL_LOCKS_EXCLUDED(watch_mu_);
+
   // WatchToken stream accounting. Acquire returns false when a limit is reached.
   bool AcquireStream(const std::string& caller) ABSL_LOCKS_EXCLUDED(watch_mu_);
   void ReleaseStream(const std::string& caller) ABSL_LOCKS_EXCLUDED(watch_mu_);
@@ -188,6 +212,7 @@ class TokenService::Impl final : public TokenService::Service {
   cache::ConnectionCache& cache_;
   oauth::Refresher& refresher_;
   const RunBlocking run_blocking_;
+  auth::Authorizer& authorizer_;
   const Options options_;
   const int cq_threads_;
   std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> cqs_;
@@ -203,6 +228,8 @@ class TokenService::Impl final : public TokenService::Service {
   Mutex watch_mu_;
   size_t watch_streams_ ABSL_GUARDED_BY(watch_mu_) = 0;
   absl::flat_hash_map<std::string, size_t> watch_streams_by_caller_ ABSL_GUARDED_BY(watch_mu_);
+  absl::flat_hash_map<WatchReactor*, std::weak_ptr<WatchReactor>> watches_
+      ABSL_GUARDED_BY(watch_mu_);
 };
 
 // A GetToken in flight on the CQ model: requested -> (waiting ->) finishing -> done.
@@ -225,6 +252,13 @@ class TokenService::Impl::GetTokenCall {
     }
     new GetTokenCall(impl_, cq_);  // keep a request armed for the next caller
     finishing_ = true;
+    if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
+            Authorize(ctx_, impl_.authorizer_, auth::Permission::kGetToken, "GetToken",
+                      request_.connection_id());
+        !caller.ok()) {
+      Finish(ToGrpcStatus(caller.status()));
+      return true;
+    }
     absl::Duration min_ttl;
     if (std::optional<grpc::Status> status =
             ServeGetToken(impl_.broker_, request_, &response_, &min_ttl)) {
@@ -420,6 +454,24 @@ class TokenService::Impl::WatchReactor final
     return raw;
   }
 
+  void SetIdentity(auth::Identity identity) { identity_ = std::move(identity); }
+  void SetRelease(std::function<void()> release) { release_ = std::move(release); }
+
+  // The rules changed: a caller that may no longer watch this connection is cut off.
+  void Recheck(const auth::Authorizer& authorizer) {
+    absl::StatusOr<std::shared_ptr<const auth::Caller>> c = authorizer.Authenticate(identity_);
+    absl::Status allowed =
+        c.ok() ? auth::Authorizer::Authorize(**c, auth::Permission::kGetToken, id_) : c.status();
+    if (!allowed.ok()) {
+      Audit("permission_denied", {{"caller", c.ok() ? (*c)->name : std::string("unknown")},
+                                  {"rpc", "WatchToken"},
+                                  {"connection", id_},
+                                  {"outcome", "stream ended: permission withdrawn"}});
+      End(grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                       "permission to watch this connection was withdrawn"));
+    }
+  }
+
   void OnWriteDone(bool ok) override {
     if (!ok) {
       End(grpc::Status(grpc::StatusCode::CANCELLED, "stream closed"));
@@ -482,7 +534,8 @@ class TokenService::Impl::WatchReactor final
   cache::ConnectionCache& cache_;
   const oauth::Broker& broker_;
   const std::string id_;
-  const std::function<void()> release_;
+  std::function<void()> release_;       // set before Begin
+  auth::Identity identity_;             // set before Begin; what the caller presented
   std::shared_ptr<WatchReactor> self_;  // keeps the reactor alive until OnDone
   uint64_t handle_ = 0;                 // set before any notification can arrive
 
@@ -496,7 +549,16 @@ class TokenService::Impl::WatchReactor final
 
 grpc::ServerWriteReactor<v1::WatchTokenResponse>* TokenService::Impl::WatchToken(
     grpc::CallbackServerContext* ctx, const v1::WatchTokenRequest* req) {
-  std::string caller = CallerKey(ctx);
+  absl::StatusOr<std::shared_ptr<const auth::Caller>> who =
+      Authorize(*ctx, authorizer_, auth::Permission::kGetToken, "WatchToken", req->connection_id());
+  if (!who.ok()) {
+    return WatchReactor::Begin(
+        std::make_shared<WatchReactor>(cache_, broker_, req->connection_id(), nullptr),
+        ToGrpcStatus(who.status()));
+  }
+  // Limits are per authenticated caller; in insecure mode everyone is the same caller, so the
+  // peer's address stands in.
+  std::string caller = authorizer_.allows_all() ? CallerKey(ctx) : (*who)->name;
   if (!AcquireStream(caller)) {
     spdlog::warn("WatchToken refused: stream limit reached caller={}", caller);
     return WatchReactor::Begin(
@@ -504,10 +566,36 @@ grpc::ServerWriteReactor<v1::WatchTokenResponse>* TokenService::Impl::WatchToken
         grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                      "too many WatchToken streams open; close some or use fewer"));
   }
-  return WatchReactor::Begin(
-      std::make_shared<WatchReactor>(cache_, broker_, req->connection_id(),
-                                     [this, caller = std::move(caller)] { ReleaseStream(caller); }),
-      grpc::Status::OK);
+  auto reactor = std::make_shared<WatchReactor>(cache_, broker_, req->connection_id(), nullptr);
+  WatchReactor* raw = reactor.get();
+  reactor->SetIdentity(IdentityOf(*ctx));
+  {
+    MutexLock lock(&watch_mu_);
+    watches_.emplace(raw, reactor);
+  }
+  reactor->SetRelease([this, raw, caller = std::move(caller)] {
+    {
+      MutexLock lock(&watch_mu_);
+      watches_.erase(raw);
+    }
+    ReleaseStream(caller);
+  });
+  return WatchReactor::Begin(std::move(reactor), grpc::Status::OK);
+}
+
+void TokenService::Impl::RecheckStreams() {
+  std::vector<std::shared_ptr<WatchReactor>> open;
+  {
+    MutexLock lock(&watch_mu_);
+    for (const auto& [raw, weak] : watches_) {
+      if (std::shared_ptr<WatchReactor> r = weak.lock()) {
+        open.push_back(std::move(r));
+      }
+    }
+  }
+  for (const std::shared_ptr<WatchReactor>& r : open) {
+    r->Recheck(authorizer_);
+  }
 }
 
 TokenService::TokenService(Deps deps, Options options)

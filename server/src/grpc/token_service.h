@@ -7,6 +7,7 @@
 #include <thread>
 #include <vector>
 
+#include "server/src/auth/authorizer.h"
 #include "server/src/cache/connection_cache.h"
 #include "server/src/common/work_pool.h"
 #include "server/src/oauth/authorization_flow.h"
@@ -48,6 +49,9 @@ class TokenService {
     oauth::AuthorizationFlow& flow;
     oauth::Refresher& refresher;
     RunBlocking run_blocking;
+    // Who may call what. Its on_replace hook is taken by the service: open WatchToken streams
+    // whose caller lost the permission end with PERMISSION_DENIED.
+    auth::Authorizer& authorizer;
   };
   TokenService(Deps deps, Options options);
   ~TokenService();

@@ -45,6 +45,19 @@ std::string ErrorReason(const absl::Status& status);
 // connection), as opposed to the server answering UNAVAILABLE.
 bool IsUnreachable(const absl::Status& status);
 
+// How to reach and authenticate to the broker.
+struct ClientOptions {
+  std::string target;  // host:port
+  // TLS: trust `ca_file` (PEM; empty: the system roots). Set by any of these fields.
+  bool tls = false;
+  std::string ca_file;
+  // mTLS: this client's certificate and key (PEM files).
+  std::string cert_file;
+  std::string key_file;
+  // Sent as `authorization: Bearer <key>` on every call. A secret: never logged.
+  std::string api_key;
+};
+
 // One client over one channel: TokenBroker, ConnectionAdmin and grpc.health.v1.Health.
 //
 // Thread-safe (gRPC stubs are). Each method blocks until the answer arrives or `timeout`
@@ -58,6 +71,9 @@ class TokenClient {
   // A client over a plaintext channel to `target` (e.g. "127.0.0.1:8443"). The connection is
   // made lazily, by the first call.
   static std::unique_ptr<TokenClient> Insecure(const std::string& target);
+  // A client as `options` says. Errors: INVALID_ARGUMENT (a file that cannot be read, a
+  // certificate without its key).
+  static absl::StatusOr<std::unique_ptr<TokenClient>> Create(const ClientOptions& options);
 
   // A token valid for at least `min_ttl` (zero: any valid token).
   // Errors: NOT_FOUND (unknown connection); FAILED_PRECONDITION with a reason (NOT_CONNECTED,
@@ -126,11 +142,14 @@ class TokenClient {
  private:
   // Maps a finished call's status, marking transport failures (see IsUnreachable).
   absl::Status Finish(const grpc::Status& status) const;
+  // The call's deadline and credentials.
+  void SetDeadline(grpc::ClientContext& ctx, absl::Duration timeout) const;
 
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<tokenbroker::v1::TokenBroker::Stub> broker_;
   std::unique_ptr<tokenbroker::v1::ConnectionAdmin::Stub> admin_;
   std::unique_ptr<grpc::health::v1::Health::Stub> health_;
+  std::string api_key_;  // a secret: only ever put into the authorization header
 };
 
 }  // namespace tb::client
