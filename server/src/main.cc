@@ -3,6 +3,8 @@
 // concrete type.
 
 #include <signal.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <chrono>
@@ -17,6 +19,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
@@ -30,6 +33,7 @@
 #include "server/src/common/clock.h"
 #include "server/src/common/logging.h"
 #include "server/src/common/mutex.h"
+#include "server/src/common/secret.h"
 #include "server/src/common/secret_format.h"
 #include "server/src/common/work_pool.h"
 #include "server/src/config/config.h"
@@ -195,6 +199,10 @@ absl::StatusOr<tb::http::HttpServerOptions> HttpOptions(const std::string& liste
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("token-broker [--config=FILE] [overrides]");
   absl::ParseCommandLine(argc, argv);
+  // No core dumps: one would hold every token, refresh token and key in memory.
+  const rlimit no_core{0, 0};
+  setrlimit(RLIMIT_CORE, &no_core);
+  prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 
   absl::StatusOr<tb::config::Config> config = ReadConfig();
   if (!config.ok()) {
@@ -216,6 +224,12 @@ int main(int argc, char** argv) {
   tb::SystemClock clock;
   tb::crypto::OpenSslRandom random;
   tb::crypto::OpenSslDigest digest;
+  // Log fingerprints of secrets are keyed; with a configured link key, replicas and restarts
+  // agree on them (otherwise each process draws its own key).
+  if (config->links.signing_key) {
+    tb::SetFingerprintKey(
+        digest.HmacSha256(config->links.signing_key->Reveal(), "token-broker fingerprints v1"));
+  }
   // Encryption at rest: every secret a durable store holds is sealed with the newest key.
   std::unique_ptr<tb::crypto::AesGcmCipher> cipher;
   if (config->store.encryption_keys) {
@@ -301,6 +315,23 @@ int main(int argc, char** argv) {
       spdlog::info("oauth {} connection={}", std::string(event), id);
     } else {
       spdlog::warn("oauth {} connection={}: {}", std::string(event), id, s.ToString());
+    }
+    // What changed a connection's access, for the audit trail.
+    static const absl::flat_hash_map<absl::string_view, absl::string_view>* const kAudited =
+        new absl::flat_hash_map<absl::string_view, absl::string_view>{
+            {"connected", "connect"},
+            {"previous_grant_revoked", "reconnect"},
+            {"connection_revoked", "revoke"},
+            {"connection_deleted", "delete"},
+            {"needs_reauth", "needs_reauth"},
+            {"rotation_lost", "needs_reauth"},
+            {"provider_misconfigured", "provider_misconfigured"},
+            {"revoked_at_provider", "revoked_at_provider"},
+        };
+    if (const auto it = kAudited->find(event); it != kAudited->end()) {
+      tb::Audit(it->second, {{"connection", id},
+                             {"event", event},
+                             {"outcome", s.ok() ? "ok" : std::string(s.message())}});
     }
   };
   tb::oauth::RevokerOptions revoker_options;

@@ -196,6 +196,11 @@ class BinaryTest(unittest.TestCase):
             resp = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
             self.assertEqual(resp.status, health_pb2.HealthCheckResponse.SERVING)
 
+    def test_no_core_dumps(self):
+        with open(f"/proc/{self.broker.proc.pid}/limits") as f:
+            line = next(l for l in f if l.startswith("Max core file size"))
+        self.assertEqual(line.split()[4:6], ["0", "0"])  # soft and hard limits
+
     def test_zz_sigterm_drains_and_exits_zero(self):  # runs last: it stops the shared broker
         started = time.monotonic()
         self.assertEqual(self.broker.stop(signal.SIGTERM), 0)
