@@ -27,6 +27,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "server/src/auth/authorizer.h"
 #include "server/src/cache/connection_cache.h"
@@ -219,6 +220,7 @@ int main(int argc, char** argv) {
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGTERM);
   sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
   tb::SystemClock clock;
@@ -353,6 +355,12 @@ int main(int argc, char** argv) {
   refresher_options.hot_window = config->refresh.hot_window;
   refresher_options.retry_delay = config->refresh.retry_delay;
   refresher_options.max_wait = config->refresh.max_wait;
+  refresher_options.jitter = [&random] {  // full jitter for retry backoff: (0, 1]
+    uint8_t b[4];
+    random.Fill(absl::MakeSpan(b));
+    const uint32_t r = uint32_t{b[0]} << 24 | uint32_t{b[1]} << 16 | uint32_t{b[2]} << 8 | b[3];
+    return (static_cast<double>(r) + 1.0) / 4294967296.0;
+  };
   tb::oauth::Refresher refresher(refresher_options, config->providers, clock, broker,
                                  **provider_client, revoker, run_blocking, events);
   refresher_hook = &refresher;
@@ -446,55 +454,113 @@ int main(int argc, char** argv) {
       cache.size(), broker.data_loss_count(), config->providers.size(),
       RedactedStoreUrl(config->store.url), flow.redirect_uri());
 
-  // Callers and their rules reload without a restart when the callers file changes.
-  tb::Mutex reload_mu;
-  tb::CondVar reload_cv;
-  bool reload_stop = false;
-  std::thread callers_watcher;
-  if (authorizer != nullptr && !config->auth.callers_file.empty()) {
-    callers_watcher = std::thread([&] {
-      std::optional<std::filesystem::file_time_type> seen = ModifiedAt(config->auth.callers_file);
-      tb::MutexLock lock(&reload_mu);
-      while (!reload_stop) {
-        reload_cv.WaitFor(&reload_mu, std::chrono::seconds(2));
+  // Housekeeping every 2 s: the callers file (reloaded without a restart when it changes), and
+  // the store (probed while it is down; rotated grants it missed written once it is back).
+  tb::Mutex house_mu;
+  tb::CondVar house_cv;
+  bool house_stop = false;
+  const auto reload_callers = [&](absl::string_view why) {
+    absl::StatusOr<std::vector<tb::auth::CallerRule>> rules = CallerRules(*config);
+    absl::Status s = rules.ok() ? authorizer->Replace(*std::move(rules)) : rules.status();
+    if (s.ok()) {
+      spdlog::info("callers reloaded ({}): {} callers", std::string(why), authorizer->callers());
+    } else {
+      spdlog::error("callers not reloaded ({}), keeping the previous rules: {}", std::string(why),
+                    s.ToString());
+    }
+    tb::Audit("callers_reloaded", {{"file", config->auth.callers_file},
+                                   {"trigger", why},
+                                   {"outcome", s.ok() ? "ok" : std::string(s.message())}});
+  };
+  std::thread housekeeping([&] {
+    std::optional<std::filesystem::file_time_type> seen;
+    if (!config->auth.callers_file.empty()) {
+      seen = ModifiedAt(config->auth.callers_file);
+    }
+    bool store_was_healthy = true;
+    tb::MutexLock lock(&house_mu);
+    while (!house_stop) {
+      house_cv.WaitFor(&house_mu, std::chrono::seconds(2));
+      if (house_stop) {
+        break;
+      }
+      if (authorizer != nullptr && !config->auth.callers_file.empty()) {
         const std::optional<std::filesystem::file_time_type> now =
             ModifiedAt(config->auth.callers_file);
-        if (reload_stop || now == seen) {
-          continue;
+        if (now != seen) {
+          seen = now;
+          reload_callers("file changed");
         }
-        seen = now;
-        absl::StatusOr<std::vector<tb::auth::CallerRule>> rules = CallerRules(*config);
-        absl::Status s = rules.ok() ? authorizer->Replace(*std::move(rules)) : rules.status();
-        if (s.ok()) {
-          spdlog::info("callers reloaded from {}: {} callers", config->auth.callers_file,
-                       authorizer->callers());
-        } else {
-          spdlog::error("callers file {} not reloaded, keeping the previous rules: {}",
-                        config->auth.callers_file, s.ToString());
-        }
-        tb::Audit("callers_reloaded", {{"file", config->auth.callers_file},
-                                       {"outcome", s.ok() ? "ok" : std::string(s.message())}});
       }
-    });
-  }
+      if (!broker.store_healthy() || broker.unwritten() > 0) {
+        (void)broker.ProbeStore();
+      }
+      if (broker.store_healthy() && broker.unwritten() > 0) {
+        const size_t left = broker.FlushUnwritten();
+        spdlog::info("store is back: {} rotated grants still unwritten", left);
+      }
+      const bool healthy = broker.store_healthy();
+      if (healthy != store_was_healthy) {
+        store_was_healthy = healthy;
+        grpc->SetHealth(tb::grpc_api::kStoreService, healthy);
+        if (healthy) {
+          spdlog::info("store reachable again");
+        } else {
+          spdlog::error("store unreachable: serving from memory; scheduled refreshes paused");
+        }
+      }
+    }
+  });
 
+  // SIGHUP reloads what can change without a restart (log level, callers); SIGTERM and SIGINT
+  // drain and exit.
   int sig = 0;
-  sigwait(&stop_signals, &sig);
+  for (;;) {
+    sigwait(&stop_signals, &sig);
+    if (sig != SIGHUP) {
+      break;
+    }
+    spdlog::info("SIGHUP: reloading the log level and the callers");
+    if (const std::string path = absl::GetFlag(FLAGS_config); !path.empty()) {
+      absl::StatusOr<tb::config::Config> fresh = tb::config::LoadConfigFile(path, &Getenv);
+      if (!fresh.ok()) {
+        spdlog::error("SIGHUP: {} not reloaded: {}", path, fresh.status().ToString());
+        continue;
+      }
+      std::string level = fresh->log.level;
+      Override(&level, FLAGS_log_level);
+      spdlog::set_level(spdlog::level::from_str(level));
+      spdlog::info("log level {}", level);
+      tb::MutexLock lock(&house_mu);  // the housekeeping thread reads the callers too
+      config->auth.callers = fresh->auth.callers;
+      if (authorizer != nullptr) {
+        reload_callers("SIGHUP");
+      }
+    } else if (authorizer != nullptr) {
+      tb::MutexLock lock(&house_mu);
+      reload_callers("SIGHUP");
+    }
+  }
   spdlog::info("signal {}: draining", sig);
-  {
-    tb::MutexLock lock(&reload_mu);
-    reload_stop = true;
-  }
-  reload_cv.SignalAll();
-  if (callers_watcher.joinable()) {
-    callers_watcher.join();
-  }
+  // Readiness first, so that load balancers stop sending; liveness stays SERVING to the end.
   grpc->SetReady(false);
+  absl::SleepFor(config->shutdown.drain_delay);
+  {
+    tb::MutexLock lock(&house_mu);
+    house_stop = true;
+  }
+  house_cv.SignalAll();
+  housekeeping.join();
   refresher.Stop();
-  grpc->Shutdown(absl::Now() + absl::Seconds(10));
+  grpc->Shutdown(absl::Now() + config->shutdown.grace);  // in-flight calls finish, streams end
   (*public_http)->Stop();  // waits for callbacks still on the work pool
   (*admin_http)->Stop();
-  work.Stop();
+  work.Stop();  // in-flight refreshes finish and are stored
+  if (broker.unwritten() > 0) {
+    if (broker.FlushUnwritten() > 0) {
+      spdlog::error("exiting with {} rotated grants the store did not take", broker.unwritten());
+    }
+  }
   stores->owner.reset();  // closes the store (and its change feed) while all else still lives
   spdlog::info("token-broker stopped");
   return 0;

@@ -231,6 +231,7 @@ class StateDir:
             f.write(f"""\
 store: {{url: "sqlite://{self.db}", encryption_keys_file: "{self.keys}"}}
 links: {{signing_key_file: "{self.link_key_file}"}}
+grpc: {{insecure: true}}  # loopback only; these tests are about the store, not the callers
 refresh: {{retry_delay: 1s}}
 providers:
   zd:

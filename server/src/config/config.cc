@@ -443,6 +443,8 @@ absl::Status ParseInto(const YAML::Node& root, Config& c, const EnvLookup& env) 
                             {"trusted_proxy_header", String(&c.http.trusted_proxy_header)},
                             {"trusted_proxies", StringVec(&c.http.trusted_proxies)},
                             {"tls", Tls(&c.http.tls, /*with_client_ca=*/false)}})},
+          {"shutdown", Section({{"drain_delay", Duration(&c.shutdown.drain_delay)},
+                                {"grace", Duration(&c.shutdown.grace)}})},
           {"auth", Section({{"callers_file", String(&c.auth.callers_file)},
                             {"callers", Callers(&c.auth.callers)}})},
           {"store", Section({{"url", String(&c.store.url)},

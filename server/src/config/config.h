@@ -60,6 +60,13 @@ struct HttpConfig {
   std::optional<TlsFiles> tls;  // HTTPS on the public port
 };
 
+// SIGTERM: readiness goes NOT_SERVING, then after `drain_delay` (load balancers notice) the
+// listeners stop accepting and in-flight calls get up to `grace` to finish.
+struct ShutdownConfig {
+  absl::Duration drain_delay = absl::Seconds(5);
+  absl::Duration grace = absl::Seconds(20);
+};
+
 // Who may call the gRPC API (auth::CallerRule), from the file `callers_file` (re-read when it
 // changes) and/or inline.
 struct AuthConfig {
@@ -127,6 +134,7 @@ struct Config {
   LogConfig log;
   RefreshConfig refresh;
   AuthConfig auth;
+  ShutdownConfig shutdown;
   // The broker's origin as browsers see it; redirect_uri and link URLs are built from it.
   std::string public_base_url = "http://127.0.0.1:8080";
   LinksConfig links;

@@ -145,6 +145,7 @@ class GrpcServer::Impl {
                                                  options_.probe_listen, " (address in use?)"));
     }
     health_.SetServing(kLivenessService, true);
+    health_.SetServing(kStoreService, true);
     health_.SetServing("", false);
     health_.SetServing(kTokenBrokerService, false);
     spdlog::info("gRPC listening on {} (port {}, {}), probes on {} (port {})", options_.listen,
@@ -169,6 +170,16 @@ class GrpcServer::Impl {
   bool ready() const {
     MutexLock lock(&mu_);
     return ready_;
+  }
+
+  void SetHealth(const std::string& service, bool serving) {
+    {
+      MutexLock lock(&mu_);
+      if (shut_down_) {
+        return;
+      }
+    }
+    health_.SetServing(service, serving);
   }
 
   void Shutdown(absl::Time deadline) {
@@ -231,6 +242,9 @@ GrpcServer::~GrpcServer() { impl_->Shutdown(absl::Now()); }
 int GrpcServer::port() const { return impl_->port(); }
 int GrpcServer::probe_port() const { return impl_->probe_port(); }
 void GrpcServer::SetReady(bool ready) { impl_->SetReady(ready); }
+void GrpcServer::SetHealth(const std::string& service, bool serving) {
+  impl_->SetHealth(service, serving);
+}
 bool GrpcServer::ready() const { return impl_->ready(); }
 void GrpcServer::Shutdown(absl::Time deadline) { impl_->Shutdown(deadline); }
 

@@ -41,6 +41,9 @@ struct GrpcServerOptions {
 // Health service names.
 inline constexpr char kLivenessService[] = "liveness";
 inline constexpr char kTokenBrokerService[] = "tokenbroker.v1.TokenBroker";
+// The store's health: NOT_SERVING while it is unreachable. The broker stays ready meanwhile
+// (reads come from memory), so this is for operators and alerts, not for load balancers.
+inline constexpr char kStoreService[] = "tokenbroker.v1.Store";
 
 // The two gRPC listeners. The main port serves TokenBroker, ConnectionAdmin, grpc.health.v1 and
 // server reflection. The probe port serves only grpc.health.v1, without TLS or credentials,
@@ -75,6 +78,8 @@ class GrpcServer {
 
   // Readiness on both ports ("" and tokenbroker.v1.TokenBroker).
   void SetReady(bool ready);
+  // Another component's health on both ports (e.g. kStoreService); never readiness.
+  void SetHealth(const std::string& service, bool serving);
   bool ready() const;
 
   // Stops accepting, lets in-flight calls finish until `deadline`, then cancels the rest.

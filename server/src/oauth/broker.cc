@@ -213,7 +213,9 @@ absl::StatusOr<std::shared_ptr<const core::Connection>> Broker::CreatePending(
   c->status = core::ConnectionStatus::kPending;
   c->reason = core::Reason::kNotConnected;
   c->created_at = c->updated_at = clock_.Now();
-  TB_RETURN_IF_ERROR(store_.Create(*c));
+  const absl::Status created = store_.Create(*c);
+  RecordStoreOutcome(created);
+  TB_RETURN_IF_ERROR(created);
   if (!cache_.PublishIf(nullptr, c)) {
     return absl::AbortedError("connection changed concurrently; retry");
   }
@@ -221,19 +223,103 @@ absl::StatusOr<std::shared_ptr<const core::Connection>> Broker::CreatePending(
   return std::shared_ptr<const core::Connection>(std::move(c));
 }
 
+namespace {
+bool StoreDown(const absl::Status& s) {
+  return s.code() == absl::StatusCode::kUnavailable ||
+         s.code() == absl::StatusCode::kDeadlineExceeded;
+}
+}  // namespace
+
+void Broker::RecordStoreOutcome(const absl::Status& s) {
+  if (StoreDown(s)) {
+    store_healthy_.store(false, std::memory_order_relaxed);
+    store_errors_.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    store_healthy_.store(true, std::memory_order_relaxed);
+  }
+}
+
 absl::Status Broker::Replace(const std::shared_ptr<const core::Connection>& current,
-                             std::shared_ptr<core::Connection> next, const core::Lease* fence) {
-  next->revision = current->revision + 1;
-  TB_RETURN_IF_ERROR(store_.Update(*next, current->revision, fence));
+                             std::shared_ptr<core::Connection> next, const core::Lease* fence,
+                             bool keep_if_store_down) {
   const core::ConnectionId id = next->id;
+  next->revision = current->revision + 1;
+  // A connection whose last write only reached memory is still at an older revision in the
+  // store: write over that one (this write carries everything the unwritten one had).
+  uint64_t stored_revision = current->revision;
+  {
+    MutexLock lock(&unwritten_mu_);
+    if (const auto it = unwritten_.find(id); it != unwritten_.end()) {
+      stored_revision = it->second;
+    }
+  }
+  const absl::Status written = store_.Update(*next, stored_revision, fence);
+  RecordStoreOutcome(written);
+  if (!written.ok() && !(keep_if_store_down && StoreDown(written))) {
+    return written;
+  }
   std::shared_ptr<const core::Connection> published = next;
   if (!cache_.PublishIf(current, std::move(next))) {
-    // The store accepted our write, so the cache can only have moved on through a delete
-    // that came after it; the delete wins in both places.
+    // The store accepted our write (or is down), so the cache can only have moved on through a
+    // delete that came after it; the delete wins.
     return absl::AbortedError("connection changed concurrently; retry");
+  }
+  {
+    MutexLock lock(&unwritten_mu_);
+    if (written.ok()) {
+      unwritten_.erase(id);
+    } else {
+      unwritten_.try_emplace(id, stored_revision);  // served from memory until FlushUnwritten
+    }
   }
   Changed(published, id);
   return absl::OkStatus();
+}
+
+size_t Broker::unwritten() const {
+  MutexLock lock(&unwritten_mu_);
+  return unwritten_.size();
+}
+
+size_t Broker::FlushUnwritten() {
+  std::vector<std::pair<core::ConnectionId, uint64_t>> pending;
+  {
+    MutexLock lock(&unwritten_mu_);
+    pending.assign(unwritten_.begin(), unwritten_.end());
+  }
+  for (const auto& [id, stored_revision] : pending) {
+    std::shared_ptr<const core::Connection> current = cache_.Get(id);
+    if (current == nullptr) {
+      MutexLock lock(&unwritten_mu_);
+      unwritten_.erase(id);  // deleted meanwhile (its delete reached the store)
+      continue;
+    }
+    const absl::Status s = store_.Update(*current, stored_revision, nullptr);
+    RecordStoreOutcome(s);
+    if (s.ok() || s.code() == absl::StatusCode::kAborted ||
+        s.code() == absl::StatusCode::kNotFound) {
+      // Written; or someone else changed the row meanwhile (another replica: its write is the
+      // newer truth, and a reload follows); or it is gone.
+      MutexLock lock(&unwritten_mu_);
+      if (const auto it = unwritten_.find(id);
+          it != unwritten_.end() && it->second == stored_revision) {
+        unwritten_.erase(it);
+      }
+      if (!s.ok()) {
+        (void)Reload(id);
+      }
+    }
+  }
+  return unwritten();
+}
+
+absl::Status Broker::ProbeStore() {
+  // Any read answers whether the store is reachable; an id that cannot exist keeps it cheap.
+  absl::StatusOr<core::Connection> probe = store_.Load("-store-probe");
+  const absl::Status s =
+      probe.status().code() == absl::StatusCode::kNotFound ? absl::OkStatus() : probe.status();
+  RecordStoreOutcome(s);
+  return StoreDown(s) ? s : absl::OkStatus();
 }
 
 absl::StatusOr<std::shared_ptr<const core::Connection>> Broker::Activate(
@@ -317,7 +403,9 @@ absl::StatusOr<std::shared_ptr<const core::Connection>> Broker::Rotate(const cor
     next->refresh_intent.reset();
     next->updated_at = clock_.Now();
     std::shared_ptr<const core::Connection> published = next;
-    last = Replace(current, std::move(next), fence);
+    // Kept in memory if the store is down: the provider has rotated, so this grant is the
+    // only one that works; FlushUnwritten writes it when the store is back.
+    last = Replace(current, std::move(next), fence, /*keep_if_store_down=*/true);
     if (last.ok()) {
       return published;
     }
@@ -456,7 +544,13 @@ absl::Status Broker::Delete(const core::ConnectionId& id) {
   if (current == nullptr) {
     return absl::NotFoundError("unknown connection");
   }
-  TB_RETURN_IF_ERROR(store_.Delete(id));
+  const absl::Status deleted = store_.Delete(id);
+  RecordStoreOutcome(deleted);
+  TB_RETURN_IF_ERROR(deleted);
+  {
+    MutexLock lock(&unwritten_mu_);
+    unwritten_.erase(id);
+  }
   // A writer that raced us may have published after our read; the delete wins, so erase
   // whatever snapshot is there now.
   for (std::shared_ptr<const core::Connection> c = current; c != nullptr; c = cache_.Get(id)) {

@@ -10,11 +10,13 @@
 #include <string>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "server/src/cache/connection_cache.h"
 #include "server/src/common/clock.h"
+#include "server/src/common/mutex.h"
 #include "server/src/core/connection.h"
 #include "server/src/core/refresh_policy.h"
 #include "server/src/core/token_store.h"
@@ -165,6 +167,19 @@ class Broker {
   // 1..10000), store errors.
   absl::StatusOr<core::RotationProgress> RotateKeys(size_t batch);
 
+  // The store's health, from the outcome of every store call made here (UNAVAILABLE or
+  // DEADLINE_EXCEEDED: down). A store outage never makes the broker unready: reads come from
+  // memory.
+  bool store_healthy() const { return store_healthy_.load(std::memory_order_relaxed); }
+  uint64_t store_errors() const { return store_errors_.load(std::memory_order_relaxed); }
+  // A read of the store, to notice it is back (or gone) when nothing else writes. Returns the
+  // store's error when it is unreachable.
+  absl::Status ProbeStore();
+  // Rotated grants the store did not take (it was down): they serve from memory and are
+  // written by FlushUnwritten once the store answers again. Returns how many remain unwritten.
+  size_t unwritten() const ABSL_LOCKS_EXCLUDED(unwritten_mu_);
+  size_t FlushUnwritten() ABSL_LOCKS_EXCLUDED(unwritten_mu_);
+
   // Every connection, for the refresh scheduler's start. Reads the cache only.
   std::vector<std::shared_ptr<const core::Connection>> Snapshot() const;
 
@@ -183,8 +198,12 @@ class Broker {
 
  private:
   // Persists `next` over `current` (compare-and-set) and publishes it.
+  // `keep_if_store_down`: if the store is unreachable, publish anyway and remember the write
+  // for FlushUnwritten (only for a rotated grant, which nothing else could replace).
   absl::Status Replace(const std::shared_ptr<const core::Connection>& current,
-                       std::shared_ptr<core::Connection> next, const core::Lease* fence = nullptr);
+                       std::shared_ptr<core::Connection> next, const core::Lease* fence = nullptr,
+                       bool keep_if_store_down = false) ABSL_LOCKS_EXCLUDED(unwritten_mu_);
+  void RecordStoreOutcome(const absl::Status& s);
 
   // Applies `change` to the current snapshot and writes it, retrying compare-and-set conflicts.
   // `change` returns false to write nothing (then OK).
@@ -199,6 +218,11 @@ class Broker {
   cache::ConnectionCache& cache_;
   const BrokerOptions options_;
   std::atomic<size_t> data_loss_{0};
+  std::atomic<bool> store_healthy_{true};
+  std::atomic<uint64_t> store_errors_{0};
+  mutable Mutex unwritten_mu_;
+  // Connections whose latest snapshot only reached memory -> the revision the store has.
+  absl::flat_hash_map<core::ConnectionId, uint64_t> unwritten_ ABSL_GUARDED_BY(unwritten_mu_);
 };
 
 }  // namespace tb::oauth

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "server/src/core/errors.h"
 #include "server/src/core/refresh_policy.h"
+#include "server/src/core/retry_after.h"
 
 namespace tb::oauth {
 
@@ -283,11 +284,23 @@ void Refresher::Finish(const core::ConnectionId& id, const absl::StatusOr<TokenV
     return;
   }
   const bool transient = !result.ok() && Retryable(result.status());
+  absl::Time next_try = now;
   if (transient) {
+    int n = 0;
+    {
+      MutexLock lock(&mu_);
+      n = ++failures_[id];
+    }
     std::shared_ptr<const core::Connection> c = broker_.GetConnection(id).value_or(nullptr);
+    const absl::Time expires =
+        Active(c) && c->grant->expires_at ? *c->grant->expires_at : absl::InfiniteFuture();
+    next_try = RetryAt(n, now, expires, result.status());
     if (Active(c) && c->grant->refresh_at && *c->grant->refresh_at <= now) {
-      // Due and not rescheduled (the store did not take the new refresh_at): retry anyway.
-      retry = Due{now + options_.retry_delay, id, c->generation(), Job::kRefresh};
+      // It was due: the promise moves with the retry (never past the expiry), and until then
+      // the token keeps being served. The retry itself is scheduled here, at next_try exactly:
+      // the store may not take the new refresh_at, and a Retry-After may lie past the expiry.
+      (void)broker_.Reschedule(id, c->generation(), next_try);
+      retry = Due{next_try, id, c->generation(), Job::kRefresh};
     }
   }
   std::vector<Done> waiters;
@@ -297,13 +310,19 @@ void Refresher::Finish(const core::ConnectionId& id, const absl::StatusOr<TokenV
     in_flight_.erase(id);
     scheduled_in_flight_.erase(id);
     if (retry) {
-      tracked_[id] = {retry->generation, retry->at};
-      due_.push(*retry);
+      const std::pair<uint64_t, absl::Time> entry{retry->generation, retry->at};
+      if (const auto it = tracked_.find(id); it == tracked_.end() || it->second != entry) {
+        tracked_[id] = entry;  // supersedes the entry Reschedule's publish made
+        due_.push(*retry);
+      }
     }
     if (transient) {
-      not_before_[id] = now + options_.retry_delay;
+      not_before_[id] = next_try;
     } else {
       not_before_.erase(id);
+      if (result.ok()) {
+        failures_.erase(id);
+      }
     }
     lease_held_until_.erase(id);
   }
@@ -379,7 +398,17 @@ absl::StatusOr<TokenView> Refresher::RefreshNow(const core::ConnectionId& id) {
     if (earlier_unknown.status().code() == absl::StatusCode::kAborted) {
       return broker_.GetToken(id);  // it moved on meanwhile: serve what is there now
     }
-    return earlier_unknown.status();
+    const bool store_down = earlier_unknown.status().code() == absl::StatusCode::kUnavailable ||
+                            earlier_unknown.status().code() == absl::StatusCode::kDeadlineExceeded;
+    const bool expiring = c->grant->expires_at &&
+                          *c->grant->expires_at - clock_.Now() <= options_.store_outage_margin;
+    if (!store_down || !expiring) {
+      return earlier_unknown.status();  // scheduled refreshes pause while the store is down
+    }
+    // The store is down (we hold a lease, so no other replica can refresh) and the token is
+    // about to die: refresh without a durable intent; the rotated grant serves from memory.
+    Event("refresh_without_store", id, earlier_unknown.status());
+    earlier_unknown = false;
   }
   absl::StatusOr<core::Grant> grant =
       provider_client_.Refresh(spec->second, *c, clock_.Now() + options_.provider_timeout);
@@ -419,12 +448,7 @@ absl::StatusOr<TokenView> Refresher::RefreshNow(const core::ConnectionId& id) {
     }
     failed_.fetch_add(1, std::memory_order_relaxed);
     Event("refresh_failed", id, grant.status());
-    const absl::Time now = clock_.Now();
-    if (Retryable(grant.status()) && c->grant->refresh_at && *c->grant->refresh_at <= now) {
-      // The promise moves with the retry: until then the token keeps being served.
-      (void)broker_.Reschedule(id, generation, now + options_.retry_delay);
-    }
-    return grant.status();
+    return grant.status();  // Finish schedules the retry
   }
   absl::StatusOr<std::shared_ptr<const core::Connection>> rotated =
       broker_.Rotate(id, generation, *grant, &held);
@@ -444,6 +468,27 @@ absl::StatusOr<TokenView> Refresher::RefreshNow(const core::ConnectionId& id) {
   }
   refreshed_.fetch_add(1, std::memory_order_relaxed);
   return broker_.GetToken(id);
+}
+
+absl::Time Refresher::RetryAt(int n, absl::Time now, absl::Time expires_at,
+                              const absl::Status& s) const {
+  absl::Duration backoff = options_.retry_delay;
+  for (int i = 1; i < n && backoff < options_.retry_max; ++i) {
+    backoff *= 2;
+  }
+  backoff = std::min(backoff, options_.retry_max);
+  // Full jitter: anywhere in (0, backoff], but not so soon that failures loop.
+  const double factor = options_.jitter ? std::clamp(options_.jitter(), 0.0, 1.0) : 1.0;
+  backoff = std::max(backoff * factor, absl::Milliseconds(100));
+  absl::Time at = now + backoff;
+  // A retry is worth something only while the token still works.
+  if (expires_at != absl::InfiniteFuture() && expires_at > now) {
+    at = std::min(at, std::max(now + absl::Milliseconds(100), expires_at));
+  }
+  if (std::optional<absl::Time> after = core::RetryAfterOf(s)) {
+    at = std::max(at, *after);  // the provider said when: not a moment before
+  }
+  return at;
 }
 
 // --- Revoking ------------------------------------------------------------------------------

@@ -44,9 +44,19 @@ struct RefresherOptions {
   // when half of its refresh token's lifetime has passed (core::KeepAliveAt), so it never dies
   // unused.
   absl::Duration hot_window = absl::ZeroDuration();
-  // A refresh that failed transiently is tried again this much later; the token keeps being
-  // served until then (Broker::Reschedule moves its promise along, never past its expiry).
+  // A refresh that failed transiently is tried again later: after retry_delay * 2^(n-1) for
+  // the n-th failure in a row, capped at retry_max, times a random factor in (0, 1] (full
+  // jitter), never later than the token's expiry, and never before a provider's Retry-After.
+  // The token keeps being served until then (Broker::Reschedule moves its promise along).
   absl::Duration retry_delay = absl::Seconds(30);
+  absl::Duration retry_max = absl::Minutes(5);
+  // The jitter factor source; empty: always 1 (tests see exact times). main passes a random one.
+  std::function<double()> jitter;
+  // While the store is unreachable, scheduled refreshes pause, but a token this close to its
+  // expiry is refreshed all the same (single-owner stores only: without the store there is no
+  // lease, so a replica of a shared store does not send); its rotated grant serves from memory
+  // and is written when the store is back.
+  absl::Duration store_outage_margin = absl::Minutes(2);
   // GetToken waits: at most this many at once (more: RESOURCE_EXHAUSTED), none longer than
   // max_wait whatever the caller's deadline.
   size_t max_waiters = 100'000;
@@ -199,6 +209,9 @@ class Refresher {
   absl::Duration RevokeBackoff(int attempts) const;
 
   void Event(absl::string_view event, const core::ConnectionId& id, const absl::Status& s) const;
+  // When to try again after the n-th transient failure in a row, at `now`, for a token that
+  // expires at `expires_at` (InfiniteFuture(): never), given the failure `s`.
+  absl::Time RetryAt(int n, absl::Time now, absl::Time expires_at, const absl::Status& s) const;
 
   const RefresherOptions options_;
   const core::ProviderRegistry& providers_;
@@ -219,6 +232,8 @@ class Refresher {
   // Another replica held the lease moments ago: callers wait for its result through the store
   // instead of asking the database for the lease again on every call.
   absl::flat_hash_map<core::ConnectionId, absl::Time> lease_held_until_ ABSL_GUARDED_BY(mu_);
+  // Transient failures in a row, per connection (for the backoff).
+  absl::flat_hash_map<core::ConnectionId, int> failures_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_set<std::string> misconfigured_ ABSL_GUARDED_BY(mu_);
   std::priority_queue<Due, std::vector<Due>, std::greater<Due>> due_ ABSL_GUARDED_BY(mu_);
   // The one live refresh entry per connection (generation, time); heap entries that differ

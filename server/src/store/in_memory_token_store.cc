@@ -8,6 +8,9 @@ namespace tb::store {
 
 absl::StatusOr<std::vector<core::Connection>> InMemoryTokenStore::LoadAll() {
   MutexLock lock(&mu_);
+  if (down_) {
+    return absl::UnavailableError("store down (test)");
+  }
   std::vector<core::Connection> out;
   out.reserve(rows_.size());
   for (const auto& [id, c] : rows_) {
@@ -18,6 +21,9 @@ absl::StatusOr<std::vector<core::Connection>> InMemoryTokenStore::LoadAll() {
 
 absl::StatusOr<core::Connection> InMemoryTokenStore::Load(const core::ConnectionId& id) {
   MutexLock lock(&mu_);
+  if (down_) {
+    return absl::UnavailableError("store down (test)");
+  }
   const auto it = rows_.find(id);
   if (it == rows_.end()) {
     return absl::NotFoundError("no such connection");
@@ -26,7 +32,15 @@ absl::StatusOr<core::Connection> InMemoryTokenStore::Load(const core::Connection
 }
 
 absl::Status InMemoryTokenStore::TakeInjectedFailure() {
+  if (down_) {
+    return absl::UnavailableError("store down (test)");
+  }
   return std::exchange(next_write_failure_, absl::OkStatus());
+}
+
+void InMemoryTokenStore::SetDown(bool down) {
+  MutexLock lock(&mu_);
+  down_ = down;
 }
 
 absl::Status InMemoryTokenStore::Create(const core::Connection& c) {

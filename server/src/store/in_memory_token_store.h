@@ -28,6 +28,8 @@ class InMemoryTokenStore final : public core::TokenStore {
       ABSL_LOCKS_EXCLUDED(mu_);
   absl::Status ReleaseLease(const core::Lease& lease) override;
 
+  // Test knob: the store is unreachable; every call but AcquireLease fails UNAVAILABLE.
+  void SetDown(bool down) ABSL_LOCKS_EXCLUDED(mu_);
   // Test knob: another process holds every lease (AcquireLease answers nullopt).
   void SetLeasesHeldElsewhere(bool held) ABSL_LOCKS_EXCLUDED(mu_);
   // Test knob: the next write fails with `status` (then writes work again).
@@ -42,6 +44,7 @@ class InMemoryTokenStore final : public core::TokenStore {
   absl::Status next_write_failure_ ABSL_GUARDED_BY(mu_);
   size_t writes_ ABSL_GUARDED_BY(mu_) = 0;
   bool leases_held_elsewhere_ ABSL_GUARDED_BY(mu_) = false;
+  bool down_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace tb::store

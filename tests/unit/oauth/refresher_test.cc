@@ -6,6 +6,7 @@
 #include "gtest/gtest.h"
 #include "server/src/core/errors.h"
 #include "server/src/core/provider_presets.h"
+#include "server/src/core/retry_after.h"
 #include "server/src/store/in_memory_token_store.h"
 #include "tests/fakes/fake_clock.h"
 #include "tests/fakes/fake_provider_client.h"
@@ -674,6 +675,70 @@ TEST_F(RefresherTest, ADeadHoldersLeaseIsTakenOverWhenItExpires) {
   clock_.Advance(absl::Seconds(1));
   RunDueAndAwait(1);
   EXPECT_EQ(broker_.GetConnection("acme").value()->generation(), 2u);
+}
+
+// --- Provider and store faults --------------------------------------------------------------
+
+TEST_F(RefresherTest, TransientFailuresBackOffExponentiallyAndHonourRetryAfter) {
+  Connect("acme", absl::Hours(2));  // refresh_at: 1 h 55 min in, expiry at 2 h
+  clock_.Advance(absl::Hours(1) + absl::Minutes(55));
+  const auto fail_and_expect_retry_in = [&](absl::Duration d, int calls) {
+    provider_.NextRefreshReturns(absl::UnavailableError("provider down"));
+    RunDueAndAwait(calls);
+    clock_.Advance(d - absl::Milliseconds(1));
+    refresher_->RunDue();
+    work_.Drain();
+    EXPECT_EQ(provider_.refresh_calls(), calls) << "retried before " << d;
+    clock_.Advance(absl::Milliseconds(1));
+  };
+  fail_and_expect_retry_in(absl::Seconds(30), 1);
+  fail_and_expect_retry_in(absl::Seconds(60), 2);
+  fail_and_expect_retry_in(absl::Seconds(120), 3);
+  // A 429 says when: not a moment before, whatever the backoff would say.
+  provider_.NextRefreshReturns(
+      core::WithRetryAt(absl::ResourceExhaustedError("429"), clock_.Now() + absl::Minutes(4)));
+  RunDueAndAwait(4);
+  clock_.Advance(absl::Minutes(4) - absl::Milliseconds(1));
+  refresher_->RunDue();
+  work_.Drain();
+  EXPECT_EQ(provider_.refresh_calls(), 4);
+  provider_.NextRefreshReturns(NewGrant(absl::Hours(2)));
+  clock_.Advance(absl::Milliseconds(1));
+  RunDueAndAwait(5);
+  EXPECT_EQ(broker_.GetConnection("acme").value()->generation(), 2u);
+  // The old token served all along, its promise moved with each retry.
+  EXPECT_EQ(refresher_->stats().failed, 4u);
+}
+
+TEST_F(RefresherTest, StoreOutageServesFromMemoryPausesRefreshesAndKeepsAnExpiringTokenAlive) {
+  Connect("acme", absl::Minutes(30));  // refresh_at 25 min in, expiry at 30
+  store_.SetDown(true);
+  EXPECT_FALSE(broker_.ProbeStore().ok());
+  EXPECT_FALSE(broker_.store_healthy());
+  EXPECT_TRUE(broker_.GetToken("acme").ok());  // reads come from memory
+
+  clock_.Advance(absl::Minutes(25));  // due, but 5 min from expiry: refreshes pause
+  RunDueAndAwait(0);
+  EXPECT_EQ(provider_.refresh_calls(), 0);
+
+  // Within 2 min of expiry the token is refreshed all the same, and kept in memory.
+  const core::Grant next = NewGrant(absl::Minutes(30));
+  provider_.NextRefreshReturns(next);
+  clock_.Advance(absl::Minutes(3) + absl::Seconds(30));
+  RunDueAndAwait(1);
+  absl::StatusOr<TokenView> served = broker_.GetToken("acme");
+  ASSERT_TRUE(served.ok()) << served.status();
+  EXPECT_EQ(served->grant().access_token, next.access_token);
+  EXPECT_EQ(broker_.unwritten(), 1u);
+  store_.SetDown(false);
+  EXPECT_EQ(store_.Load("acme")->generation(), 1u);  // not written yet
+  EXPECT_TRUE(broker_.ProbeStore().ok());
+  EXPECT_EQ(broker_.FlushUnwritten(), 0u);
+  EXPECT_EQ(store_.Load("acme")->grant->access_token, next.access_token);
+  EXPECT_TRUE(broker_.store_healthy());
+  // Later writes go on from the written revision.
+  ASSERT_TRUE(broker_.MarkRevoked("acme").ok());
+  EXPECT_EQ(store_.Load("acme")->status, core::ConnectionStatus::kRevoked);
 }
 
 }  // namespace
