@@ -354,6 +354,8 @@ int main(int argc, char** argv) {
   refresher_options.max_concurrent = static_cast<size_t>(config->refresh.max_concurrent);
   refresher_options.hot_window = config->refresh.hot_window;
   refresher_options.retry_delay = config->refresh.retry_delay;
+  refresher_options.retry_max = config->refresh.retry_max;
+  refresher_options.store_outage_margin = config->refresh.store_outage_margin;
   refresher_options.max_wait = config->refresh.max_wait;
   refresher_options.jitter = [&random] {  // full jitter for retry backoff: (0, 1]
     uint8_t b[4];

@@ -460,6 +460,8 @@ absl::Status ParseInto(const YAML::Node& root, Config& c, const EnvLookup& env) 
                     {"provider_timeout", Duration(&c.refresh.provider_timeout)},
                     {"caller_refresh_interval", Duration(&c.refresh.caller_refresh_interval)},
                     {"retry_delay", Duration(&c.refresh.retry_delay)},
+                    {"retry_max", Duration(&c.refresh.retry_max)},
+                    {"store_outage_margin", Duration(&c.refresh.store_outage_margin)},
                     {"max_concurrent", Int(&c.refresh.max_concurrent)},
                     {"max_min_ttl", Duration(&c.refresh.max_min_ttl)},
                     {"max_wait", Duration(&c.refresh.max_wait)}})},
@@ -560,6 +562,7 @@ absl::Status ValidateFields(const Config& c) {
        {std::pair<const char*, absl::Duration>{"provider_timeout", r.provider_timeout},
         {"caller_refresh_interval", r.caller_refresh_interval},
         {"retry_delay", r.retry_delay},
+        {"retry_max", r.retry_max},
         {"max_min_ttl", r.max_min_ttl},
         {"max_wait", r.max_wait}}) {
     if (d <= absl::ZeroDuration()) {

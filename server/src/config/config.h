@@ -101,7 +101,9 @@ struct RefreshConfig {
   absl::Duration hot_window = absl::ZeroDuration();
   absl::Duration provider_timeout = absl::Seconds(30);
   absl::Duration caller_refresh_interval = absl::Seconds(10);  // Refresh RPC, per connection
-  absl::Duration retry_delay = absl::Seconds(30);              // after a failed refresh
+  absl::Duration retry_delay = absl::Seconds(30);              // after a failed refresh...
+  absl::Duration retry_max = absl::Minutes(5);                 // ...doubling up to this
+  absl::Duration store_outage_margin = absl::Minutes(2);       // refresh anyway this near expiry
   int max_concurrent = 16;                                     // scheduled refreshes in flight
   absl::Duration max_min_ttl = absl::Hours(1);  // GetToken.min_ttl above: INVALID_ARGUMENT
   absl::Duration max_wait = absl::Seconds(60);  // longest GetToken wait, whatever the deadline
