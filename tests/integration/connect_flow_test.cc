@@ -557,6 +557,38 @@ TEST_F(RefreshRpcTest, RevokeWhileTheProviderIsDownIsRetriedOnRequest) {
   EXPECT_FALSE(fake_->IsAccessTokenValid(first_.access_token()));
 }
 
+TEST_F(RefreshRpcTest, ATenSecondAnswerIsWaitedForAndStoredBeforeOrAfterTheRotation) {
+  // The provider takes 10 s: once before it rotates (acme), once after (rotated, then answered
+  // late; acme2). Both answers are waited for (the provider timeout is 30 s), stored, and no
+  // ROTATION_LOST.
+  absl::StatusOr<v1::CreateConnectLinkResponse> link = CreateLink("acme2", "zendesk");
+  ASSERT_TRUE(link.ok());
+  ASSERT_EQ(WalkLink(link->url()).status, 200);
+  for (const auto& [id, after] : {std::pair<std::string, bool>{"acme", false}, {"acme2", true}}) {
+    testing::Failure slow;
+    (after ? slow.delay_after : slow.delay_before) = absl::Seconds(10);
+    fake_->FailNext(CallKind::kTokenRefresh, slow);
+    v1::Token before;
+    ASSERT_TRUE(GetToken(id, &before).ok());
+    const absl::Time started = absl::Now();
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(25));
+    v1::RefreshRequest req;
+    req.set_connection_id(id);
+    req.set_if_generation(before.generation());
+    v1::RefreshResponse resp;
+    const grpc::Status s = tokens_->Refresh(&ctx, req, &resp);
+    ASSERT_TRUE(s.ok()) << id << ": " << s.error_message();
+    EXPECT_GE(absl::Now() - started, absl::Seconds(9)) << id;
+    EXPECT_EQ(resp.token().generation(), before.generation() + 1) << id;
+    EXPECT_TRUE(fake_->IsAccessTokenValid(resp.token().access_token())) << id;
+    EXPECT_EQ(token_store_.Load(id)->grant->access_token.Reveal(), resp.token().access_token())
+        << id;  // stored
+    EXPECT_EQ(StatusOf(id), v1::CONNECTION_STATUS_ACTIVE) << id;
+  }
+  EXPECT_EQ(fake_->refresh_token_reuse_attempts(), 0);
+}
+
 // Zendesk tokens of 4 s (valid_until 2 s in): the scheduler refreshes each at its refresh_at,
 // and callers that need more life than is left wait for that refresh instead of causing one.
 class ShortTokenTest : public ConnectFlowTest {
