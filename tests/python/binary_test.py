@@ -61,7 +61,7 @@ class StateDir:
     """A data directory as an operator sets it up: an encryption key file, a config naming it
     and the default SQLite store inside the directory."""
 
-    def __init__(self):
+    def __init__(self, drain_delay="0s"):
         self.path = tempfile.mkdtemp(prefix="tb-binary-test-")
         key = base64.b64encode(os.urandom(32)).decode()
         record_secret(key)
@@ -79,6 +79,7 @@ class StateDir:
             f.write("auth:\n  callers:\n")
             f.write(f'    - {{name: tests, api_key_sha256: ["{digest}"], connections: ["*"],\n')
             f.write("       rpcs: [GetToken, Refresh, Revoke, Admin]}\n")
+            f.write(f"shutdown: {{drain_delay: {drain_delay}, grace: 5s}}\n")
 
     def credentials(self):
         return [("authorization", f"Bearer {self.api_key}")]
@@ -205,6 +206,68 @@ class BinaryTest(unittest.TestCase):
         started = time.monotonic()
         self.assertEqual(self.broker.stop(signal.SIGTERM), 0)
         self.assertLess(time.monotonic() - started, 15)
+
+
+class SigtermUnderLoadTest(unittest.TestCase):
+    """A rollout: callers keep calling until their load balancer sees readiness go away."""
+
+    def test_sigterm_during_load_fails_no_in_flight_call(self):
+        import threading
+        state = StateDir(drain_delay="2s")
+        broker = Broker(state)
+        try:
+            broker.wait_ready()
+            stop = threading.Event()
+            failures = []
+            answered = [0]
+            lock = threading.Lock()
+
+            def caller():
+                with grpc.insecure_channel(f"127.0.0.1:{broker.ports['grpc']}") as ch:
+                    stub = pb_grpc.TokenBrokerStub(ch)
+                    while not stop.is_set():
+                        try:
+                            stub.GetToken(pb.GetTokenRequest(connection_id="acme"), timeout=5,
+                                          metadata=state.credentials())
+                        except grpc.RpcError as e:
+                            # NOT_FOUND is the broker's answer (no such connection): the call
+                            # was served. Anything else is a failed call.
+                            with lock:
+                                if e.code() == grpc.StatusCode.NOT_FOUND:
+                                    answered[0] += 1
+                                else:
+                                    failures.append(e.code())
+
+            threads = [threading.Thread(target=caller) for _ in range(4)]
+            for t in threads:
+                t.start()
+            time.sleep(0.5)
+            broker.proc.send_signal(signal.SIGTERM)
+            # The load balancer watches readiness on the probe port and stops sending when it
+            # goes NOT_SERVING (within the drain delay).
+            with grpc.insecure_channel(f"127.0.0.1:{broker.ports['probe']}") as ch:
+                health = health_pb2_grpc.HealthStub(ch)
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    resp = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                    if resp.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                        live = health.Check(health_pb2.HealthCheckRequest(service="liveness"),
+                                            timeout=5)
+                        self.assertEqual(live.status, health_pb2.HealthCheckResponse.SERVING)
+                        break
+                    time.sleep(0.05)
+                else:
+                    self.fail("readiness never went NOT_SERVING")
+            stop.set()
+            for t in threads:
+                t.join()
+            self.assertEqual(broker.proc.wait(30), 0)
+            self.assertEqual(failures, [])
+            self.assertGreater(answered[0], 0)
+        finally:
+            if broker.proc.poll() is None:
+                broker.stop(signal.SIGKILL)
+            state.remove()
 
 
 class DurableStoreTest(unittest.TestCase):
