@@ -499,6 +499,7 @@ enum class Endpoint {
   kRevokeById,
   kRevokeCurrent,
   kRevokeRfc7009,
+  kStats,
   kNotFound,
 };
 
@@ -575,6 +576,7 @@ class State {
  public:
   State(const FakeProviderOptions& options, std::string base_url)
       : auto_approve_(options.auto_approve),
+        stats_endpoint_(options.stats_endpoint),
         code_lifetime_(options.code_lifetime),
         base_url_(std::move(base_url)) {}
 
@@ -624,6 +626,8 @@ class State {
     } else if (method == bhttp::verb::delete_ && ParseTokenIdPath(path, &call.token_id)) {
       call.endpoint = Endpoint::kRevokeById;
       call.kind = CallKind::kRevokeById;
+    } else if (stats_endpoint_ && method == bhttp::verb::get && path == "/_fake/stats") {
+      call.endpoint = Endpoint::kStats;
     }
 
     tb::MutexLock lock(&mu_);
@@ -676,6 +680,8 @@ class State {
         return RevokeCurrent(req);
       case Endpoint::kRevokeRfc7009:
         return RevokeRfc7009(req, call);
+      case Endpoint::kStats:
+        return Stats();
       case Endpoint::kNotFound:
         break;
     }
@@ -1072,6 +1078,7 @@ class State {
     GrantRecord& old = grants_.at(it->second);
     if (old.rotated) {
       ++reuse_attempts_;
+      reused_token_ids_.push_back(old.id);
       return OAuthError(400, "invalid_grant", "The refresh token has already been used.");
     }
     if (old.revoked || now >= old.refresh_expires_at) {
@@ -1141,6 +1148,24 @@ class State {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     const std::optional<std::string> token = AuthorizationCredentials(req, "Bearer");
     return token ? GrantForAccessLocked(*token, now) : nullptr;
+  }
+
+  // GET /_fake/stats: counters only, never a token or code.
+  Reply Stats() const ABSL_LOCKS_EXCLUDED(mu_) {
+    tb::MutexLock lock(&mu_);
+    json::object calls;
+    for (int k = 0; k < kCallKinds; ++k) {
+      calls[CallKindName(static_cast<CallKind>(k))] = calls_[k];
+    }
+    json::array reused;
+    for (const int64_t id : reused_token_ids_) {
+      reused.emplace_back(id);
+    }
+    json::object body;
+    body["calls"] = std::move(calls);
+    body["refresh_token_reuse_attempts"] = reuse_attempts_;
+    body["reused_token_ids"] = std::move(reused);
+    return JsonReply(200, body);
   }
 
   Reply TokenInfo(const Request& req) ABSL_LOCKS_EXCLUDED(mu_) {
@@ -1241,6 +1266,7 @@ class State {
   }
 
   const bool auto_approve_;
+  const bool stats_endpoint_;
   const absl::Duration code_lifetime_;
   const std::string base_url_;
 
@@ -1257,6 +1283,7 @@ class State {
   std::array<int, kCallKinds> calls_ ABSL_GUARDED_BY(mu_) = {};
   std::array<std::deque<Failure>, kCallKinds> failures_ ABSL_GUARDED_BY(mu_);
   int reuse_attempts_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<int64_t> reused_token_ids_ ABSL_GUARDED_BY(mu_);
   std::string last_token_content_type_ ABSL_GUARDED_BY(mu_);
   std::vector<std::string> last_token_fields_ ABSL_GUARDED_BY(mu_);
   ClientAuth last_token_client_auth_ ABSL_GUARDED_BY(mu_) = ClientAuth::kNone;

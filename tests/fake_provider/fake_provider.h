@@ -20,6 +20,8 @@
 // revoke endpoints take client_id+client_secret in the body or HTTP Basic (RFC 6749 2.3.1, with
 // form-encoded id and secret; both at once is 400 invalid_request), else 401 invalid_client.
 //   POST   /oauth/revoke, /oauth2/revoke       RFC 7009 (kRevokeRfc7009), 200 even if unknown
+//   GET    /_fake/stats                        counters as JSON, only with
+//                                              FakeProviderOptions::stats_endpoint (kOther)
 //   anything else                              404 JSON (kOther)
 //
 // Zendesk behaviours reproduced: authorization codes are single-use, bound to their client and
@@ -58,6 +60,12 @@ struct FakeProviderOptions {
   absl::Duration code_lifetime = absl::Seconds(120);
   // A connection idle (or a request unfinished) this long is closed.
   absl::Duration idle_timeout = absl::Seconds(60);
+  // true: GET /_fake/stats answers the introspection counters as JSON, for tests that drive
+  // the fake_provider binary and cannot call the methods below:
+  //   {"calls": {"<CallKindName>": n, ...}, "refresh_token_reuse_attempts": n,
+  //    "reused_token_ids": [token id of each reused refresh token, in order]}
+  // Counted as kOther. false: that path is a 404 like any other.
+  bool stats_endpoint = false;
 };
 
 // What a request was, for counters and scripted failures. A token request whose body cannot be

@@ -3,7 +3,8 @@
 // CA, writes the CA certificate to --ca_file (give it to the broker as the provider's CA file, or
 // import it into a browser), prints one line
 //   fake_provider listening on https://127.0.0.1:<port> (CA: <path>)
-// and serves until SIGTERM or SIGINT.
+// and serves until SIGTERM or SIGINT. With --stats_endpoint, GET /_fake/stats answers its
+// counters (calls by kind, refresh tokens presented again) as JSON.
 
 #include <signal.h>
 
@@ -27,6 +28,9 @@ ABSL_FLAG(std::string, client_secret_file, "",
           "file holding the client secret (trailing newline ignored); empty: \"dev-secret\"");
 ABSL_FLAG(bool, auto_approve, false,
           "approve authorization requests at once instead of showing the Approve/Deny page");
+ABSL_FLAG(bool, stats_endpoint, false,
+          "serve GET /_fake/stats: call counters and refresh-token reuse attempts as JSON, for "
+          "tests that drive this binary");
 ABSL_FLAG(std::string, log_level, "info", "spdlog level (debug shows every request)");
 
 namespace {
@@ -76,6 +80,7 @@ int main(int argc, char** argv) {
   options.port = absl::GetFlag(FLAGS_port);
   options.ca_file_path = absl::GetFlag(FLAGS_ca_file);
   options.auto_approve = absl::GetFlag(FLAGS_auto_approve);
+  options.stats_endpoint = absl::GetFlag(FLAGS_stats_endpoint);
   if (options.ca_file_path.empty()) {
     return Fail("--ca_file must not be empty");
   }

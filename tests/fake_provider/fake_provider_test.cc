@@ -852,5 +852,36 @@ TEST_F(FakeProviderTest, AdminRevocationAndExpiryKnobs) {
   EXPECT_EQ(Refresh(r.JsonString("refresh_token")).JsonString("error"), "invalid_grant");
 }
 
+TEST_F(FakeProviderTest, StatsEndpointOnlyWhenEnabled) {
+  EXPECT_EQ(client_->Send(bhttp::verb::get, "/_fake/stats").status, 404);
+
+  FakeProviderOptions options;
+  options.stats_endpoint = true;
+  StartProvider(options);
+  const auto [access, refresh] = Connect();
+  const HttpResult r = Refresh(refresh);
+  ASSERT_EQ(r.status, 200) << r.body;
+  EXPECT_EQ(Refresh(refresh).status, 400);  // reused
+  EXPECT_EQ(Refresh(refresh).status, 400);  // and again
+  const HttpResult stats = client_->Send(bhttp::verb::get, "/_fake/stats");
+  ASSERT_EQ(stats.status, 200) << stats.body;
+  const json::value parsed = stats.Json();
+  ASSERT_TRUE(parsed.is_object()) << stats.body;
+  const json::object& body = parsed.as_object();
+  const json::object& calls = body.at("calls").as_object();
+  EXPECT_EQ(calls.at("token_code").to_number<int>(), 1);
+  EXPECT_EQ(calls.at("token_refresh").to_number<int>(), 3);
+  EXPECT_EQ(calls.at("authorize").to_number<int>(), 1);
+  EXPECT_EQ(body.at("refresh_token_reuse_attempts").to_number<int>(), 2);
+  const std::optional<int64_t> id = provider_->TokenIdOf(access);
+  ASSERT_TRUE(id.has_value());
+  EXPECT_EQ(json::serialize(body.at("reused_token_ids")),
+            absl::StrCat("[", *id, ",", *id, "]"));
+  // Counters only: no token in the answer.
+  EXPECT_EQ(stats.body.find(access), std::string::npos);
+  EXPECT_EQ(stats.body.find(refresh), std::string::npos);
+  EXPECT_EQ(provider_->refresh_token_reuse_attempts(), 2);
+}
+
 }  // namespace
 }  // namespace tb::testing
