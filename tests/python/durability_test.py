@@ -233,6 +233,7 @@ store: {{url: "sqlite://{self.db}", encryption_keys_file: "{self.keys}"}}
 links: {{signing_key_file: "{self.link_key_file}"}}
 grpc: {{insecure: true}}  # loopback only; these tests are about the store, not the callers
 refresh: {{retry_delay: 1s}}
+shutdown: {{drain_delay: 0s}}   # no load balancer to wait for: SIGTERM drains at once
 providers:
   zd:
     preset: zendesk
