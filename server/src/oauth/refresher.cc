@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "absl/strings/cord.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "server/src/core/errors.h"
 #include "server/src/core/refresh_policy.h"
@@ -19,15 +20,22 @@ bool Retryable(const absl::Status& s) {
          s.code() == absl::StatusCode::kResourceExhausted || s.code() == absl::StatusCode::kAborted;
 }
 
-// Another replica holds the connection's refresh lease: its result arrives through the store.
+// Another replica holds the connection's refresh lease (or has refreshed it already): its
+// result arrives through the store. The payload is the generation the flight set out to
+// refresh, so that its callers wait for the one after it.
 constexpr absl::string_view kLeaseHeldUrl = "tokenbroker.v1/lease-held";
-absl::Status LeaseHeldError() {
+absl::Status LeaseHeldError(uint64_t generation) {
   absl::Status s = absl::UnavailableError(
       "another replica is refreshing this connection; its token arrives shortly");
-  s.SetPayload(kLeaseHeldUrl, absl::Cord("1"));
+  s.SetPayload(kLeaseHeldUrl, absl::Cord(absl::StrCat(generation)));
   return s;
 }
 bool IsLeaseHeld(const absl::Status& s) { return s.GetPayload(kLeaseHeldUrl).has_value(); }
+uint64_t LeaseHeldGeneration(const absl::Status& s) {
+  uint64_t g = 0;
+  const absl::optional<absl::Cord> p = s.GetPayload(kLeaseHeldUrl);
+  return p && absl::SimpleAtoi(std::string(*p), &g) ? g : 0;
+}
 
 bool Active(const std::shared_ptr<const core::Connection>& c) {
   return c != nullptr && c->status == core::ConnectionStatus::kActive && c->grant.has_value();
@@ -270,8 +278,10 @@ void Refresher::Join(const core::ConnectionId& id, Trigger trigger, Done done) {
     }
   }
   if (start) {
-    // Detached: the call runs to its own timeout whatever happens to the callers.
-    run_blocking_([this, id] { Finish(id, RefreshNow(id)); });
+    // Detached: the call runs to its own timeout whatever happens to the callers. Only a
+    // caller's Refresh may cut a generation short; the others refresh a due token only.
+    const bool early_ok = trigger == Trigger::kCaller;
+    run_blocking_([this, id, early_ok] { Finish(id, RefreshNow(id, early_ok)); });
   }
 }
 
@@ -280,7 +290,7 @@ void Refresher::Finish(const core::ConnectionId& id, const absl::StatusOr<TokenV
   const absl::Time now = clock_.Now();
   std::optional<Due> retry;
   if (!result.ok() && IsLeaseHeld(result.status())) {
-    FinishLeaseHeld(id, now);
+    FinishLeaseHeld(id, now, LeaseHeldGeneration(result.status()));
     return;
   }
   const bool transient = !result.ok() && Retryable(result.status());
@@ -333,9 +343,8 @@ void Refresher::Finish(const core::ConnectionId& id, const absl::StatusOr<TokenV
   NotifyWaiters(id, &result);
 }
 
-void Refresher::FinishLeaseHeld(const core::ConnectionId& id, absl::Time now) {
+void Refresher::FinishLeaseHeld(const core::ConnectionId& id, absl::Time now, uint64_t generation) {
   std::shared_ptr<const core::Connection> c = broker_.GetConnection(id).value_or(nullptr);
-  const uint64_t generation = c != nullptr ? c->generation() : 0;
   std::vector<Done> callers;
   {
     MutexLock lock(&mu_);
@@ -343,8 +352,9 @@ void Refresher::FinishLeaseHeld(const core::ConnectionId& id, absl::Time now) {
     in_flight_.erase(id);
     scheduled_in_flight_.erase(id);
     lease_held_until_[id] = now + std::min(absl::Seconds(1), options_.lease_margin);
-    if (Active(c)) {
-      // If the holder dies, its lease expires: look again then and take over.
+    if (Active(c) && c->generation() == generation) {
+      // If the holder dies, its lease expires: look again then and take over. (If its result is
+      // already here, the new grant's own schedule applies.)
       const absl::Time again = now + options_.provider_timeout + 2 * options_.lease_margin;
       tracked_[id] = {generation, again};
       due_.push(Due{again, id, generation, Job::kRefresh});
@@ -357,12 +367,12 @@ void Refresher::FinishLeaseHeld(const core::ConnectionId& id, absl::Time now) {
   }
 }
 
-absl::StatusOr<TokenView> Refresher::RefreshNow(const core::ConnectionId& id) {
+absl::StatusOr<TokenView> Refresher::RefreshNow(const core::ConnectionId& id, bool early_ok) {
   absl::StatusOr<std::shared_ptr<const core::Connection>> got = broker_.GetConnection(id);
   if (!got.ok()) {
     return got.status();
   }
-  const std::shared_ptr<const core::Connection> c = *got;
+  std::shared_ptr<const core::Connection> c = *got;
   if (absl::Status s = core::StatusErrorFor(*c); !s.ok()) {
     return s;
   }
@@ -385,7 +395,7 @@ absl::StatusOr<TokenView> Refresher::RefreshNow(const core::ConnectionId& id) {
   }
   if (!lease->has_value() ||
       (**lease).expires_at - clock_.Now() < options_.provider_timeout + options_.lease_margin) {
-    return LeaseHeldError();
+    return LeaseHeldError(generation);
   }
   const core::Lease held = **lease;
   struct Release {
@@ -393,10 +403,38 @@ absl::StatusOr<TokenView> Refresher::RefreshNow(const core::ConnectionId& id) {
     const core::Lease& lease;
     ~Release() { broker.ReleaseRefreshLease(lease); }
   } release{broker_, held};
+  // With the lease, what the store says decides, not our cached copy: another replica may have
+  // refreshed (and released the lease) since this flight was triggered. (A store that is down
+  // leaves the cached copy, which is all there is.)
+  (void)broker_.Reload(id);
+  if (absl::StatusOr<std::shared_ptr<const core::Connection>> fresh = broker_.GetConnection(id);
+      fresh.ok()) {
+    c = *fresh;
+  } else {
+    return fresh.status();
+  }
+  if (absl::Status s = core::StatusErrorFor(*c); !s.ok()) {
+    return s;
+  }
+  if (!c->grant || c->generation() != generation) {
+    // Refreshed elsewhere meanwhile: serve that one (its callers wait for it if it does not
+    // suit them) and call no provider.
+    absl::StatusOr<TokenView> now_served = broker_.GetToken(id);
+    return now_served.ok() ? now_served : LeaseHeldError(generation);
+  }
+  if (!early_ok && c->grant->refresh_at && clock_.Now() < *c->grant->refresh_at) {
+    // The promise made with this token still holds (the schedule that triggered this flight
+    // was for an older state): never refresh before valid_until on our own.
+    return broker_.GetToken(id);
+  }
   absl::StatusOr<bool> earlier_unknown = broker_.RecordRefreshIntent(id, generation, &held);
   if (!earlier_unknown.ok()) {
     if (earlier_unknown.status().code() == absl::StatusCode::kAborted) {
-      return broker_.GetToken(id);  // it moved on meanwhile: serve what is there now
+      // It moved on meanwhile (another writer, another replica): serve what is there now, or
+      // wait for it.
+      (void)broker_.Reload(id);
+      absl::StatusOr<TokenView> now_served = broker_.GetToken(id);
+      return now_served.ok() ? now_served : LeaseHeldError(generation);
     }
     const bool store_down = earlier_unknown.status().code() == absl::StatusCode::kUnavailable ||
                             earlier_unknown.status().code() == absl::StatusCode::kDeadlineExceeded;

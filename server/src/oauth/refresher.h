@@ -183,13 +183,15 @@ class Refresher {
   // count against max_concurrent; flights on use wait out a recent failure.
   enum class Trigger { kScheduled, kUse, kCaller };
   void Join(const core::ConnectionId& id, Trigger trigger, Done done) ABSL_LOCKS_EXCLUDED(mu_);
-  // The flight itself, on a work thread.
-  absl::StatusOr<TokenView> RefreshNow(const core::ConnectionId& id);
+  // The flight itself, on a work thread. `early_ok`: a caller asked (Refresh RPC), so the
+  // token may be refreshed before its refresh_at.
+  absl::StatusOr<TokenView> RefreshNow(const core::ConnectionId& id, bool early_ok);
   void Finish(const core::ConnectionId& id, const absl::StatusOr<TokenView>& result)
       ABSL_LOCKS_EXCLUDED(mu_);
   // The flight found another replica holding the lease: its callers wait for that replica's
   // generation, and the schedule looks again when the lease would have expired.
-  void FinishLeaseHeld(const core::ConnectionId& id, absl::Time now) ABSL_LOCKS_EXCLUDED(mu_);
+  void FinishLeaseHeld(const core::ConnectionId& id, absl::Time now, uint64_t generation)
+      ABSL_LOCKS_EXCLUDED(mu_);
 
   // Completes every waiter of `id` that can be answered now; `flight` is the result of the
   // refresh that just ended, if that is why we look.

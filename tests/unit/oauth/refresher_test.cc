@@ -741,5 +741,25 @@ TEST_F(RefresherTest, StoreOutageServesFromMemoryPausesRefreshesAndKeepsAnExpiri
   EXPECT_EQ(store_.Load("acme")->status, core::ConnectionStatus::kRevoked);
 }
 
+TEST_F(RefresherTest, AFlightWhoseGenerationWasRefreshedElsewhereCallsNoProvider) {
+  Connect("acme", absl::Minutes(30));
+  clock_.Advance(absl::Minutes(25));  // due
+  // Another replica refreshed and stored generation 2; its change has not reached us yet.
+  core::Connection stored = *store_.Load("acme");
+  core::Grant next = NewGrant(absl::Minutes(30));
+  next.generation = 2;
+  next.refresh_at = clock_.Now() + absl::Minutes(25);
+  stored.grant = next;
+  stored.revision += 1;
+  ASSERT_TRUE(store_.Update(stored, stored.revision - 1, nullptr).ok());
+  Awaited r;
+  refresher_->AwaitToken("acme", absl::ZeroDuration(), 0, clock_.Now() + kFar, r.Callback());
+  absl::StatusOr<TokenView> v = r.Wait();
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(v->grant().generation, 2u);  // what the store had, not a second refresh
+  work_.Drain();
+  EXPECT_EQ(provider_.refresh_calls(), 0);
+}
+
 }  // namespace
 }  // namespace tb::oauth
