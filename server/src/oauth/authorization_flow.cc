@@ -259,9 +259,15 @@ absl::StatusOr<core::ConnectionId> AuthorizationFlow::Complete(const Callback& c
   TB_ASSIGN_OR_RETURN(const core::ProviderSpec* spec, Spec(auth.provider));
 
   std::shared_ptr<const core::Connection> current;
-  if (absl::StatusOr<std::shared_ptr<const core::Connection>> c =
-          broker_.GetConnection(auth.connection_id);
-      c.ok()) {
+  absl::StatusOr<std::shared_ptr<const core::Connection>> c =
+      broker_.GetConnection(auth.connection_id);
+  if (!c.ok()) {
+    // The link may have been minted on another replica moments ago, before its change reached
+    // us: the store knows.
+    (void)broker_.Reload(auth.connection_id);
+    c = broker_.GetConnection(auth.connection_id);
+  }
+  if (c.ok()) {
     current = *c;
   } else {
     // Deleted while the admin was at the provider: the link still stands for it.
