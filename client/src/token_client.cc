@@ -237,9 +237,15 @@ absl::StatusOr<bool> TokenClient::Revoke(absl::string_view connection_id, absl::
 
 absl::Status TokenClient::Watch(absl::string_view connection_id,
                                 const std::function<bool(const v1::Token&)>& on_token) {
+  grpc::ClientContext ctx;
+  return Watch(connection_id, on_token, ctx);
+}
+
+absl::Status TokenClient::Watch(absl::string_view connection_id,
+                                const std::function<bool(const v1::Token&)>& on_token,
+                                grpc::ClientContext& ctx) {
   v1::WatchTokenRequest req;
   req.set_connection_id(std::string(connection_id));
-  grpc::ClientContext ctx;
   SetDeadline(ctx, absl::InfiniteDuration());  // a stream: no deadline, but the credentials
   std::unique_ptr<grpc::ClientReader<v1::WatchTokenResponse>> reader =
       broker_->WatchToken(&ctx, req);

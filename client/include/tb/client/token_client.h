@@ -121,6 +121,11 @@ class TokenClient {
   // stream ends (its status is returned) or `on_token` returns false (then OK).
   absl::Status Watch(absl::string_view connection_id,
                      const std::function<bool(const tokenbroker::v1::Token&)>& on_token);
+  // The same over `ctx`, which another thread may TryCancel() to end the stream (then
+  // CANCELLED). `ctx` must be fresh and outlive the call; the credentials are added here.
+  absl::Status Watch(absl::string_view connection_id,
+                     const std::function<bool(const tokenbroker::v1::Token&)>& on_token,
+                     grpc::ClientContext& ctx);
 
   // Mints a connect link (ConnectionAdmin.CreateConnectLink). `ttl` zero: the server's default.
   // Errors: INVALID_ARGUMENT (unknown provider, bad parameters), FAILED_PRECONDITION with flow
