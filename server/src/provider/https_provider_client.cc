@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <string_view>
 
 #include "absl/strings/cord.h"
@@ -11,6 +12,8 @@
 #include "absl/strings/str_join.h"
 #include "server/src/common/status_macros.h"
 #include "server/src/core/errors.h"
+#include "server/src/core/retry_after.h"
+#include "server/src/provider/internal/http_util.h"
 #include "server/src/provider/internal/oauth_wire.h"
 
 namespace tb::provider {
@@ -112,48 +115,111 @@ HttpRequest TokenRequest(const ProviderSpec& spec, std::string url, std::vector<
   return req;
 }
 
-// Sends `req` under the earlier of `deadline` and the spec's request timeout, and logs the call
-// (never the URL's path or query, a header or a body).
-absl::StatusOr<HttpResponse> Send(HttpClient& http, const Op& op, const HttpRequest& req,
-                                  absl::Time deadline) {
+// What one call needs to reach a provider: the HttpClient for its spec, the per-host gate and
+// the clock the gate's times are read from.
+struct Channel {
+  HttpClient& http;
+  ProviderGate& gate;
+  const Clock& clock;
+};
+
+// An HTTP answer, and when its host may be called again if it said so (429, 503 + Retry-After).
+struct Answer {
+  HttpResponse res;
+  std::optional<absl::Time> retry_at;
+};
+
+// How a transport-level failure reads for the circuit breaker: the host did not answer in time
+// or at all. Other codes (a URL or header refused locally) say nothing about the host.
+ProviderGate::Outcome OutcomeOf(const absl::Status& s) {
+  return s.code() == absl::StatusCode::kUnavailable ||
+                 s.code() == absl::StatusCode::kDeadlineExceeded
+             ? ProviderGate::Outcome::kFailed
+             : ProviderGate::Outcome::kNeutral;
+}
+
+ProviderGate::Outcome OutcomeOf(int http_status) {
+  return http_status == 408 || (http_status >= 500 && http_status <= 599)
+             ? ProviderGate::Outcome::kFailed
+             : ProviderGate::Outcome::kAnswered;
+}
+
+// Sends `req` once the host's gate lets it, and logs the call (never the URL's path or query, a
+// header or a body). A refused call sends nothing. Waiting for a slot ends at the earlier of
+// `deadline` and the spec's request timeout; a request, once sent, gets the request timeout
+// from then on (capped by `deadline`), so a wait never shortens the time a provider that may
+// already be processing it has to answer.
+absl::StatusOr<Answer> Send(const Channel& ch, const Op& op, const HttpRequest& req,
+                            absl::Time deadline) {
+  std::optional<ProviderGate::Permit> permit;
+  // A URL that does not parse is refused by HttpClient::Send itself, before any traffic.
+  if (absl::StatusOr<internal::ParsedUrl> url = internal::ParseHttpUrl(req.url); url.ok()) {
+    const absl::Time wait_until = std::min(deadline, absl::Now() + op.spec.request_timeout);
+    absl::StatusOr<ProviderGate::Permit> admitted =
+        ch.gate.Admit(url->origin, op.spec.name, wait_until);
+    if (!admitted.ok()) {
+      spdlog::debug("provider call not sent: provider={} op=\"{}\" code={} reason=\"{}\"",
+                    op.spec.name, Sv(op.name), absl::StatusCodeToString(admitted.status().code()),
+                    Sv(admitted.status().message()));
+      return Prefixed(op.What(), admitted.status());
+    }
+    permit.emplace(*std::move(admitted));
+  }
   const absl::Time start = absl::Now();
   const absl::Time bounded = std::min(deadline, start + op.spec.request_timeout);
-  absl::StatusOr<HttpResponse> res = http.Send(req, bounded);
+  absl::StatusOr<HttpResponse> res = ch.http.Send(req, bounded);
   const int64_t latency_ms = absl::ToInt64Milliseconds(absl::Now() - start);
   if (!res.ok()) {
+    if (permit) {
+      permit->Finish(OutcomeOf(res.status()));
+    }
     spdlog::warn("provider call failed: provider={} op=\"{}\" code={} latency_ms={} error=\"{}\"",
                  op.spec.name, Sv(op.name), absl::StatusCodeToString(res.status().code()),
                  latency_ms, Sv(res.status().message()));
     return Prefixed(op.What(), res.status());
   }
+  Answer answer{*std::move(res), std::nullopt};
+  const std::string retry_after = answer.res.Header("Retry-After");
+  if (answer.res.status == 429 || (answer.res.status == 503 && !retry_after.empty())) {
+    answer.retry_at = RetryAfterTime(retry_after, ch.clock.Now(), ch.gate.options());
+  }
+  if (permit) {
+    permit->Finish(OutcomeOf(answer.res.status), answer.retry_at);
+  }
   spdlog::info("provider call: provider={} op=\"{}\" http_status={} latency_ms={}", op.spec.name,
-               Sv(op.name), res->status, latency_ms);
-  return res;
+               Sv(op.name), answer.res.status, latency_ms);
+  return answer;
 }
 
-absl::Status ErrorFor(const Op& op, Endpoint endpoint, const HttpResponse& res) {
-  return internal::ErrorForResponse(op.What(), endpoint, res.status, res.body,
-                                    res.Header("Retry-After"));
+// The status of a non-2xx answer; a 429 (or 503 with Retry-After) carries when its host may be
+// called again (core::RetryAfterOf), besides the raw header (kRetryAfterPayloadUrl).
+absl::Status ErrorFor(const Op& op, Endpoint endpoint, const Answer& answer) {
+  absl::Status s = internal::ErrorForResponse(op.What(), endpoint, answer.res.status,
+                                              answer.res.body, answer.res.Header("Retry-After"));
+  if (answer.retry_at) {
+    s = core::WithRetryAt(std::move(s), *answer.retry_at);
+  }
+  return s;
 }
 
 // POSTs a token request and parses the answer into a Grant.
-absl::StatusOr<core::Grant> TokenCall(HttpClient& http, const Clock& clock, const Op& op,
+absl::StatusOr<core::Grant> TokenCall(const Channel& ch, const Op& op,
                                       const core::Connection& connection, std::vector<Param> params,
                                       absl::Time deadline) {
   TB_ASSIGN_OR_RETURN(std::string url, Url(op, op.spec.token_url, connection));
   const HttpRequest req = TokenRequest(op.spec, std::move(url), std::move(params));
   // Read before sending: the provider starts the token's lifetime no earlier than this, so the
   // expiry we compute is never later than the provider's.
-  const absl::Time issued_at = clock.Now();
-  TB_ASSIGN_OR_RETURN(const HttpResponse res, Send(http, op, req, deadline));
-  if (!Is2xx(res.status)) {
-    return ErrorFor(op, Endpoint::kClientAuthenticated, res);
+  const absl::Time issued_at = ch.clock.Now();
+  TB_ASSIGN_OR_RETURN(const Answer answer, Send(ch, op, req, deadline));
+  if (!Is2xx(answer.res.status)) {
+    return ErrorFor(op, Endpoint::kClientAuthenticated, answer);
   }
   absl::StatusOr<core::Grant> grant =
-      internal::ParseTokenResponse(res.body, op.spec.scopes, issued_at);
+      internal::ParseTokenResponse(answer.res.body, op.spec.scopes, issued_at);
   if (!grant.ok()) {
     return absl::UnavailableError(
-        absl::StrCat(op.What(), ": token endpoint answered ", res.status,
+        absl::StrCat(op.What(), ": token endpoint answered ", answer.res.status,
                      " with an unusable body: ", grant.status().message()));
   }
   // A provider that does not say how long the refresh token lives was asked for a lifetime
@@ -166,7 +232,7 @@ absl::StatusOr<core::Grant> TokenCall(HttpClient& http, const Clock& clock, cons
 }
 
 // GET token_info_url with `access`: Zendesk's id of that token.
-absl::StatusOr<std::string> LookUpTokenId(HttpClient& http, const ProviderSpec& spec,
+absl::StatusOr<std::string> LookUpTokenId(const Channel& ch, const ProviderSpec& spec,
                                           const core::Connection& connection,
                                           const AccessToken& access, absl::Time deadline) {
   const Op op{spec, "token id lookup"};
@@ -176,13 +242,13 @@ absl::StatusOr<std::string> LookUpTokenId(HttpClient& http, const ProviderSpec& 
   req.url = std::move(url);
   req.headers = {{"Accept", "application/json"},
                  {"Authorization", absl::StrCat("Bearer ", access.Reveal())}};
-  TB_ASSIGN_OR_RETURN(const HttpResponse res, Send(http, op, req, deadline));
-  if (!Is2xx(res.status)) {
-    return ErrorFor(op, Endpoint::kBearer, res);
+  TB_ASSIGN_OR_RETURN(const Answer answer, Send(ch, op, req, deadline));
+  if (!Is2xx(answer.res.status)) {
+    return ErrorFor(op, Endpoint::kBearer, answer);
   }
-  absl::StatusOr<std::string> id = internal::ParseTokenId(res.body);
+  absl::StatusOr<std::string> id = internal::ParseTokenId(answer.res.body);
   if (!id.ok()) {
-    return absl::UnavailableError(absl::StrCat(op.What(), ": answered ", res.status,
+    return absl::UnavailableError(absl::StrCat(op.What(), ": answered ", answer.res.status,
                                                " with an unusable body: ", id.status().message()));
   }
   return id;
@@ -191,13 +257,13 @@ absl::StatusOr<std::string> LookUpTokenId(HttpClient& http, const ProviderSpec& 
 // Sets grant.provider_token_id when the provider has a token-info endpoint. A failure is logged
 // and leaves the id empty: the code (or refresh token) is spent already, so failing would lose
 // the grant; Revoke looks the id up itself when it is missing.
-void FillTokenId(HttpClient& http, const Op& op, const core::Connection& connection,
+void FillTokenId(const Channel& ch, const Op& op, const core::Connection& connection,
                  core::Grant& grant, absl::Time deadline) {
   if (op.spec.token_info_url.empty()) {
     return;
   }
   absl::StatusOr<std::string> id =
-      LookUpTokenId(http, op.spec, connection, grant.access_token, deadline);
+      LookUpTokenId(ch, op.spec, connection, grant.access_token, deadline);
   if (!id.ok()) {
     spdlog::warn(
         "provider token id lookup failed, keeping the grant without an id: provider={} "
@@ -209,7 +275,7 @@ void FillTokenId(HttpClient& http, const Op& op, const core::Connection& connect
   grant.provider_token_id = *std::move(id);
 }
 
-absl::Status RevokeByTokenId(HttpClient& http, const Op& op, const core::Connection& connection,
+absl::Status RevokeByTokenId(const Channel& ch, const Op& op, const core::Connection& connection,
                              absl::Time deadline) {
   const core::Grant& grant = *connection.grant;
   if (grant.access_token.empty()) {
@@ -218,7 +284,7 @@ absl::Status RevokeByTokenId(HttpClient& http, const Op& op, const core::Connect
   }
   std::string id = grant.provider_token_id;
   if (id.empty()) {
-    TB_ASSIGN_OR_RETURN(id, LookUpTokenId(http, op.spec, connection, grant.access_token, deadline));
+    TB_ASSIGN_OR_RETURN(id, LookUpTokenId(ch, op.spec, connection, grant.access_token, deadline));
   }
   if (!internal::IsValidTokenId(id)) {
     return absl::FailedPreconditionError(
@@ -230,15 +296,15 @@ absl::Status RevokeByTokenId(HttpClient& http, const Op& op, const core::Connect
   req.url = std::move(url);
   req.headers = {{"Accept", "application/json"},
                  {"Authorization", absl::StrCat("Bearer ", grant.access_token.Reveal())}};
-  TB_ASSIGN_OR_RETURN(const HttpResponse res, Send(http, op, req, deadline));
-  if (Is2xx(res.status) || res.status == 404) {  // 404: already gone, which is what we want
+  TB_ASSIGN_OR_RETURN(const Answer answer, Send(ch, op, req, deadline));
+  if (Is2xx(answer.res.status) || answer.res.status == 404) {  // 404: already gone, as wanted
     return absl::OkStatus();
   }
-  return ErrorFor(op, Endpoint::kBearer, res);
+  return ErrorFor(op, Endpoint::kBearer, answer);
 }
 
 // RFC 7009 2.1: one token per request, always form-encoded, with client authentication.
-absl::Status RevokeOne(HttpClient& http, const Op& op, const core::Connection& connection,
+absl::Status RevokeOne(const Channel& ch, const Op& op, const core::Connection& connection,
                        absl::string_view token, absl::string_view hint, absl::Time deadline) {
   TB_ASSIGN_OR_RETURN(std::string url, Url(op, op.spec.revoke_url, connection));
   HttpRequest req;
@@ -249,27 +315,33 @@ absl::Status RevokeOne(HttpClient& http, const Op& op, const core::Connection& c
                                {"token_type_hint", std::string(hint)}};
   AddClientAuth(op.spec, params, req);
   SetBody(core::BodyEncoding::kForm, params, req);
-  TB_ASSIGN_OR_RETURN(const HttpResponse res, Send(http, op, req, deadline));
-  if (Is2xx(res.status)) {
+  TB_ASSIGN_OR_RETURN(const Answer answer, Send(ch, op, req, deadline));
+  if (Is2xx(answer.res.status)) {
     return absl::OkStatus();
   }
-  return ErrorFor(op, Endpoint::kClientAuthenticated, res);
+  return ErrorFor(op, Endpoint::kClientAuthenticated, answer);
 }
 
 }  // namespace
 
+ProviderGateStats HttpsProviderClient::gate_stats() const { return gate_.Stats(); }
+
 HttpsProviderClient::HttpsProviderClient(HttpClientOptions base, const Clock& clock,
-                                         HttpClientFactory factory)
-    : base_(std::move(base)), clock_(clock), factory_(std::move(factory)) {}
+                                         HttpClientFactory factory, ProviderGateOptions gate)
+    : base_(std::move(base)),
+      clock_(clock),
+      factory_(std::move(factory)),
+      gate_(std::move(gate), clock) {}
 
 absl::StatusOr<std::unique_ptr<HttpsProviderClient>> HttpsProviderClient::Create(
     HttpClientOptions base, const std::vector<core::ProviderSpec>& specs, const Clock& clock,
-    HttpClientFactory factory) {
+    HttpClientFactory factory, ProviderGateOptions gate) {
   if (!factory) {
     return absl::InvalidArgumentError("HttpsProviderClient: no HttpClient factory");
   }
+  TB_RETURN_IF_ERROR(ValidateProviderGateOptions(gate));
   std::unique_ptr<HttpsProviderClient> client(
-      new HttpsProviderClient(std::move(base), clock, std::move(factory)));
+      new HttpsProviderClient(std::move(base), clock, std::move(factory), std::move(gate)));
   for (const core::ProviderSpec& spec : specs) {
     if (absl::StatusOr<HttpClient*> http = client->ClientFor(spec); !http.ok()) {
       return absl::InvalidArgumentError(
@@ -320,9 +392,10 @@ absl::StatusOr<core::Grant> HttpsProviderClient::ExchangeCode(
   if (spec.preset == "zendesk" && !spec.scopes.empty()) {
     params.push_back({"scope", absl::StrJoin(spec.scopes, " ")});
   }
+  const Channel ch{**http, gate_, clock_};
   TB_ASSIGN_OR_RETURN(core::Grant grant,
-                      TokenCall(**http, clock_, op, connection, std::move(params), deadline));
-  FillTokenId(**http, op, connection, grant, deadline);
+                      TokenCall(ch, op, connection, std::move(params), deadline));
+  FillTokenId(ch, op, connection, grant, deadline);
   return grant;
 }
 
@@ -345,10 +418,11 @@ absl::StatusOr<core::Grant> HttpsProviderClient::Refresh(const core::ProviderSpe
   std::vector<Param> params = {
       {"grant_type", "refresh_token"},
       {"refresh_token", std::string(connection.grant->refresh_token->Reveal())}};
+  const Channel ch{**http, gate_, clock_};
   TB_ASSIGN_OR_RETURN(core::Grant grant,
-                      TokenCall(**http, clock_, op, connection, std::move(params), deadline));
+                      TokenCall(ch, op, connection, std::move(params), deadline));
   // Zendesk made a new token record: the old id is dead, look up the new one.
-  FillTokenId(**http, op, connection, grant, deadline);
+  FillTokenId(ch, op, connection, grant, deadline);
   return grant;
 }
 
@@ -364,18 +438,19 @@ absl::Status HttpsProviderClient::Revoke(const core::ProviderSpec& spec,
                              core::Reason::kProviderMisconfigured,
                              absl::StrCat(op.What(), ": ", http.status().message()));
   }
+  const Channel ch{**http, gate_, clock_};
   if (spec.revocation == core::Revocation::kZendeskTokenId) {
-    return RevokeByTokenId(**http, op, connection, deadline);
+    return RevokeByTokenId(ch, op, connection, deadline);
   }
   const core::Grant& grant = *connection.grant;
   const bool has_refresh = grant.refresh_token && !grant.refresh_token->empty();
   if (has_refresh) {
-    TB_RETURN_IF_ERROR(RevokeOne(**http, op, connection, grant.refresh_token->Reveal(),
-                                 "refresh_token", deadline));
+    TB_RETURN_IF_ERROR(
+        RevokeOne(ch, op, connection, grant.refresh_token->Reveal(), "refresh_token", deadline));
   }
   if (!grant.access_token.empty()) {
     TB_RETURN_IF_ERROR(
-        RevokeOne(**http, op, connection, grant.access_token.Reveal(), "access_token", deadline));
+        RevokeOne(ch, op, connection, grant.access_token.Reveal(), "access_token", deadline));
   }
   return absl::OkStatus();
 }

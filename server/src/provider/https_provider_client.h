@@ -3,7 +3,8 @@
 
 // core::ProviderClient over HTTPS: the OAuth 2.0 token endpoint (RFC 6749), Zendesk's token-id
 // lookup and revocation, and RFC 7009 revocation. A thin adapter: it builds requests from a
-// ProviderSpec, sends them with HttpClient and maps answers to Grants and statuses.
+// ProviderSpec, sends them with HttpClient (through a per-host ProviderGate: Retry-After,
+// concurrency limit, circuit breaker) and maps answers to Grants and statuses.
 
 #include <functional>
 #include <map>
@@ -21,6 +22,7 @@
 #include "server/src/common/mutex.h"
 #include "server/src/core/provider_client.h"
 #include "server/src/provider/http_client.h"
+#include "server/src/provider/provider_gate.h"
 
 namespace tb::provider {
 
@@ -34,9 +36,28 @@ using HttpClientFactory =
 
 // Thread-safe. Owns one HttpClient (and so one connection pool) per distinct
 // (spec.ca_file, spec.connect_timeout) it meets, each built from `base` (proxy, NO_PROXY, pool
-// settings) with the spec's CA file and connect timeout. Every call is bounded by the earlier of
-// its `deadline` (wall-clock time) and now + spec.request_timeout, and blocks the calling
-// (worker) thread.
+// settings) with the spec's CA file and connect timeout. Every HTTP request is bounded by the
+// earlier of its call's `deadline` (wall-clock time) and the time it is sent +
+// spec.request_timeout, and blocks the calling (worker) thread.
+//
+// The provider gate (ProviderGateOptions, one gate for all specs): every request first passes
+// its host's gate (host = the URL's scheme, host and port: each Zendesk subdomain is its own),
+// which reads time from the injected clock and may refuse it before anything is sent:
+//   - after a 429, or a 503 with Retry-After, from that host, every request to it fails at once
+//     with RESOURCE_EXHAUSTED until the time the answer named (RetryAfterTime: seconds or an HTTP
+//     date; missing or garbage: default_retry_after; capped at retry_after_cap);
+//   - at most max_in_flight_per_host requests to one host at once; more wait for a slot until
+//     the earlier of `deadline` and now + spec.request_timeout, then DEADLINE_EXCEEDED;
+//   - failure_threshold transient failures in a row from one host (transport errors, timeouts,
+//     408, 5xx; never 4xx) open its circuit for open_for: requests fail at once with
+//     UNAVAILABLE "circuit open for <host>"; then one probe goes out; its success closes the
+//     circuit, its failure opens it for twice as long (up to max_open_for).
+// The gate acts before sending only: a request once sent is always waited for. When the host
+// may be tried again is on the status for core::RetryAfterOf (core/retry_after.h): on the 429
+// (and 503 + Retry-After) error itself, on calls refused for a Retry-After, and on calls refused
+// by an open circuit (the probe time; none while the probe is out, none on a slot timeout). A
+// refused token request spent nothing: the refresh token is still good. gate_stats() counts
+// refusals, waits and circuit changes per provider name.
 //
 // What it sends, per spec:
 //   token requests   POST token_url (URL templates filled from connection.params, validated
@@ -61,9 +82,10 @@ using HttpClientFactory =
 // Errors (codes per core::ProviderClient; messages name the provider, the operation, the HTTP
 // status and the OAuth error code, never a token, secret or body):
 //   UNAVAILABLE          transport failure, 5xx, 408, or a 2xx body that is not a usable token
-//                        response
-//   DEADLINE_EXCEEDED    the deadline passed
-//   RESOURCE_EXHAUSTED   429, Retry-After kept as payload kRetryAfterPayloadUrl
+//                        response; the host's circuit is open (nothing sent)
+//   DEADLINE_EXCEEDED    the deadline passed (also while waiting for a slot: nothing sent)
+//   RESOURCE_EXHAUSTED   429 (raw Retry-After kept as payload kRetryAfterPayloadUrl, its time
+//                        as core::RetryAfterOf), or the host is blocked by an earlier one
 //   UNAUTHENTICATED      a 401 from a Bearer-authorized endpoint (token info, revoke by id):
 //                        the grant's access token was rejected (refresh, then retry)
 //   FAILED_PRECONDITION  Reason kNeedsReauth for invalid_grant; kProviderMisconfigured for
@@ -75,11 +97,12 @@ using HttpClientFactory =
 class HttpsProviderClient final : public core::ProviderClient {
  public:
   // Builds the HttpClients of `specs` up front, so an unreadable CA file or a bad proxy URL fails
-  // at startup (INVALID_ARGUMENT). A spec met later with another CA file or connect timeout gets
-  // its client then. `clock` (issued_at of grants) must outlive this object.
+  // at startup (INVALID_ARGUMENT), as do out-of-range `gate` options. A spec met later with
+  // another CA file or connect timeout gets its client then. `clock` (issued_at of grants, the
+  // gate's times) must outlive this object.
   static absl::StatusOr<std::unique_ptr<HttpsProviderClient>> Create(
       HttpClientOptions base, const std::vector<core::ProviderSpec>& specs, const Clock& clock,
-      HttpClientFactory factory = &HttpClient::Create);
+      HttpClientFactory factory = &HttpClient::Create, ProviderGateOptions gate = {});
 
   absl::StatusOr<core::Grant> ExchangeCode(const core::ProviderSpec& spec,
                                            const core::Connection& connection, const AuthCode& code,
@@ -95,12 +118,17 @@ class HttpsProviderClient final : public core::ProviderClient {
   // The HttpClient used for `spec` (created if needed). For tests and metrics.
   absl::StatusOr<HttpClient*> ClientFor(const core::ProviderSpec& spec) ABSL_LOCKS_EXCLUDED(mu_);
 
+  // The gate's counters (per provider name) and current host states, for metrics.
+  ProviderGateStats gate_stats() const;
+
  private:
-  HttpsProviderClient(HttpClientOptions base, const Clock& clock, HttpClientFactory factory);
+  HttpsProviderClient(HttpClientOptions base, const Clock& clock, HttpClientFactory factory,
+                      ProviderGateOptions gate);
 
   const HttpClientOptions base_;
   const Clock& clock_;
   const HttpClientFactory factory_;
+  ProviderGate gate_;
 
   Mutex mu_;
   // Key: (ca_file, connect_timeout). Clients are never removed, so pointers stay valid.

@@ -11,6 +11,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <boost/url/parse.hpp>
@@ -19,10 +20,12 @@
 #include "absl/strings/cord.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "server/src/common/clock.h"
 #include "server/src/core/errors.h"
 #include "server/src/core/provider_presets.h"
+#include "server/src/core/retry_after.h"
 #include "tests/fake_provider/fake_provider.h"
 #include "tests/integration/provider/connect_proxy.h"
 #include "tests/support/test_secrets.h"
@@ -92,9 +95,10 @@ class HttpsProviderClientIntegrationTest : public ::testing::Test {
     client_ = NewClient(HttpClientOptions{});
   }
 
-  std::unique_ptr<HttpsProviderClient> NewClient(HttpClientOptions base) {
-    absl::StatusOr<std::unique_ptr<HttpsProviderClient>> client =
-        HttpsProviderClient::Create(std::move(base), {zendesk_, generic_}, clock_);
+  std::unique_ptr<HttpsProviderClient> NewClient(HttpClientOptions base,
+                                                 ProviderGateOptions gate = {}) {
+    absl::StatusOr<std::unique_ptr<HttpsProviderClient>> client = HttpsProviderClient::Create(
+        std::move(base), {zendesk_, generic_}, clock_, &HttpClient::Create, gate);
     EXPECT_TRUE(client.ok()) << client.status();
     return client.ok() ? *std::move(client) : nullptr;
   }
@@ -289,6 +293,157 @@ TEST_F(HttpsProviderClientIntegrationTest, ResetConnectionIsUnavailableAndNotRes
   fake_->FailNext(CallKind::kTokenRefresh, reset);
   EXPECT_EQ(client_->Refresh(zendesk_, c, Soon()).status().code(), absl::StatusCode::kUnavailable);
   EXPECT_EQ(fake_->calls(CallKind::kTokenRefresh), 1);  // a POST is never resent
+}
+
+// --- The per-host gate against the real fake --------------------------------------------------
+
+TEST_F(HttpsProviderClientIntegrationTest, RetryAfterTwoSecondsMeansNoCallInsideThem) {
+  const core::Connection c = ConnectZendesk();
+  ASSERT_TRUE(c.grant.has_value());
+  Failure limited;
+  limited.http_status = 429;
+  limited.retry_after = "2";
+  fake_->FailNext(CallKind::kTokenRefresh, limited);
+  const absl::Time sent = absl::Now();
+  const absl::Status s = client_->Refresh(zendesk_, c, Soon()).status();
+  ASSERT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+  const std::optional<absl::Time> until = core::RetryAfterOf(s);
+  ASSERT_TRUE(until.has_value());
+  EXPECT_GE(*until, sent + absl::Seconds(2));
+  EXPECT_LE(*until, absl::Now() + absl::Seconds(2));
+  const int refreshes = fake_->calls(CallKind::kTokenRefresh);
+  const int infos = fake_->calls(CallKind::kTokenInfo);
+
+  // Keep trying inside the window: every call fails at once and the fake sees none of them.
+  int refused = 0;
+  while (absl::Now() < *until - absl::Milliseconds(200)) {
+    EXPECT_EQ(client_->Refresh(zendesk_, c, Soon()).status().code(),
+              absl::StatusCode::kResourceExhausted);
+    EXPECT_EQ(client_->Revoke(zendesk_, c, Soon()).code(), absl::StatusCode::kResourceExhausted);
+    ++refused;
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  EXPECT_GT(refused, 5);
+  EXPECT_EQ(fake_->calls(CallKind::kTokenRefresh), refreshes);
+  EXPECT_EQ(fake_->calls(CallKind::kTokenInfo), infos);
+  EXPECT_EQ(fake_->calls(CallKind::kRevokeById), 0);
+
+  // After it, the refresh goes out, and the refresh token was never spent meanwhile.
+  absl::SleepFor(*until - absl::Now() + absl::Milliseconds(50));
+  absl::StatusOr<core::Grant> next = client_->Refresh(zendesk_, c, Soon());
+  ASSERT_TRUE(next.ok()) << next.status();
+  EXPECT_EQ(fake_->calls(CallKind::kTokenRefresh), refreshes + 1);
+  EXPECT_EQ(fake_->refresh_token_reuse_attempts(), 0);
+  const ProviderGateCounters counters = client_->gate_stats().providers["zendesk"];
+  EXPECT_EQ(counters.rate_limited, 1u);
+  EXPECT_EQ(counters.blocked_by_retry_after, static_cast<uint64_t>(2 * refused));
+}
+
+TEST_F(HttpsProviderClientIntegrationTest, ServerErrorsForAWhileOpenTheBreakerThenItRecovers) {
+  ProviderGateOptions gate;
+  gate.failure_threshold = 3;
+  gate.open_for = absl::Milliseconds(500);
+  client_ = NewClient(HttpClientOptions{}, gate);
+  ASSERT_NE(client_, nullptr);
+  const core::Connection c = ConnectZendesk();
+  ASSERT_TRUE(c.grant.has_value());
+  Failure broken;
+  broken.http_status = 500;
+  for (int i = 0; i < 5; ++i) {  // the provider is down for longer than the threshold
+    fake_->FailNext(CallKind::kTokenRefresh, broken);
+  }
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(client_->Refresh(zendesk_, c, Soon()).status().code(),
+              absl::StatusCode::kUnavailable);
+  }
+  EXPECT_EQ(fake_->calls(CallKind::kTokenRefresh), 3);
+
+  // Open: calls fail at once and reach nothing.
+  const absl::Status s = client_->Refresh(zendesk_, c, Soon()).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  const std::optional<absl::Time> probe_at = core::RetryAfterOf(s);
+  ASSERT_TRUE(probe_at.has_value());
+  EXPECT_EQ(fake_->calls(CallKind::kTokenRefresh), 3);
+
+  // The probe meets the fourth 500: open again (for 1 s).
+  absl::SleepFor(*probe_at - absl::Now() + absl::Milliseconds(50));
+  EXPECT_EQ(client_->Refresh(zendesk_, c, Soon()).status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(fake_->calls(CallKind::kTokenRefresh), 4);
+  const absl::Status again = client_->Refresh(zendesk_, c, Soon()).status();
+  EXPECT_EQ(again.code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(fake_->calls(CallKind::kTokenRefresh), 4);
+
+  // Retrying as the refresher would, at the time the error names: the fifth 500 re-opens it once
+  // more, then the provider is back and the refresh succeeds.
+  absl::StatusOr<core::Grant> next = absl::UnavailableError("not tried");
+  const absl::Time give_up = absl::Now() + absl::Seconds(20);
+  while (!next.ok() && absl::Now() < give_up) {
+    const std::optional<absl::Time> at = core::RetryAfterOf(next.status());
+    absl::SleepFor(at ? *at - absl::Now() + absl::Milliseconds(50) : absl::Milliseconds(100));
+    next = client_->Refresh(zendesk_, c, Soon());
+  }
+  ASSERT_TRUE(next.ok()) << next.status();
+  EXPECT_EQ(fake_->calls(CallKind::kTokenRefresh), 6);
+  EXPECT_TRUE(fake_->IsAccessTokenValid(std::string(next->access_token.Reveal())));
+  // After the circuit closed, calls flow normally.
+  core::Connection rotated = c;
+  rotated.grant = *next;
+  EXPECT_TRUE(client_->Refresh(zendesk_, rotated, Soon()).ok());
+
+  const ProviderGateCounters counters = client_->gate_stats().providers["zendesk"];
+  EXPECT_EQ(counters.circuit_opened, 3u);
+  EXPECT_EQ(counters.circuit_closed, 1u);
+  EXPECT_GE(counters.blocked_by_circuit, 2u);
+}
+
+TEST_F(HttpsProviderClientIntegrationTest, ConnectionResetsCountAsTransientFailures) {
+  ProviderGateOptions gate;
+  gate.failure_threshold = 2;
+  client_ = NewClient(HttpClientOptions{}, gate);
+  ASSERT_NE(client_, nullptr);
+  const core::Connection c = ConnectZendesk();
+  ASSERT_TRUE(c.grant.has_value());
+  Failure reset;
+  reset.reset_connection = true;
+  fake_->FailNext(CallKind::kTokenRefresh, reset);
+  fake_->FailNext(CallKind::kTokenRefresh, reset);
+  EXPECT_EQ(client_->Refresh(zendesk_, c, Soon()).status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(client_->Refresh(zendesk_, c, Soon()).status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(fake_->calls(CallKind::kTokenRefresh), 2);
+  EXPECT_EQ(client_->Refresh(zendesk_, c, Soon()).status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(fake_->calls(CallKind::kTokenRefresh), 2);  // the circuit is open: nothing sent
+  EXPECT_EQ(client_->gate_stats().providers["zendesk"].circuit_opened, 1u);
+  EXPECT_TRUE(fake_->IsRefreshTokenValid(std::string(c.grant->refresh_token->Reveal())));
+}
+
+TEST_F(HttpsProviderClientIntegrationTest, ConcurrencyLimitHoldsCallsBackUntilTheirDeadline) {
+  ProviderGateOptions gate;
+  gate.max_in_flight_per_host = 1;
+  client_ = NewClient(HttpClientOptions{}, gate);
+  ASSERT_NE(client_, nullptr);
+  const core::Connection c = ConnectZendesk();
+  ASSERT_TRUE(c.grant.has_value());
+  Failure slow;
+  slow.delay_before = absl::Seconds(2);
+  fake_->FailNext(CallKind::kTokenRefresh, slow);
+  absl::StatusOr<core::Grant> first = absl::UnknownError("not run");
+  std::thread a([&] { first = client_->Refresh(zendesk_, c, Soon()); });
+  const absl::Time give_up = absl::Now() + absl::Seconds(10);
+  while (fake_->calls(CallKind::kTokenRefresh) < 1 && absl::Now() < give_up) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  ASSERT_EQ(fake_->calls(CallKind::kTokenRefresh), 1);
+
+  // The one slot is busy for ~2 s: this call waits 300 ms, then gives up without sending.
+  const absl::Time start = absl::Now();
+  EXPECT_EQ(client_->Refresh(zendesk_, c, start + absl::Milliseconds(300)).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_GE(absl::Now() - start, absl::Milliseconds(250));
+  EXPECT_LT(absl::Now() - start, absl::Milliseconds(1500));
+  a.join();
+  ASSERT_TRUE(first.ok()) << first.status();  // the slow answer was waited for
+  EXPECT_EQ(fake_->calls(CallKind::kTokenRefresh), 1);
+  EXPECT_EQ(client_->gate_stats().providers["zendesk"].slot_timeouts, 1u);
 }
 
 TEST_F(HttpsProviderClientIntegrationTest, UntrustedServerIsUnavailable) {

@@ -4,10 +4,12 @@
 
 #include "server/src/provider/https_provider_client.h"
 
+#include <atomic>
 #include <deque>
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <boost/json/parse.hpp>
@@ -18,9 +20,11 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "server/src/core/errors.h"
 #include "server/src/core/provider_presets.h"
+#include "server/src/core/retry_after.h"
 #include "server/src/provider/internal/oauth_wire.h"
 #include "tests/fakes/fake_clock.h"
 #include "tests/support/test_secrets.h"
@@ -144,14 +148,31 @@ class HttpsProviderClientTest : public ::testing::Test {
     plain_.id = "plain";
     plain_.provider = "idp";
 
+    client_ = MakeClient(ProviderGateOptions{});
+    ASSERT_NE(client_, nullptr);
+  }
+
+  std::unique_ptr<HttpsProviderClient> MakeClient(ProviderGateOptions gate) {
     absl::StatusOr<std::unique_ptr<HttpsProviderClient>> client = HttpsProviderClient::Create(
         HttpClientOptions{}, {zendesk_, generic_}, clock_,
         [this](const HttpClientOptions& options) -> absl::StatusOr<std::unique_ptr<HttpClient>> {
           factory_options_.push_back(options);
           return std::make_unique<Forwarder>(http_);
-        });
-    ASSERT_TRUE(client.ok()) << client.status();
-    client_ = *std::move(client);
+        },
+        gate);
+    EXPECT_TRUE(client.ok()) << client.status();
+    return client.ok() ? *std::move(client) : nullptr;
+  }
+
+  core::Connection Beta() {
+    core::Connection c = acme_;
+    c.id = "beta";
+    c.params = {{"subdomain", "beta"}};
+    return c;
+  }
+
+  ProviderGateCounters Counters(const std::string& provider = "zendesk") {
+    return client_->gate_stats().providers[provider];
   }
 
   std::string TokenBody(const std::string& access, const std::string& refresh,
@@ -353,6 +374,8 @@ TEST_F(HttpsProviderClientTest, MapsProviderAnswers) {
   s = client_->Refresh(zendesk_, c, kFarDeadline).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(s.GetPayload(kRetryAfterPayloadUrl), absl::Cord("42"));
+  EXPECT_EQ(core::RetryAfterOf(s), clock_.Now() + absl::Seconds(42));
+  clock_.Advance(absl::Seconds(42));  // the host is blocked until then
 
   http_.Answer(502, "<html>bad gateway</html>");
   EXPECT_EQ(client_->Refresh(zendesk_, c, kFarDeadline).status().code(),
@@ -483,6 +506,317 @@ TEST_F(HttpsProviderClientTest, NoRevocationOrNoGrantMakesNoCall) {
   EXPECT_TRUE(client_->Revoke(chat, WithGrant(acme_, access_, refresh_), kFarDeadline).ok());
   EXPECT_TRUE(client_->Revoke(zendesk_, acme_, kFarDeadline).ok());
   EXPECT_TRUE(http_.requests.empty());
+}
+
+// --- The per-host gate ------------------------------------------------------------------------
+
+TEST_F(HttpsProviderClientTest, RetryAfterSecondsBlocksThatHostAndOnlyItUntilThen) {
+  const core::Connection c = WithGrant(acme_, access_, refresh_);
+  http_.Answer(429, "", {{"Retry-After", "2"}});
+  const absl::Time until = clock_.Now() + absl::Seconds(2);
+  absl::Status s = client_->Refresh(zendesk_, c, kFarDeadline).status();
+  ASSERT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(core::RetryAfterOf(s), until);
+  EXPECT_EQ(s.GetPayload(kRetryAfterPayloadUrl), absl::Cord("2"));
+  ASSERT_EQ(http_.requests.size(), 1u);
+
+  // Inside the 2 s: every call to that host fails at once, nothing is sent.
+  for (const absl::Duration at :
+       {absl::ZeroDuration(), absl::Seconds(1), absl::Milliseconds(999)}) {
+    clock_.Advance(at);
+    s = client_->Refresh(zendesk_, c, kFarDeadline).status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+    EXPECT_EQ(core::RetryAfterOf(s), until);
+  }
+  EXPECT_EQ(
+      client_->Revoke(zendesk_, WithGrant(acme_, access_, refresh_, "987"), kFarDeadline).code(),
+      absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(http_.requests.size(), 1u);
+
+  // Another Zendesk subdomain and another provider are other hosts.
+  http_.Answer(200, TokenBody(access_, refresh_));
+  http_.Answer(200, R"({"token":{"id":1}})");
+  EXPECT_TRUE(client_->Refresh(zendesk_, WithGrant(Beta(), access_, refresh_), kFarDeadline).ok());
+  EXPECT_EQ(http_.requests.back().url, "https://beta.zendesk.com/api/v2/oauth/tokens/current.json");
+  http_.Answer(200, TokenBody(access_, refresh_));
+  EXPECT_TRUE(client_->Refresh(generic_, WithGrant(plain_, access_, refresh_), kFarDeadline).ok());
+  EXPECT_EQ(http_.requests.size(), 4u);
+
+  // At 2 s the call goes out.
+  clock_.Advance(absl::Milliseconds(1));
+  http_.Answer(200, TokenBody(access_, refresh_));
+  http_.Answer(200, R"({"token":{"id":2}})");
+  EXPECT_TRUE(client_->Refresh(zendesk_, c, kFarDeadline).ok());
+  EXPECT_EQ(http_.requests[4].url, "https://acme.zendesk.com/oauth/tokens");
+
+  const ProviderGateCounters counters = Counters();
+  EXPECT_EQ(counters.rate_limited, 1u);
+  EXPECT_EQ(counters.blocked_by_retry_after, 4u);
+  EXPECT_EQ(client_->gate_stats().hosts_blocked, 0u);
+}
+
+TEST_F(HttpsProviderClientTest, RetryAfterAsHttpDate) {
+  const core::Connection c = WithGrant(plain_, access_, refresh_);
+  const absl::Time until = clock_.Now() + absl::Seconds(90);  // the fake clock is on a second
+  http_.Answer(
+      429, "",
+      {{"Retry-After", absl::FormatTime("%a, %d %b %Y %H:%M:%S GMT", until, absl::UTCTimeZone())}});
+  EXPECT_EQ(core::RetryAfterOf(client_->Refresh(generic_, c, kFarDeadline).status()), until);
+  clock_.Advance(absl::Seconds(89));
+  EXPECT_EQ(client_->Refresh(generic_, c, kFarDeadline).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(http_.requests.size(), 1u);
+  clock_.Advance(absl::Seconds(1));
+  http_.Answer(200, TokenBody(access_, refresh_));
+  EXPECT_TRUE(client_->Refresh(generic_, c, kFarDeadline).ok());
+  EXPECT_EQ(http_.requests.size(), 2u);
+}
+
+TEST_F(HttpsProviderClientTest, GarbageOrMissingRetryAfterBlocksForTheDefault) {
+  ProviderGateOptions gate;
+  gate.default_retry_after = absl::Seconds(20);
+  client_ = MakeClient(gate);
+  const core::Connection c = WithGrant(plain_, access_, refresh_);
+  for (const char* value : {"in a while", ""}) {
+    http_.Answer(429, "", {{"Retry-After", value}});
+    const absl::Status s = client_->Refresh(generic_, c, kFarDeadline).status();
+    EXPECT_EQ(core::RetryAfterOf(s), clock_.Now() + absl::Seconds(20)) << value;
+    clock_.Advance(absl::Seconds(19));
+    EXPECT_EQ(client_->Refresh(generic_, c, kFarDeadline).status().code(),
+              absl::StatusCode::kResourceExhausted);
+    clock_.Advance(absl::Seconds(1));
+  }
+  EXPECT_EQ(http_.requests.size(), 2u);
+}
+
+TEST_F(HttpsProviderClientTest, AbsurdRetryAfterIsCapped) {
+  const core::Connection c = WithGrant(plain_, access_, refresh_);
+  http_.Answer(429, "", {{"Retry-After", "864000000"}});
+  EXPECT_EQ(core::RetryAfterOf(client_->Refresh(generic_, c, kFarDeadline).status()),
+            clock_.Now() + absl::Hours(1));
+}
+
+TEST_F(HttpsProviderClientTest, ServiceUnavailableWithRetryAfterBlocksToo) {
+  const core::Connection c = WithGrant(plain_, access_, refresh_);
+  http_.Answer(503, "");  // no Retry-After: a transient failure, no block
+  absl::Status s = client_->Refresh(generic_, c, kFarDeadline).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  EXPECT_FALSE(core::RetryAfterOf(s).has_value());
+
+  http_.Answer(503, "", {{"Retry-After", "5"}});
+  s = client_->Refresh(generic_, c, kFarDeadline).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(core::RetryAfterOf(s), clock_.Now() + absl::Seconds(5));
+  EXPECT_EQ(client_->Refresh(generic_, c, kFarDeadline).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(http_.requests.size(), 2u);
+}
+
+TEST_F(HttpsProviderClientTest, BreakerOpensAfterFiveTransientFailuresAndProbesAfter30s) {
+  const core::Connection c = WithGrant(plain_, access_, refresh_);
+  http_.Answer(502, "");
+  http_.Fail(absl::UnavailableError("connection reset by peer"));
+  http_.Fail(absl::DeadlineExceededError("reading response"));
+  http_.Answer(408, "");
+  http_.Answer(500, "");
+  for (int i = 0; i < 5; ++i) {
+    EXPECT_NE(client_->Refresh(generic_, c, kFarDeadline).status().code(), absl::StatusCode::kOk);
+  }
+  ASSERT_EQ(http_.requests.size(), 5u);
+
+  // Open: fails at once, nothing sent, with the probe time for the retry layer.
+  absl::Status s = client_->Refresh(generic_, c, kFarDeadline).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(core::RetryAfterOf(s), clock_.Now() + absl::Seconds(30));
+  EXPECT_EQ(http_.requests.size(), 5u);
+  EXPECT_EQ(client_->gate_stats().circuits_open, 1u);
+
+  // Zendesk's hosts are not affected.
+  http_.Answer(200, TokenBody(access_, refresh_));
+  http_.Answer(200, R"({"token":{"id":1}})");
+  EXPECT_TRUE(client_->Refresh(zendesk_, WithGrant(acme_, access_, refresh_), kFarDeadline).ok());
+
+  // After 30 s one probe goes out; its success closes the circuit.
+  clock_.Advance(absl::Seconds(30));
+  http_.Answer(200, TokenBody(access_, refresh_));
+  EXPECT_TRUE(client_->Refresh(generic_, c, kFarDeadline).ok());
+  http_.Answer(200, TokenBody(access_, refresh_));
+  EXPECT_TRUE(client_->Refresh(generic_, c, kFarDeadline).ok());
+  EXPECT_EQ(http_.requests.size(), 9u);
+
+  const ProviderGateCounters counters = Counters("idp");
+  EXPECT_EQ(counters.circuit_opened, 1u);
+  EXPECT_EQ(counters.circuit_half_opened, 1u);
+  EXPECT_EQ(counters.circuit_closed, 1u);
+  EXPECT_EQ(counters.blocked_by_circuit, 1u);
+  EXPECT_EQ(client_->gate_stats().circuits_open, 0u);
+}
+
+TEST_F(HttpsProviderClientTest, FailedProbeReopensTheCircuit) {
+  ProviderGateOptions gate;
+  gate.failure_threshold = 2;
+  gate.open_for = absl::Seconds(10);
+  client_ = MakeClient(gate);
+  const core::Connection c = WithGrant(plain_, access_, refresh_);
+  http_.Answer(500, "");
+  http_.Answer(500, "");
+  (void)client_->Refresh(generic_, c, kFarDeadline);
+  (void)client_->Refresh(generic_, c, kFarDeadline);
+  clock_.Advance(absl::Seconds(10));
+  http_.Fail(absl::UnavailableError("connection reset by peer"));  // the probe fails
+  EXPECT_EQ(client_->Refresh(generic_, c, kFarDeadline).status().code(),
+            absl::StatusCode::kUnavailable);
+  ASSERT_EQ(http_.requests.size(), 3u);
+
+  // Re-opened, for twice as long.
+  const absl::Status s = client_->Refresh(generic_, c, kFarDeadline).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(core::RetryAfterOf(s), clock_.Now() + absl::Seconds(20));
+  clock_.Advance(absl::Seconds(19));
+  (void)client_->Refresh(generic_, c, kFarDeadline);
+  EXPECT_EQ(http_.requests.size(), 3u);
+  clock_.Advance(absl::Seconds(1));
+  http_.Answer(200, TokenBody(access_, refresh_));
+  EXPECT_TRUE(client_->Refresh(generic_, c, kFarDeadline).ok());
+  EXPECT_EQ(Counters("idp").circuit_opened, 2u);
+}
+
+TEST_F(HttpsProviderClientTest, ClientErrorsAndRateLimitsDoNotOpenTheCircuit) {
+  const core::Connection c = WithGrant(plain_, access_, refresh_);
+  for (int i = 0; i < 6; ++i) {
+    http_.Answer(400, R"({"error":"invalid_request"})");
+    EXPECT_EQ(client_->Refresh(generic_, c, kFarDeadline).status().code(),
+              absl::StatusCode::kFailedPrecondition);
+  }
+  for (int i = 0; i < 4; ++i) {
+    http_.Answer(500, "");
+    (void)client_->Refresh(generic_, c, kFarDeadline);
+  }
+  http_.Answer(429, "", {{"Retry-After", "0"}});  // an answer: the host is up; resets the count
+  (void)client_->Refresh(generic_, c, kFarDeadline);
+  http_.Answer(500, "");
+  (void)client_->Refresh(generic_, c, kFarDeadline);
+  http_.Answer(200, TokenBody(access_, refresh_));
+  EXPECT_TRUE(client_->Refresh(generic_, c, kFarDeadline).ok());
+  EXPECT_EQ(http_.requests.size(), 13u);
+  EXPECT_EQ(Counters("idp").circuit_opened, 0u);
+}
+
+TEST_F(HttpsProviderClientTest, BadGateOptionsFailAtStartup) {
+  ProviderGateOptions gate;
+  gate.max_in_flight_per_host = 0;
+  EXPECT_EQ(HttpsProviderClient::Create(HttpClientOptions{}, {generic_}, clock_,
+                                        &HttpClient::Create, gate)
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// Polls (in real time) until `done` holds: for handing over between threads, not for timing.
+template <typename F>
+bool Eventually(F done) {
+  const absl::Time give_up = absl::Now() + absl::Seconds(10);
+  while (!done()) {
+    if (absl::Now() > give_up) {
+      return false;
+    }
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  return true;
+}
+
+// Every Send blocks until the test lets one through, then answers a token response.
+class BlockingHttp final : public HttpClient {
+ public:
+  explicit BlockingHttp(std::string body) : body_(std::move(body)) {}
+  absl::StatusOr<HttpResponse> Send(const HttpRequest&, absl::Time) override {
+    MutexLock lock(&mu_);
+    ++entered_;
+    while (tickets_ == 0) {
+      cv_.Wait(&mu_);
+    }
+    --tickets_;
+    HttpResponse r;
+    r.status = 200;
+    r.body = body_;
+    return r;
+  }
+  HttpClientStats stats() const override { return {}; }
+
+  void Let(int n) {
+    MutexLock lock(&mu_);
+    tickets_ += n;
+    cv_.SignalAll();
+  }
+  int entered() const {
+    MutexLock lock(&mu_);
+    return entered_;
+  }
+
+ private:
+  const std::string body_;
+  mutable Mutex mu_;
+  CondVar cv_;
+  int entered_ ABSL_GUARDED_BY(mu_) = 0;
+  int tickets_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+class BlockingForwarder final : public HttpClient {
+ public:
+  explicit BlockingForwarder(BlockingHttp& target) : target_(target) {}
+  absl::StatusOr<HttpResponse> Send(const HttpRequest& request, absl::Time deadline) override {
+    return target_.Send(request, deadline);
+  }
+  HttpClientStats stats() const override { return {}; }
+
+ private:
+  BlockingHttp& target_;
+};
+
+TEST_F(HttpsProviderClientTest, ConcurrencyLimitPerHostWaitsForASlotUntilTheDeadline) {
+  BlockingHttp blocking(TokenBody(access_, refresh_));
+  ProviderGateOptions gate;
+  gate.max_in_flight_per_host = 1;
+  absl::StatusOr<std::unique_ptr<HttpsProviderClient>> created = HttpsProviderClient::Create(
+      HttpClientOptions{}, {generic_}, clock_,
+      [&blocking](const HttpClientOptions&) -> absl::StatusOr<std::unique_ptr<HttpClient>> {
+        return std::make_unique<BlockingForwarder>(blocking);
+      },
+      gate);
+  ASSERT_TRUE(created.ok()) << created.status();
+  HttpsProviderClient& client = **created;
+  const core::Connection c = WithGrant(plain_, access_, refresh_);
+
+  absl::Status first;
+  std::thread a([&] { first = client.Refresh(generic_, c, kFarDeadline).status(); });
+  ASSERT_TRUE(Eventually([&] { return blocking.entered() == 1; }));
+
+  // The slot is taken: a call with a deadline waits, then gives up without sending.
+  absl::Status late;
+  std::thread b(
+      [&] { late = client.Refresh(generic_, c, clock_.Now() + absl::Seconds(1)).status(); });
+  ASSERT_TRUE(Eventually([&] { return client.gate_stats().waiting == 1; }));
+  clock_.Advance(absl::Seconds(2));
+  b.join();
+  EXPECT_EQ(late.code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(blocking.entered(), 1);
+
+  // One without a deadline waits until the first call is answered, then goes out.
+  absl::Status next;
+  std::thread d([&] { next = client.Refresh(generic_, c, kFarDeadline).status(); });
+  ASSERT_TRUE(Eventually([&] { return client.gate_stats().waiting == 1; }));
+  EXPECT_EQ(blocking.entered(), 1);
+  blocking.Let(2);
+  a.join();
+  d.join();
+  EXPECT_TRUE(first.ok()) << first;
+  EXPECT_TRUE(next.ok()) << next;
+  EXPECT_EQ(blocking.entered(), 2);
+
+  const ProviderGateCounters counters = client.gate_stats().providers["idp"];
+  EXPECT_EQ(counters.slot_waits, 2u);
+  EXPECT_EQ(counters.slot_timeouts, 1u);
+  EXPECT_EQ(client.gate_stats().in_flight, 0u);
 }
 
 TEST(HttpsProviderClientCreateTest, UnreadableCaFileFailsAtStartup) {
