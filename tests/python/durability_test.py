@@ -25,6 +25,7 @@ Usage: /usr/bin/python3 durability_test.py <token-broker> <fake_provider> [--rou
 """
 import base64
 import http.cookiejar
+import json
 import os
 import random
 import re
@@ -147,7 +148,7 @@ class FakeProvider:
         self.proc = subprocess.Popen(
             [FAKE_PROVIDER, "--port=0", f"--ca_file={self.ca_file}", "--auto_approve=true",
              f"--client_id={self.client_id}", f"--client_secret_file={self.secret_file}",
-             "--log_level=debug"],
+             "--stats_endpoint=true", "--log_level=debug"],
             stdout=subprocess.PIPE, stderr=self.log, env=env)
         try:
             self.base = self._read_base_url()
@@ -187,6 +188,13 @@ class FakeProvider:
         except urllib.error.HTTPError as e:
             e.read()
             return e.code
+
+    def stats(self):
+        """GET /_fake/stats: {"calls": {"token_refresh": n, ...},
+        "refresh_token_reuse_attempts": n, "reused_token_ids": [...]}."""
+        with urllib.request.urlopen(f"{self.base}/_fake/stats", timeout=RPC_TIMEOUT_S,
+                                    context=self.ssl) as r:
+            return json.loads(r.read())
 
     def issued(self):
         """Every value the fake recorded as secret: codes, access and refresh tokens, the client
@@ -403,6 +411,7 @@ class RestartTest(unittest.TestCase):
         self.assertGreater(len(first.access_token), 100)
         self.assertEqual(self.fake.token_status(first.access_token), 200)
         self.assertGreater(seconds(first.valid_for), 300)  # 30-minute Zendesk tokens
+        self.assertEqual(self.fake.stats()["calls"]["token_code"], 1)
 
         # Everything the fake issued (the code, the access token, the refresh token) and every
         # key we hold must be absent from the raw files, while running and after the stop.
@@ -435,6 +444,9 @@ class RestartTest(unittest.TestCase):
         # No refresh happened: it would have rotated the token and killed this one.
         self.assertEqual(self.fake.token_status(again.access_token), 200)
         self.assertEqual(len(self.fake.issued()), len(issued))  # nothing new issued
+        stats = self.fake.stats()
+        self.assertEqual(stats["calls"]["token_refresh"], 0)
+        self.assertEqual(stats["calls"]["token_code"], 1)
         conn = self.broker.admin.GetConnection(pb.GetConnectionRequest(connection_id="acme"),
                                                timeout=RPC_TIMEOUT_S)
         self.assertEqual(conn.status, pb.CONNECTION_STATUS_ACTIVE)
@@ -539,6 +551,8 @@ class CrashSafetyTest(unittest.TestCase):
             self.assertLessEqual(seconds(t.valid_for), SHORT_LIFETIME_S)
             saw(cid, t.generation, t.access_token, "connect")
         self.watcher = Watcher(self.broker, ids)
+        reuses = self.fake.stats()["refresh_token_reuse_attempts"]
+        self.assertEqual(reuses, 0)
 
         for rnd in range(1, ROUNDS + 1):
             # When to kill. "early": right after start-up, while the tokens that expired during
@@ -610,6 +624,17 @@ class CrashSafetyTest(unittest.TestCase):
                 token_of[cid] = {}
                 max_gen[cid] = 0
                 saw(cid, t.generation, t.access_token, f"round {rnd} (reconnect)")
+            # Each lost connection presented its rotated refresh token exactly once (the
+            # provider answered invalid_grant and the broker stopped); a kept connection never
+            # presents a used one: that would be a stale grant in use.
+            now_reuses = self.fake.stats()["refresh_token_reuse_attempts"]
+            lost = sum(1 for r in outcome.values() if r == "rotation_lost")
+            if now_reuses - reuses != lost:
+                failures.append(f"round {rnd} ({mode}, killed at {killed_at:.3f}): the provider "
+                                f"saw {now_reuses - reuses} used refresh tokens presented again, "
+                                f"for {lost} connections lost")
+                break
+            reuses = now_reuses
             self.watcher = Watcher(self.broker, ids)
             if rnd % 10 == 0:
                 print(f"  round {rnd}: {per_kill}", flush=True)
@@ -621,7 +646,8 @@ class CrashSafetyTest(unittest.TestCase):
         self.broker = None
         elapsed = time.monotonic() - started
         refreshes = generations[0] - len(ids) - reconnects
-        print(f"crash safety summary after {per_kill['kept'] + per_kill['rotation_lost'] + per_kill['failure']} kills "
+        kills = sum(per_kill.values())
+        print(f"crash safety summary after {kills} kills "
               f"({', '.join(f'{k} {v}' for k, v in sorted(by_mode.items()))}; "
               f"{kills_in_refresh} with a refresh due or in flight), {elapsed:.1f} s:\n"
               f"  kills that lost nothing:               {per_kill['kept']}\n"
@@ -629,7 +655,8 @@ class CrashSafetyTest(unittest.TestCase):
               f" (ROTATION_LOST, detected)\n"
               f"  kills with a failure:                  {per_kill['failure']}\n"
               f"  connections kept / lost (ROTATION_LOST): {per_conn['kept']} / "
-              f"{per_conn['rotation_lost']} (reconnected {reconnects})\n"
+              f"{per_conn['rotation_lost']} (reconnected {reconnects}); used refresh tokens "
+              f"presented again: {reuses}\n"
               f"  refreshes seen (new generations): {refreshes}; broker start to ready: "
               f"median {sorted(start_times)[len(start_times) // 2]:.2f} s, "
               f"max {max(start_times):.2f} s", flush=True)
