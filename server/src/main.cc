@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -33,6 +34,7 @@
 #include "server/src/cache/connection_cache.h"
 #include "server/src/common/clock.h"
 #include "server/src/common/logging.h"
+#include "server/src/common/metrics.h"
 #include "server/src/common/mutex.h"
 #include "server/src/common/secret.h"
 #include "server/src/common/secret_format.h"
@@ -256,6 +258,8 @@ int main(int argc, char** argv) {
   tb::core::TokenStore& store = *stores->tokens;
   tb::core::FlowStore& flow_store = *stores->flows;
   tb::cache::ConnectionCache cache;
+  // Prometheus metrics, served on the admin port's /metrics.
+  tb::metrics::Registry metrics;
   // The refresh scheduler follows every published change; it is created further down, before
   // anything can publish concurrently (Load() runs after and Start() snapshots what is there).
   tb::oauth::Refresher* refresher_hook = nullptr;
@@ -280,6 +284,7 @@ int main(int argc, char** argv) {
                              const absl::Status& s) {
     spdlog::error("store {} connection={}: {}", std::string(event), id, s.ToString());
   };
+  broker_options.metrics = &metrics;
   tb::oauth::Broker broker(clock, store, cache, broker_options);
 
   tb::provider::HttpClientOptions outbound;
@@ -356,6 +361,7 @@ int main(int argc, char** argv) {
   refresher_options.retry_delay = config->refresh.retry_delay;
   refresher_options.retry_max = config->refresh.retry_max;
   refresher_options.store_outage_margin = config->refresh.store_outage_margin;
+  refresher_options.metrics = &metrics;
   refresher_options.max_wait = config->refresh.max_wait;
   refresher_options.jitter = [&random] {  // full jitter for retry backoff: (0, 1]
     uint8_t b[4];
@@ -399,6 +405,7 @@ int main(int argc, char** argv) {
   grpc_options.max_watch_streams_per_caller =
       static_cast<size_t>(config->grpc.max_watch_streams_per_caller);
   grpc_options.reflection = config->grpc.reflection;
+  grpc_options.metrics = &metrics;
   if (config->grpc.tls) {
     grpc_options.tls = tb::grpc_api::GrpcTlsOptions{
         config->grpc.tls->cert_file, config->grpc.tls->key_file, config->grpc.tls->client_ca_file,
@@ -420,9 +427,64 @@ int main(int argc, char** argv) {
   if (!admin_opts.ok() || !public_opts.ok()) {
     return Fail(!admin_opts.ok() ? admin_opts.status() : public_opts.status());
   }
+  // Values computed when Prometheus scrapes. No connection id is ever a label (cardinality).
+  std::vector<tb::metrics::CallbackHandle> scraped;
+  scraped.push_back(metrics.AddCallbackFamily(
+      "tb_connections", "Connections by status.", tb::metrics::MetricType::kGauge, {"status"},
+      [&cache](tb::metrics::SampleSink& out) {
+        size_t counts[4] = {0, 0, 0, 0};
+        cache.ForEach([&](const tb::core::Connection& c) { ++counts[static_cast<int>(c.status)]; });
+        for (const auto s :
+             {tb::core::ConnectionStatus::kPending, tb::core::ConnectionStatus::kActive,
+              tb::core::ConnectionStatus::kNeedsReauth, tb::core::ConnectionStatus::kRevoked}) {
+          out.Add({std::string(tb::core::ConnectionStatusName(s))},
+                  static_cast<double>(counts[static_cast<int>(s)]));
+        }
+      }));
+  scraped.push_back(metrics.AddCallbackGauge(
+      "tb_token_soonest_expiry_seconds",
+      "Seconds until the soonest expiry of an active connection's token (+Inf: none expires).",
+      [&cache, &clock] {
+        absl::Time soonest = absl::InfiniteFuture();
+        cache.ForEach([&](const tb::core::Connection& c) {
+          if (c.status == tb::core::ConnectionStatus::kActive && c.grant && c.grant->expires_at) {
+            soonest = std::min(soonest, *c.grant->expires_at);
+          }
+        });
+        return soonest == absl::InfiniteFuture() ? std::numeric_limits<double>::infinity()
+                                                 : absl::ToDoubleSeconds(soonest - clock.Now());
+      }));
+  scraped.push_back(
+      metrics.AddCallbackGauge("tb_store_up", "1 while the store answers, else 0.",
+                               [&broker] { return broker.store_healthy() ? 1.0 : 0.0; }));
+  scraped.push_back(metrics.AddCallbackGauge(
+      "tb_store_unwritten_grants",
+      "Rotated grants served from memory that the store has not taken yet (it was down).",
+      [&broker] { return static_cast<double>(broker.unwritten()); }));
+  scraped.push_back(metrics.AddCallbackGauge(
+      "tb_store_unreadable_records", "Stored records that could not be decrypted at start.",
+      [&broker] { return static_cast<double>(broker.data_loss_count()); }));
+  scraped.push_back(metrics.AddCallbackGauge(
+      "tb_gettoken_waiting", "GetToken calls waiting for a refresh or a generation.",
+      [&refresher] { return static_cast<double>(refresher.waiters()); }));
+  scraped.push_back(metrics.AddCallbackFamily(
+      "tb_provider_gate_events_total",
+      "Provider calls held back or let through by the per-host gate, by provider and event.",
+      tb::metrics::MetricType::kCounter, {"provider", "event"},
+      [&provider_client](tb::metrics::SampleSink& out) {
+        const tb::provider::ProviderGateStats st = (*provider_client)->gate_stats();
+        for (const auto& [name, c] : st.providers) {
+          out.Add({name, "rate_limited"}, static_cast<double>(c.rate_limited));
+          out.Add({name, "blocked_by_retry_after"}, static_cast<double>(c.blocked_by_retry_after));
+          out.Add({name, "blocked_by_circuit"}, static_cast<double>(c.blocked_by_circuit));
+          out.Add({name, "circuit_opened"}, static_cast<double>(c.circuit_opened));
+          out.Add({name, "slot_waits"}, static_cast<double>(c.slot_waits));
+        }
+      }));
   tb::http::AdminState admin_state;
   admin_state.live = [] { return true; };
   admin_state.ready = [grpc] { return grpc->ready(); };
+  admin_state.metrics = [&metrics] { return metrics.Render(); };
   absl::StatusOr<std::unique_ptr<tb::http::HttpServer>> admin_http =
       tb::http::HttpServer::Start(*admin_opts, tb::http::MakeAdminHandler(admin_state));
   if (!admin_http.ok()) {

@@ -197,6 +197,21 @@ class BinaryTest(unittest.TestCase):
             resp = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
             self.assertEqual(resp.status, health_pb2.HealthCheckResponse.SERVING)
 
+    def test_metrics_are_served_in_prometheus_format(self):
+        with self.channel(self.broker.ports["grpc"]) as ch:
+            stub = pb_grpc.TokenBrokerStub(ch)
+            with self.assertRaises(grpc.RpcError):
+                stub.GetToken(pb.GetTokenRequest(connection_id="nobody"), timeout=5,
+                              metadata=self.state.credentials())
+        status, headers, body = http_get(self.broker.ports["admin"], "/metrics")
+        self.assertEqual(status, 200)
+        self.assertIn("text/plain", headers["Content-Type"])
+        self.assertIn('tb_grpc_requests_total{method="GetToken",code="NOT_FOUND"}', body)
+        self.assertIn("# TYPE tb_grpc_request_duration_seconds histogram", body)
+        self.assertIn('tb_connections{status="active"} 0', body)
+        self.assertIn("tb_store_up 1", body)
+        self.assertNotIn("nobody", body)  # no connection id as a label
+
     def test_no_core_dumps(self):
         with open(f"/proc/{self.broker.proc.pid}/limits") as f:
             line = next(l for l in f if l.startswith("Max core file size"))

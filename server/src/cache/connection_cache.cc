@@ -127,6 +127,15 @@ size_t ConnectionCache::size() const {
   return n;
 }
 
+void ConnectionCache::ForEach(const std::function<void(const core::Connection&)>& fn) const {
+  for (const Shard& shard : shards_) {
+    ReaderLock lock(&shard.mu);
+    for (const auto& [id, slot] : shard.entries) {
+      fn(*slot.entry);
+    }
+  }
+}
+
 ConnectionCache::Page ConnectionCache::List(const Filter& filter, size_t page_size,
                                             absl::string_view after) const {
   // Shards are hash-ordered, so a page is the page_size smallest matching ids above `after`

@@ -66,6 +66,10 @@ class ConnectionCache {
 
   size_t size() const;
 
+  // Calls `fn` with every entry, shard by shard under each shard's reader lock (so `fn` must be
+  // quick and must not call back into the cache). For metrics at scrape time.
+  void ForEach(const std::function<void(const core::Connection&)>& fn) const;
+
   // Up to `page_size` entries with id > `after` that match `filter`, in id order.
   Page List(const Filter& filter, size_t page_size, absl::string_view after) const;
 

@@ -6,8 +6,10 @@
 #include <string>
 
 #include "absl/strings/escaping.h"
+#include "absl/time/clock.h"
 #include "server/src/core/errors.h"
 #include "server/src/grpc/caller_auth.h"
+#include "server/src/grpc/rpc_metrics.h"
 #include "server/src/grpc/status_mapping.h"
 
 namespace tb::grpc_api {
@@ -18,10 +20,18 @@ namespace {
 
 constexpr int kDefaultPageSize = 100;
 
-grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* ctx, const grpc::Status& status) {
+grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* ctx, RpcMetrics::Method* m,
+                               absl::Time start, const grpc::Status& status) {
+  RpcMetrics::Record(m, static_cast<absl::StatusCode>(status.error_code()), absl::Now() - start);
   grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
   r->Finish(status);
   return r;
+}
+
+void Finish(grpc::ServerUnaryReactor* r, RpcMetrics::Method* m, absl::Time start,
+            const grpc::Status& status) {
+  RpcMetrics::Record(m, static_cast<absl::StatusCode>(status.error_code()), absl::Now() - start);
+  r->Finish(status);
 }
 
 // Page tokens are the last id of the previous page, base64url-encoded so that callers treat
@@ -38,20 +48,36 @@ absl::StatusOr<std::string> DecodePageToken(const std::string& token) {
 
 }  // namespace
 
+AdminService::AdminService(oauth::Broker& broker, oauth::AuthorizationFlow& flow,
+                           RunBlocking run_blocking, const auth::Authorizer& authorizer,
+                           RpcMetrics* rpc_metrics)
+    : broker_(broker),
+      flow_(flow),
+      run_blocking_(std::move(run_blocking)),
+      authorizer_(authorizer) {
+  for (const char* name : {"CreateConnectLink", "RevokeConnectLink", "GetConnection",
+                           "ListConnections", "DeleteConnection", "RotateKeys"}) {
+    metrics_[name] = rpc_metrics == nullptr ? nullptr : rpc_metrics->For(name);
+  }
+}
+
 grpc::ServerUnaryReactor* AdminService::CreateConnectLink(grpc::CallbackServerContext* ctx,
                                                           const v1::CreateConnectLinkRequest* req,
                                                           v1::CreateConnectLinkResponse* resp) {
+  const absl::Time start = absl::Now();
+  RpcMetrics::Method* const m = metrics_.at("CreateConnectLink");
   if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
           Authorize(*ctx, authorizer_, auth::Permission::kAdmin, "CreateConnectLink", "");
       !caller.ok()) {
-    return Done(ctx, ToGrpcStatus(caller.status()));
+    return Done(ctx, m, start, ToGrpcStatus(caller.status()));
   }
   if (req->ttl().seconds() < 0 || req->ttl().nanos() < 0) {
-    return Done(ctx, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "ttl must not be negative"));
+    return Done(ctx, m, start,
+                grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "ttl must not be negative"));
   }
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   // Request and response stay valid until Finish.
-  run_blocking_([this, reactor, req, resp] {
+  run_blocking_([this, m, start, reactor, req, resp] {
     const std::map<std::string, std::string> params(req->params().begin(), req->params().end());
     absl::StatusOr<oauth::AuthorizationFlow::MintedLink> link =
         flow_.CreateLink(req->connection_id(), req->provider(), params,
@@ -60,13 +86,13 @@ grpc::ServerUnaryReactor* AdminService::CreateConnectLink(grpc::CallbackServerCo
                  req->connection_id(), req->provider(), req->reconnect(),
                  absl::StatusCodeToString(link.status().code()));
     if (!link.ok()) {
-      reactor->Finish(ToGrpcStatus(link.status()));
+      Finish(reactor, m, start, ToGrpcStatus(link.status()));
       return;
     }
     resp->set_url(link->url);
     resp->set_link_id(link->link_id);
     resp->mutable_expires_at()->set_seconds(absl::ToUnixSeconds(link->expires_at));
-    reactor->Finish(grpc::Status::OK);
+    Finish(reactor, m, start, grpc::Status::OK);
   });
   return reactor;
 }
@@ -74,16 +100,18 @@ grpc::ServerUnaryReactor* AdminService::CreateConnectLink(grpc::CallbackServerCo
 grpc::ServerUnaryReactor* AdminService::RevokeConnectLink(grpc::CallbackServerContext* ctx,
                                                           const v1::RevokeConnectLinkRequest* req,
                                                           v1::RevokeConnectLinkResponse*) {
+  const absl::Time start = absl::Now();
+  RpcMetrics::Method* const m = metrics_.at("RevokeConnectLink");
   if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
           Authorize(*ctx, authorizer_, auth::Permission::kAdmin, "RevokeConnectLink", "");
       !caller.ok()) {
-    return Done(ctx, ToGrpcStatus(caller.status()));
+    return Done(ctx, m, start, ToGrpcStatus(caller.status()));
   }
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  run_blocking_([this, reactor, req] {
+  run_blocking_([this, m, start, reactor, req] {
     const absl::Status s = flow_.RevokeLink(req->link_id());
     spdlog::info("RevokeConnectLink code={}", absl::StatusCodeToString(s.code()));
-    reactor->Finish(ToGrpcStatus(s));
+    Finish(reactor, m, start, ToGrpcStatus(s));
   });
   return reactor;
 }
@@ -91,40 +119,44 @@ grpc::ServerUnaryReactor* AdminService::RevokeConnectLink(grpc::CallbackServerCo
 grpc::ServerUnaryReactor* AdminService::GetConnection(grpc::CallbackServerContext* ctx,
                                                       const v1::GetConnectionRequest* req,
                                                       v1::Connection* resp) {
+  const absl::Time start = absl::Now();
+  RpcMetrics::Method* const m = metrics_.at("GetConnection");
   if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
           Authorize(*ctx, authorizer_, auth::Permission::kAdmin, "GetConnection", "");
       !caller.ok()) {
-    return Done(ctx, ToGrpcStatus(caller.status()));
+    return Done(ctx, m, start, ToGrpcStatus(caller.status()));
   }
   if (absl::Status s = core::ValidateConnectionId(req->connection_id()); !s.ok()) {
-    return Done(ctx, ToGrpcStatus(s));
+    return Done(ctx, m, start, ToGrpcStatus(s));
   }
   absl::StatusOr<std::shared_ptr<const core::Connection>> c =
       broker_.GetConnection(req->connection_id());
   if (!c.ok()) {
-    return Done(ctx, ToGrpcStatus(c.status()));
+    return Done(ctx, m, start, ToGrpcStatus(c.status()));
   }
   ToProto(**c, resp);
-  return Done(ctx, grpc::Status::OK);
+  return Done(ctx, m, start, grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* AdminService::ListConnections(grpc::CallbackServerContext* ctx,
                                                         const v1::ListConnectionsRequest* req,
                                                         v1::ListConnectionsResponse* resp) {
+  const absl::Time start = absl::Now();
+  RpcMetrics::Method* const m = metrics_.at("ListConnections");
   if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
           Authorize(*ctx, authorizer_, auth::Permission::kAdmin, "ListConnections", "");
       !caller.ok()) {
-    return Done(ctx, ToGrpcStatus(caller.status()));
+    return Done(ctx, m, start, ToGrpcStatus(caller.status()));
   }
   if (req->page_size() < 0) {
-    return Done(ctx,
+    return Done(ctx, m, start,
                 grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "page_size must not be negative"));
   }
   std::string after;
   if (!req->page_token().empty()) {
     absl::StatusOr<std::string> decoded = DecodePageToken(req->page_token());
     if (!decoded.ok()) {
-      return Done(ctx, ToGrpcStatus(decoded.status()));
+      return Done(ctx, m, start, ToGrpcStatus(decoded.status()));
     }
     after = *std::move(decoded);
   }
@@ -135,7 +167,7 @@ grpc::ServerUnaryReactor* AdminService::ListConnections(grpc::CallbackServerCont
   absl::StatusOr<cache::ConnectionCache::Page> page =
       broker_.ListConnections(filter, page_size, after);
   if (!page.ok()) {
-    return Done(ctx, ToGrpcStatus(page.status()));
+    return Done(ctx, m, start, ToGrpcStatus(page.status()));
   }
   for (const cache::ConnectionCache::Entry& e : page->entries) {
     ToProto(*e, resp->add_connections());
@@ -143,26 +175,28 @@ grpc::ServerUnaryReactor* AdminService::ListConnections(grpc::CallbackServerCont
   if (!page->next_after.empty()) {
     resp->set_next_page_token(EncodePageToken(page->next_after));
   }
-  return Done(ctx, grpc::Status::OK);
+  return Done(ctx, m, start, grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* AdminService::DeleteConnection(grpc::CallbackServerContext* ctx,
                                                          const v1::DeleteConnectionRequest* req,
                                                          v1::DeleteConnectionResponse*) {
+  const absl::Time start = absl::Now();
+  RpcMetrics::Method* const m = metrics_.at("DeleteConnection");
   if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
           Authorize(*ctx, authorizer_, auth::Permission::kAdmin, "DeleteConnection", "");
       !caller.ok()) {
-    return Done(ctx, ToGrpcStatus(caller.status()));
+    return Done(ctx, m, start, ToGrpcStatus(caller.status()));
   }
   if (absl::Status s = core::ValidateConnectionId(req->connection_id()); !s.ok()) {
-    return Done(ctx, ToGrpcStatus(s));
+    return Done(ctx, m, start, ToGrpcStatus(s));
   }
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  run_blocking_([this, reactor, req] {
+  run_blocking_([this, m, start, reactor, req] {
     const absl::Status s = flow_.DeleteConnection(req->connection_id());
     spdlog::info("DeleteConnection connection={} code={}", req->connection_id(),
                  absl::StatusCodeToString(s.code()));
-    reactor->Finish(ToGrpcStatus(s));
+    Finish(reactor, m, start, ToGrpcStatus(s));
   });
   return reactor;
 }
@@ -170,30 +204,33 @@ grpc::ServerUnaryReactor* AdminService::DeleteConnection(grpc::CallbackServerCon
 grpc::ServerUnaryReactor* AdminService::RotateKeys(grpc::CallbackServerContext* ctx,
                                                    const v1::RotateKeysRequest* req,
                                                    v1::RotateKeysResponse* resp) {
+  const absl::Time start = absl::Now();
+  RpcMetrics::Method* const m = metrics_.at("RotateKeys");
   if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
           Authorize(*ctx, authorizer_, auth::Permission::kAdmin, "RotateKeys", "");
       !caller.ok()) {
-    return Done(ctx, ToGrpcStatus(caller.status()));
+    return Done(ctx, m, start, ToGrpcStatus(caller.status()));
   }
   if (req->batch_size() < 0 || req->batch_size() > 10'000) {
-    return Done(ctx, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                                  "batch_size must be 0 (500) to 10000"));
+    return Done(
+        ctx, m, start,
+        grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "batch_size must be 0 (500) to 10000"));
   }
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  run_blocking_([this, reactor, req, resp] {
+  run_blocking_([this, m, start, reactor, req, resp] {
     const size_t batch = req->batch_size() == 0 ? 500 : static_cast<size_t>(req->batch_size());
     absl::StatusOr<core::RotationProgress> p = broker_.RotateKeys(batch);
     spdlog::info("RotateKeys batch={} code={} reencrypted={} remaining={} unreadable={}", batch,
                  absl::StatusCodeToString(p.status().code()), p.ok() ? p->reencrypted : 0,
                  p.ok() ? p->remaining : 0, p.ok() ? p->unreadable : 0);
     if (!p.ok()) {
-      reactor->Finish(ToGrpcStatus(p.status()));
+      Finish(reactor, m, start, ToGrpcStatus(p.status()));
       return;
     }
     resp->set_reencrypted(p->reencrypted);
     resp->set_remaining(p->remaining);
     resp->set_unreadable(p->unreadable);
-    reactor->Finish(grpc::Status::OK);
+    Finish(reactor, m, start, grpc::Status::OK);
   });
   return reactor;
 }

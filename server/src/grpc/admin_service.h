@@ -1,8 +1,12 @@
 #ifndef TB_GRPC_ADMIN_SERVICE_H_
 #define TB_GRPC_ADMIN_SERVICE_H_
 
+#include <map>
+#include <string>
+
 #include "server/src/auth/authorizer.h"
 #include "server/src/common/work_pool.h"
+#include "server/src/grpc/rpc_metrics.h"
 #include "server/src/oauth/authorization_flow.h"
 #include "server/src/oauth/broker.h"
 #include "tokenbroker/v1/token_broker.grpc.pb.h"
@@ -15,12 +19,9 @@ namespace tb::grpc_api {
 class AdminService final : public tokenbroker::v1::ConnectionAdmin::CallbackService {
  public:
   // Every method needs the caller's Admin permission (`authorizer`, which must outlive it).
+  // Requests and latencies go to `rpc_metrics` when it is not null (it must outlive the service).
   AdminService(oauth::Broker& broker, oauth::AuthorizationFlow& flow, RunBlocking run_blocking,
-               const auth::Authorizer& authorizer)
-      : broker_(broker),
-        flow_(flow),
-        run_blocking_(std::move(run_blocking)),
-        authorizer_(authorizer) {}
+               const auth::Authorizer& authorizer, RpcMetrics* rpc_metrics = nullptr);
 
   grpc::ServerUnaryReactor* CreateConnectLink(
       grpc::CallbackServerContext* ctx, const tokenbroker::v1::CreateConnectLinkRequest* req,
@@ -46,6 +47,7 @@ class AdminService final : public tokenbroker::v1::ConnectionAdmin::CallbackServ
   oauth::AuthorizationFlow& flow_;
   const RunBlocking run_blocking_;
   const auth::Authorizer& authorizer_;
+  std::map<std::string, RpcMetrics::Method*> metrics_;  // filled at construction, then read-only
 };
 
 }  // namespace tb::grpc_api

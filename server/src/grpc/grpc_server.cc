@@ -23,6 +23,7 @@
 #include "server/src/common/status_macros.h"
 #include "server/src/grpc/admin_service.h"
 #include "server/src/grpc/health_service.h"
+#include "server/src/grpc/rpc_metrics.h"
 #include "server/src/grpc/token_service.h"
 
 namespace tb::grpc_api {
@@ -94,6 +95,7 @@ class GrpcServer::Impl {
  public:
   Impl(const GrpcServerOptions& options, GrpcDomain domain)
       : options_(options),
+        rpc_metrics_(options.metrics),
         allow_all_(domain.authorizer == nullptr ? auth::Authorizer::AllowAll() : nullptr),
         authorizer_(domain.authorizer != nullptr ? *domain.authorizer : *allow_all_),
         token_service_({domain.broker, domain.cache, domain.flow, domain.refresher,
@@ -101,8 +103,10 @@ class GrpcServer::Impl {
                        {options.cq_threads > 0
                             ? options.cq_threads
                             : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())),
-                        options.max_watch_streams, options.max_watch_streams_per_caller}),
-        admin_service_(domain.broker, domain.flow, std::move(domain.run_blocking), authorizer_) {}
+                        options.max_watch_streams, options.max_watch_streams_per_caller,
+                        options.metrics, &rpc_metrics_}),
+        admin_service_(domain.broker, domain.flow, std::move(domain.run_blocking), authorizer_,
+                       &rpc_metrics_) {}
 
   absl::Status Start() {
     // Our own health service (one status table for both ports) instead of gRPC's built-in one;
@@ -211,6 +215,7 @@ class GrpcServer::Impl {
 
  private:
   const GrpcServerOptions options_;
+  RpcMetrics rpc_metrics_;  // shared by the services (one family per metric name)
   const std::unique_ptr<auth::Authorizer> allow_all_;  // when the domain brings none
   auth::Authorizer& authorizer_;
   HealthService health_;

@@ -9,6 +9,7 @@
 #include "absl/time/time.h"
 #include "server/src/auth/authorizer.h"
 #include "server/src/cache/connection_cache.h"
+#include "server/src/common/metrics.h"
 #include "server/src/common/work_pool.h"
 #include "server/src/oauth/authorization_flow.h"
 #include "server/src/oauth/broker.h"
@@ -32,7 +33,8 @@ struct GrpcServerOptions {
   int cq_threads = 0;                        // 0: one per core
   // TLS on the main port; nullopt: plaintext (main refuses that on a non-loopback listener).
   std::optional<GrpcTlsOptions> tls;
-  bool reflection = true;  // server reflection on the main port
+  bool reflection = true;                // server reflection on the main port
+  metrics::Registry* metrics = nullptr;  // request counts and latencies; null: none
   // Open WatchToken streams at most, in all and per caller.
   size_t max_watch_streams = 10'000;
   size_t max_watch_streams_per_caller = 1'000;

@@ -10,11 +10,13 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "server/src/common/logging.h"
 #include "server/src/common/mutex.h"
 #include "server/src/common/secret_format.h"
 #include "server/src/core/errors.h"
 #include "server/src/grpc/caller_auth.h"
+#include "server/src/grpc/rpc_metrics.h"
 #include "server/src/grpc/status_mapping.h"
 
 namespace tb::grpc_api {
@@ -98,7 +100,19 @@ class TokenService::Impl final : public TokenService::Service {
         run_blocking_(std::move(deps.run_blocking)),
         authorizer_(deps.authorizer),
         options_(options),
-        cq_threads_(std::max(1, options.cq_threads)) {}
+        cq_threads_(std::max(1, options.cq_threads)),
+        get_token_metrics_(MethodMetrics(options.rpc_metrics, "GetToken")),
+        refresh_metrics_(MethodMetrics(options.rpc_metrics, "Refresh")),
+        revoke_metrics_(MethodMetrics(options.rpc_metrics, "Revoke")),
+        watch_metrics_(MethodMetrics(options.rpc_metrics, "WatchToken")) {
+    if (options.metrics != nullptr) {
+      auto& cache = options.metrics->AddCounterFamily(
+          "tb_token_cache_total",
+          "GetToken calls answered from memory at once (hit) or after a wait (miss).", {"result"});
+      cache_hits_ = &cache.WithLabels({"hit"});
+      cache_misses_ = &cache.WithLabels({"miss"});
+    }
+  }
 
   void RegisterWith(grpc::ServerBuilder& builder) {
     authorizer_.set_on_replace([this] { RecheckStreams(); });
@@ -138,7 +152,9 @@ class TokenService::Impl final : public TokenService::Service {
       return r;
     }
     refresher_.Refresh(req->connection_id(), req->if_generation(),
-                       [r, resp](absl::StatusOr<oauth::TokenView> v) {
+                       [this, r, resp, start = absl::Now()](absl::StatusOr<oauth::TokenView> v) {
+                         RpcMetrics::Record(refresh_metrics_, v.status().code(),
+                                            absl::Now() - start);
                          if (!v.ok()) {
                            r->Finish(ToGrpcStatus(v.status()));
                            return;
@@ -163,9 +179,10 @@ class TokenService::Impl final : public TokenService::Service {
       r->Finish(ToGrpcStatus(s));
       return r;
     }
-    refresher_.Revoke(req->connection_id(), [r, resp, id = req->connection_id(),
-                                             who =
-                                                 (*caller)->name](absl::StatusOr<bool> confirmed) {
+    refresher_.Revoke(req->connection_id(), [this, r, resp, id = req->connection_id(),
+                                             who = (*caller)->name,
+                                             start = absl::Now()](absl::StatusOr<bool> confirmed) {
+      RpcMetrics::Record(revoke_metrics_, confirmed.status().code(), absl::Now() - start);
       spdlog::info("Revoke connection={} code={} provider_confirmed={}", id,
                    absl::StatusCodeToString(confirmed.status().code()),
                    confirmed.ok() && *confirmed);
@@ -218,6 +235,17 @@ class TokenService::Impl final : public TokenService::Service {
   std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> cqs_;
   std::vector<std::thread> threads_;
 
+  static RpcMetrics::Method* MethodMetrics(RpcMetrics* m, const std::string& name) {
+    return m == nullptr ? nullptr : m->For(name);
+  }
+
+  RpcMetrics::Method* const get_token_metrics_;
+  RpcMetrics::Method* const refresh_metrics_;
+  RpcMetrics::Method* const revoke_metrics_;
+  RpcMetrics::Method* const watch_metrics_;
+  metrics::Counter* cache_hits_ = nullptr;
+  metrics::Counter* cache_misses_ = nullptr;
+
   Mutex wait_mu_;
   CondVar wait_cv_;
   // Waiting call -> its refresher handle (0 until AwaitToken returned).
@@ -252,6 +280,7 @@ class TokenService::Impl::GetTokenCall {
     }
     new GetTokenCall(impl_, cq_);  // keep a request armed for the next caller
     finishing_ = true;
+    start_ = absl::Now();
     if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
             Authorize(ctx_, impl_.authorizer_, auth::Permission::kGetToken, "GetToken",
                       request_.connection_id());
@@ -262,14 +291,22 @@ class TokenService::Impl::GetTokenCall {
     absl::Duration min_ttl;
     if (std::optional<grpc::Status> status =
             ServeGetToken(impl_.broker_, request_, &response_, &min_ttl)) {
+      if (status->ok() && impl_.cache_hits_ != nullptr) {
+        impl_.cache_hits_->Increment();
+      }
       Finish(*status);
       return true;
+    }
+    if (impl_.cache_misses_ != nullptr) {
+      impl_.cache_misses_->Increment();
     }
     impl_.Wait(this, min_ttl);  // answered later, from the refresher's callback
     return true;
   }
 
   void Finish(const grpc::Status& status) {
+    RpcMetrics::Record(impl_.get_token_metrics_, static_cast<absl::StatusCode>(status.error_code()),
+                       absl::Now() - start_);
     if (status.ok()) {
       responder_.Finish(response_, status, this);
     } else {
@@ -289,6 +326,7 @@ class TokenService::Impl::GetTokenCall {
   v1::GetTokenResponse response_;
   grpc::ServerAsyncResponseWriter<v1::GetTokenResponse> responder_;
   bool finishing_ = false;
+  absl::Time start_;
 };
 
 void TokenService::Impl::Wait(GetTokenCall* call, absl::Duration min_ttl) {
@@ -551,6 +589,9 @@ grpc::ServerWriteReactor<v1::WatchTokenResponse>* TokenService::Impl::WatchToken
     grpc::CallbackServerContext* ctx, const v1::WatchTokenRequest* req) {
   absl::StatusOr<std::shared_ptr<const auth::Caller>> who =
       Authorize(*ctx, authorizer_, auth::Permission::kGetToken, "WatchToken", req->connection_id());
+  if (watch_metrics_ != nullptr) {
+    watch_metrics_->codes.Increment(who.status().code());  // streams opened or refused
+  }
   if (!who.ok()) {
     return WatchReactor::Begin(
         std::make_shared<WatchReactor>(cache_, broker_, req->connection_id(), nullptr),

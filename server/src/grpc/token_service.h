@@ -9,7 +9,9 @@
 
 #include "server/src/auth/authorizer.h"
 #include "server/src/cache/connection_cache.h"
+#include "server/src/common/metrics.h"
 #include "server/src/common/work_pool.h"
+#include "server/src/grpc/rpc_metrics.h"
 #include "server/src/oauth/authorization_flow.h"
 #include "server/src/oauth/broker.h"
 #include "server/src/oauth/refresher.h"
@@ -41,6 +43,10 @@ class TokenService {
     // Open WatchToken streams at most, in all and per caller (RESOURCE_EXHAUSTED beyond).
     size_t max_watch_streams = 10'000;
     size_t max_watch_streams_per_caller = 1'000;
+    // Cache hits and misses (tb_token_cache_total). Null: none.
+    metrics::Registry* metrics = nullptr;
+    // Request counts and latencies, shared with the other services. Null: none.
+    RpcMetrics* rpc_metrics = nullptr;
   };
   // What the service calls; all must outlive it.
   struct Deps {

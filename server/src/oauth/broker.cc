@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "server/src/common/status_macros.h"
 #include "server/src/core/errors.h"
 
@@ -16,7 +17,19 @@ constexpr size_t kMaxPageSize = 1000;
 
 Broker::Broker(const Clock& clock, core::TokenStore& store, cache::ConnectionCache& cache,
                BrokerOptions options)
-    : clock_(clock), store_(store), cache_(cache), options_(std::move(options)) {}
+    : clock_(clock), store_(store), cache_(cache), options_(std::move(options)) {
+  if (options_.metrics != nullptr) {
+    auto& latency = options_.metrics->AddHistogramFamily(
+        "tb_store_operation_duration_seconds", "Store calls made by the broker, by operation.",
+        {"op"}, metrics::ExponentialBuckets(100e-6, 2, 16));
+    auto& errors = options_.metrics->AddCounterFamily(
+        "tb_store_errors_total", "Store calls that failed (unreachable, timed out), by operation.",
+        {"op"});
+    for (const char* op : {"update", "create", "delete", "load", "probe"}) {
+      store_ops_[op] = {&latency.WithLabels({op}), &errors.WithLabels({op})};
+    }
+  }
+}
 
 void Broker::Schedule(core::Grant& grant) const {
   const absl::Duration jitter = options_.jitter ? options_.jitter() : absl::ZeroDuration();
@@ -67,7 +80,11 @@ absl::Status Broker::Load() {
 }
 
 absl::Status Broker::Reload(const core::ConnectionId& id) {
+  const absl::Time started = absl::Now();
   absl::StatusOr<core::Connection> loaded = store_.Load(id);
+  RecordStoreOutcome(
+      loaded.status().code() == absl::StatusCode::kNotFound ? absl::OkStatus() : loaded.status(),
+      "load", absl::Now() - started);
   if (!loaded.ok() && loaded.status().code() != absl::StatusCode::kNotFound) {
     return loaded.status();
   }
@@ -213,8 +230,9 @@ absl::StatusOr<std::shared_ptr<const core::Connection>> Broker::CreatePending(
   c->status = core::ConnectionStatus::kPending;
   c->reason = core::Reason::kNotConnected;
   c->created_at = c->updated_at = clock_.Now();
+  const absl::Time started = absl::Now();
   const absl::Status created = store_.Create(*c);
-  RecordStoreOutcome(created);
+  RecordStoreOutcome(created, "create", absl::Now() - started);
   TB_RETURN_IF_ERROR(created);
   if (!cache_.PublishIf(nullptr, c)) {
     return absl::AbortedError("connection changed concurrently; retry");
@@ -230,7 +248,14 @@ bool StoreDown(const absl::Status& s) {
 }
 }  // namespace
 
-void Broker::RecordStoreOutcome(const absl::Status& s) {
+void Broker::RecordStoreOutcome(const absl::Status& s, absl::string_view op,
+                                absl::Duration elapsed) {
+  if (const auto it = store_ops_.find(op); it != store_ops_.end()) {
+    it->second.latency->Observe(elapsed);
+    if (StoreDown(s)) {
+      it->second.errors->Increment();
+    }
+  }
   if (StoreDown(s)) {
     store_healthy_.store(false, std::memory_order_relaxed);
     store_errors_.fetch_add(1, std::memory_order_relaxed);
@@ -253,8 +278,9 @@ absl::Status Broker::Replace(const std::shared_ptr<const core::Connection>& curr
       stored_revision = it->second;
     }
   }
+  const absl::Time started = absl::Now();
   const absl::Status written = store_.Update(*next, stored_revision, fence);
-  RecordStoreOutcome(written);
+  RecordStoreOutcome(written, "update", absl::Now() - started);
   if (!written.ok() && !(keep_if_store_down && StoreDown(written))) {
     return written;
   }
@@ -315,10 +341,11 @@ size_t Broker::FlushUnwritten() {
 
 absl::Status Broker::ProbeStore() {
   // Any read answers whether the store is reachable; an id that cannot exist keeps it cheap.
+  const absl::Time started = absl::Now();
   absl::StatusOr<core::Connection> probe = store_.Load("-store-probe");
   const absl::Status s =
       probe.status().code() == absl::StatusCode::kNotFound ? absl::OkStatus() : probe.status();
-  RecordStoreOutcome(s);
+  RecordStoreOutcome(s, "probe", absl::Now() - started);
   return StoreDown(s) ? s : absl::OkStatus();
 }
 
@@ -544,8 +571,9 @@ absl::Status Broker::Delete(const core::ConnectionId& id) {
   if (current == nullptr) {
     return absl::NotFoundError("unknown connection");
   }
+  const absl::Time started = absl::Now();
   const absl::Status deleted = store_.Delete(id);
-  RecordStoreOutcome(deleted);
+  RecordStoreOutcome(deleted, "delete", absl::Now() - started);
   TB_RETURN_IF_ERROR(deleted);
   {
     MutexLock lock(&unwritten_mu_);

@@ -16,6 +16,7 @@
 #include "absl/time/time.h"
 #include "server/src/cache/connection_cache.h"
 #include "server/src/common/clock.h"
+#include "server/src/common/metrics.h"
 #include "server/src/common/mutex.h"
 #include "server/src/core/connection.h"
 #include "server/src/core/refresh_policy.h"
@@ -35,6 +36,8 @@ struct BrokerOptions {
   // any lock; the refresh scheduler tracks refresh_at through it. Must not block.
   std::function<void(const std::shared_ptr<const core::Connection>&, const core::ConnectionId&)>
       on_change;
+  // Store latency and errors (tb_store_*). Null: none. Must outlive the broker.
+  metrics::Registry* metrics = nullptr;
   // Degraded-mode events (a record that cannot be decrypted at load); may be empty.
   std::function<void(absl::string_view event, const core::ConnectionId& id,
                      const absl::Status& status)>
@@ -203,7 +206,9 @@ class Broker {
   absl::Status Replace(const std::shared_ptr<const core::Connection>& current,
                        std::shared_ptr<core::Connection> next, const core::Lease* fence = nullptr,
                        bool keep_if_store_down = false) ABSL_LOCKS_EXCLUDED(unwritten_mu_);
-  void RecordStoreOutcome(const absl::Status& s);
+  // Health, error count and latency of one store call (op: "update", "create"...).
+  void RecordStoreOutcome(const absl::Status& s, absl::string_view op = "",
+                          absl::Duration elapsed = absl::ZeroDuration());
 
   // Applies `change` to the current snapshot and writes it, retrying compare-and-set conflicts.
   // `change` returns false to write nothing (then OK).
@@ -218,6 +223,11 @@ class Broker {
   cache::ConnectionCache& cache_;
   const BrokerOptions options_;
   std::atomic<size_t> data_loss_{0};
+  struct OpMetrics {
+    metrics::Histogram* latency = nullptr;
+    metrics::Counter* errors = nullptr;
+  };
+  absl::flat_hash_map<std::string, OpMetrics> store_ops_;  // filled in the constructor
   std::atomic<bool> store_healthy_{true};
   std::atomic<uint64_t> store_errors_{0};
   mutable Mutex unwritten_mu_;

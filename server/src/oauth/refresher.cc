@@ -53,7 +53,24 @@ Refresher::Refresher(RefresherOptions options, const core::ProviderRegistry& pro
       provider_client_(provider_client),
       revoker_(revoker),
       run_blocking_(std::move(run_blocking)),
-      events_(std::move(events)) {}
+      events_(std::move(events)) {
+  if (options_.metrics != nullptr) {
+    attempts_ = &options_.metrics->AddCounterFamily(
+        "tb_refresh_attempts_total",
+        "Refreshes at providers, by provider and outcome (ok, transient, needs_reauth, "
+        "rotation_lost, misconfigured).",
+        {"provider", "outcome"});
+    lateness_ = &options_.metrics->AddHistogram(
+        "tb_refresh_lateness_seconds", "How long after its refresh_at a scheduled refresh started.",
+        metrics::ExponentialBuckets(0.001, 2, 18));
+  }
+}
+
+void Refresher::CountAttempt(const std::string& provider, absl::string_view outcome) {
+  if (attempts_ != nullptr) {
+    attempts_->WithLabels({provider, std::string(outcome)}).Increment();  // cold path
+  }
+}
 
 Refresher::~Refresher() { Stop(); }
 
@@ -467,6 +484,8 @@ absl::StatusOr<TokenView> Refresher::RefreshNow(const core::ConnectionId& id, bo
       (void)broker_.MarkNeedsReauth(id, why, std::string(grant.status().message()));
       (why == core::Reason::kRotationLost ? rotation_lost_ : needs_reauth_)
           .fetch_add(1, std::memory_order_relaxed);
+      CountAttempt(c->provider,
+                   why == core::Reason::kRotationLost ? "rotation_lost" : "needs_reauth");
       Event(why == core::Reason::kRotationLost ? "rotation_lost" : "needs_reauth", id,
             grant.status());
       return core::ReasonError(absl::StatusCode::kFailedPrecondition, why,
@@ -479,12 +498,14 @@ absl::StatusOr<TokenView> Refresher::RefreshNow(const core::ConnectionId& id, bo
         first = misconfigured_.insert(c->provider).second;
       }
       provider_misconfigured_.fetch_add(1, std::memory_order_relaxed);
+      CountAttempt(c->provider, "misconfigured");
       if (first) {
         Event("provider_misconfigured", id, grant.status());
       }
       return grant.status();
     }
     failed_.fetch_add(1, std::memory_order_relaxed);
+    CountAttempt(c->provider, "transient");
     Event("refresh_failed", id, grant.status());
     return grant.status();  // Finish schedules the retry
   }
@@ -505,6 +526,7 @@ absl::StatusOr<TokenView> Refresher::RefreshNow(const core::ConnectionId& id, bo
     return rotated.status();
   }
   refreshed_.fetch_add(1, std::memory_order_relaxed);
+  CountAttempt(c->provider, "ok");
   return broker_.GetToken(id);
 }
 
@@ -706,6 +728,9 @@ absl::Time Refresher::RunDue() {
         }
         continue;
       }
+    }
+    if (lateness_ != nullptr && c->grant->refresh_at) {
+      lateness_->Observe(std::max(absl::ZeroDuration(), now - *c->grant->refresh_at));
     }
     Join(d.id, Trigger::kScheduled, nullptr);
   }

@@ -18,6 +18,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "server/src/common/clock.h"
+#include "server/src/common/metrics.h"
 #include "server/src/common/mutex.h"
 #include "server/src/common/work_pool.h"
 #include "server/src/core/provider_client.h"
@@ -65,6 +66,9 @@ struct RefresherOptions {
   // these bounds, until it does.
   absl::Duration revoke_retry_min = absl::Seconds(5);
   absl::Duration revoke_retry_max = absl::Minutes(10);
+  // Refresh attempts by provider and outcome, and lateness against the schedule (tb_refresh_*).
+  // Null: none. Must outlive the refresher.
+  metrics::Registry* metrics = nullptr;
 };
 
 // Refreshes grants: on schedule at each grant's refresh_at, on use when a caller needs a fresher
@@ -254,6 +258,12 @@ class Refresher {
 
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread thread_;
+
+  // Outcome counters per provider, made on first use.
+  void CountAttempt(const std::string& provider, absl::string_view outcome)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  metrics::CounterFamily* attempts_ = nullptr;
+  metrics::Histogram* lateness_ = nullptr;
 
   std::atomic<uint64_t> refreshed_{0};
   std::atomic<uint64_t> failed_{0};
