@@ -5,14 +5,22 @@
 // header and body limits, a timeout on every read and write, and a pure handler that never touches
 // a socket. Every Asio/Beast call uses its error_code overload; what can still throw (allocation,
 // std::thread, the handler) is caught so no exception leaves an io thread or this file.
+//
+// HTTPS: Session is a template over the stream (plain TCP, or TLS over it); everything but the
+// handshake and the orderly close is the same code. TlsContexts holds the current ssl::context;
+// each TLS session keeps a shared_ptr to the context it was accepted with, so a certificate
+// reload (a new context for new connections) never touches a connection already open.
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cassert>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
+#include <fstream>
+#include <iterator>
 #include <limits>
 #include <optional>
 #include <string>
@@ -23,16 +31,22 @@
 #include <utility>
 #include <vector>
 
+#include <openssl/crypto.h>
+#include <openssl/ssl.h>
 #include <spdlog/spdlog.h>
+#include <sys/stat.h>
+
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/ssl.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
@@ -46,6 +60,7 @@ namespace {
 namespace beast = boost::beast;
 namespace bhttp = boost::beast::http;
 namespace net = boost::asio;
+namespace ssl = boost::asio::ssl;
 using tcp = net::ip::tcp;
 
 constexpr std::string_view kServerHeader = "token-broker";
@@ -60,6 +75,20 @@ constexpr size_t kMaxLingerBytes = 1024 * 1024;
 constexpr std::chrono::milliseconds kAcceptRetryDelay(50);
 // Longest path written to the debug log.
 constexpr size_t kMaxLoggedPath = 200;
+// Fields every response carries unless the handler set its own value. Nothing served here is
+// meant to run script, load anything, be framed, be cached, or leak its URL (OAuth codes and
+// state live in query strings) through Referer; a route that needs more says so itself.
+constexpr std::array<std::pair<std::string_view, std::string_view>, 4> kDefaultFields = {{
+    {"Cache-Control", "no-store"},
+    {"Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'"},
+    {"Referrer-Policy", "no-referrer"},
+    {"X-Frame-Options", "DENY"},
+}};
+// A TLS handshake or close_notify exchange gets at most this long (and never more than
+// read_timeout).
+constexpr absl::Duration kMaxTlsShutdown = absl::Seconds(2);
+// Certificate and key files larger than this are not certificates and keys.
+constexpr std::streamsize kMaxPemFileBytes = 1024 * 1024;
 
 std::string ToString(beast::string_view s) { return std::string(s.data(), s.size()); }
 
@@ -166,17 +195,21 @@ void BuildResponse(HttpResponse in, bool head, unsigned version, bool keep_alive
   res.result(static_cast<unsigned>(in.status));
   res.set(bhttp::field::server, kServerHeader);
   res.set(bhttp::field::content_type, in.content_type);
-  bool has_cache_control = false;
+  std::array<bool, kDefaultFields.size()> handler_set{};
   for (const auto& [name, value] : in.headers) {
     if (IsServerOwnedField(name)) {
       continue;
     }
-    has_cache_control = has_cache_control || EqualsIgnoreCase(name, "Cache-Control");
+    for (size_t i = 0; i < kDefaultFields.size(); ++i) {
+      handler_set[i] = handler_set[i] || EqualsIgnoreCase(name, kDefaultFields[i].first);
+    }
     res.insert(name, value);
   }
   res.set("X-Content-Type-Options", "nosniff");
-  if (!has_cache_control) {
-    res.set(bhttp::field::cache_control, "no-store");
+  for (size_t i = 0; i < kDefaultFields.size(); ++i) {
+    if (!handler_set[i]) {
+      res.set(kDefaultFields[i].first, kDefaultFields[i].second);
+    }
   }
   // 204 and 304 never carry a body nor (here) a Content-Length. HEAD keeps the Content-Length of
   // the GET it mirrors but sends no body. prepare_payload() is not used: it would reset the HEAD
@@ -190,16 +223,197 @@ void BuildResponse(HttpResponse in, bool head, unsigned version, bool keep_alive
   res.keep_alive(keep_alive);
 }
 
-class Session;
+// What identifies one version of a file on disk: cert-manager (and a Kubernetes Secret volume)
+// replaces files by renaming, which changes the inode; an in-place rewrite changes mtime or size.
+struct FileStamp {
+  dev_t dev = 0;
+  ino_t ino = 0;
+  int64_t mtime_ns = 0;
+  off_t size = 0;
+  bool operator==(const FileStamp&) const = default;
+};
+
+absl::StatusOr<FileStamp> StampOf(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", path, "': ", std::error_code(errno, std::generic_category()).message()));
+  }
+  return FileStamp{st.st_dev, st.st_ino,
+                   static_cast<int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec,
+                   st.st_size};
+}
+
+absl::StatusOr<std::string> ReadSmallFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot open '", path, "'"));
+  }
+  std::string data;
+  data.resize(static_cast<size_t>(kMaxPemFileBytes) + 1);
+  in.read(data.data(), kMaxPemFileBytes + 1);
+  if (in.bad()) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot read '", path, "'"));
+  }
+  data.resize(static_cast<size_t>(in.gcount()));
+  if (data.size() > static_cast<size_t>(kMaxPemFileBytes)) {
+    return absl::InvalidArgumentError(absl::StrCat("'", path, "' is larger than 1 MiB"));
+  }
+  return data;
+}
+
+// Overwrites a string that held a private key before it is freed.
+struct Cleansed {
+  std::string& s;
+  ~Cleansed() { OPENSSL_cleanse(s.data(), s.size()); }
+};
+
+// A server TLS context for the pair: TLS 1.2+, no compression or renegotiation, the server's
+// cipher preference. Errors: kInvalidArgument naming the file at fault.
+absl::StatusOr<std::shared_ptr<ssl::context>> LoadTlsContext(const HttpTlsOptions& tls) {
+  TB_ASSIGN_OR_RETURN(std::string cert, ReadSmallFile(tls.cert_file));
+  TB_ASSIGN_OR_RETURN(std::string key, ReadSmallFile(tls.key_file));
+  const Cleansed cleanse_key{key};
+  std::shared_ptr<ssl::context> ctx;
+  try {
+    ctx = std::make_shared<ssl::context>(ssl::context::tls_server);
+  } catch (const std::exception& e) {  // SSL_CTX_new failed (out of memory)
+    return absl::InternalError(absl::StrCat("TLS context: ", e.what()));
+  }
+  SSL_CTX* native = ctx->native_handle();
+  if (SSL_CTX_set_min_proto_version(native, TLS1_2_VERSION) != 1) {
+    return absl::InternalError("TLS context: cannot require TLS 1.2");
+  }
+  SSL_CTX_set_options(
+      native, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE);
+  // An encrypted key must fail to load, not make OpenSSL prompt for a passphrase on a terminal.
+  SSL_CTX_set_default_passwd_cb(native, [](char*, int, int, void*) { return 0; });
+  beast::error_code ec;
+  ctx->use_certificate_chain(net::buffer(cert), ec);
+  if (ec) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "certificate file '", tls.cert_file, "' has no usable PEM certificate: ", ec.message()));
+  }
+  ctx->use_private_key(net::buffer(key), ssl::context::pem, ec);
+  if (ec) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "key file '", tls.key_file, "' has no usable unencrypted PEM key: ", ec.message()));
+  }
+  if (SSL_CTX_check_private_key(native) != 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "key file '", tls.key_file, "' does not match certificate file '", tls.cert_file, "'"));
+  }
+  return ctx;
+}
+
+// The TLS context new connections get, reloaded when the files change. Thread-safe.
+class TlsContexts {
+ public:
+  // Loads the pair. Errors: those of LoadTlsContext.
+  static absl::StatusOr<std::unique_ptr<TlsContexts>> Create(HttpTlsOptions tls, std::string name) {
+    TB_ASSIGN_OR_RETURN(const FileStamp cert, StampOf(tls.cert_file));
+    TB_ASSIGN_OR_RETURN(const FileStamp key, StampOf(tls.key_file));
+    TB_ASSIGN_OR_RETURN(std::shared_ptr<ssl::context> ctx, LoadTlsContext(tls));
+    return std::unique_ptr<TlsContexts>(
+        new TlsContexts(std::move(tls), std::move(name), std::move(ctx), {cert, key}));
+  }
+
+  // The context for a connection accepted now. At most once per reload_interval, first looks
+  // whether the files changed and, if so, loads them (outside the lock; a concurrent caller gets
+  // the current context meanwhile).
+  std::shared_ptr<ssl::context> Current() ABSL_LOCKS_EXCLUDED(mu_) {
+    const auto now = std::chrono::steady_clock::now();
+    Stamps seen;
+    {
+      tb::MutexLock lock(&mu_);
+      if (now < next_check_ || checking_) {
+        return current_;
+      }
+      checking_ = true;
+      next_check_ = now + ToChrono(tls_.reload_interval);
+    }
+    absl::StatusOr<FileStamp> cert = StampOf(tls_.cert_file);
+    absl::StatusOr<FileStamp> key = StampOf(tls_.key_file);
+    absl::StatusOr<std::shared_ptr<ssl::context>> loaded;
+    bool attempted = false;
+    if (cert.ok() && key.ok()) {
+      seen = {*cert, *key};
+      tb::MutexLock lock(&mu_);
+      attempted = !(seen == loaded_) && !(failed_ && seen == *failed_);
+    } else {
+      // Mid-rotation a file can be missing for a moment; it is looked at again next interval.
+      spdlog::warn("http server {}: TLS files not readable, keeping the current certificate: {}",
+                   name_, std::string((!cert.ok() ? cert.status() : key.status()).message()));
+    }
+    if (attempted) {
+      loaded = LoadTlsContext(tls_);
+      if (loaded.ok()) {
+        spdlog::info("http server {}: loaded a new TLS certificate from '{}'", name_,
+                     tls_.cert_file);
+      } else {
+        spdlog::error(
+            "http server {}: new TLS files do not load, keeping the current certificate: "
+            "{}",
+            name_, std::string(loaded.status().message()));
+      }
+    }
+    tb::MutexLock lock(&mu_);
+    checking_ = false;
+    if (attempted && loaded.ok()) {
+      current_ = *std::move(loaded);
+      loaded_ = seen;
+      failed_.reset();
+      ++stats_.reloaded;
+    } else if (attempted) {
+      failed_ = seen;  // not retried (nor logged again) until the files change again
+      ++stats_.failed;
+    }
+    return current_;
+  }
+
+  TlsReloadStats stats() const ABSL_LOCKS_EXCLUDED(mu_) {
+    tb::MutexLock lock(&mu_);
+    return stats_;
+  }
+
+ private:
+  struct Stamps {
+    FileStamp cert;
+    FileStamp key;
+    bool operator==(const Stamps&) const = default;
+  };
+
+  TlsContexts(HttpTlsOptions tls, std::string name, std::shared_ptr<ssl::context> ctx,
+              Stamps stamps)
+      : tls_(std::move(tls)),
+        name_(std::move(name)),
+        current_(std::move(ctx)),
+        loaded_(stamps),
+        next_check_(std::chrono::steady_clock::now() + ToChrono(tls_.reload_interval)) {}
+
+  const HttpTlsOptions tls_;
+  const std::string name_;
+  mutable tb::Mutex mu_;
+  std::shared_ptr<ssl::context> current_ ABSL_GUARDED_BY(mu_);
+  Stamps loaded_ ABSL_GUARDED_BY(mu_);
+  std::optional<Stamps> failed_ ABSL_GUARDED_BY(mu_);
+  std::chrono::steady_clock::time_point next_check_ ABSL_GUARDED_BY(mu_);
+  bool checking_ ABSL_GUARDED_BY(mu_) = false;
+  TlsReloadStats stats_ ABSL_GUARDED_BY(mu_);
+};
+
+class SessionBase;
 
 // What the acceptor and every session share: options, handler and the registry of live sessions
 // that Stop() closes. Outlives them all (each holds a shared_ptr). Thread-safe.
 class ServerCore : public std::enable_shared_from_this<ServerCore> {
  public:
-  ServerCore(HttpServerOptions options, AsyncHandler handler)
-      : options_(std::move(options)), handler_(std::move(handler)) {}
+  // `tls` is null for plain HTTP.
+  ServerCore(HttpServerOptions options, AsyncHandler handler, std::unique_ptr<TlsContexts> tls)
+      : options_(std::move(options)), handler_(std::move(handler)), tls_(std::move(tls)) {}
 
   const HttpServerOptions& options() const { return options_; }
+  TlsContexts* tls() const { return tls_.get(); }
 
   // Calls the handler; `done` gets its response exactly once, possibly on another thread. A
   // throwing handler or an unsendable response becomes a 500. Never throws.
@@ -244,7 +458,7 @@ class ServerCore : public std::enable_shared_from_this<ServerCore> {
   enum class Admission { kAdmitted, kAtCapacity, kStopping };
 
   // Admits a new connection unless stopping or at max_connections.
-  Admission Register(const std::shared_ptr<Session>& session) ABSL_LOCKS_EXCLUDED(mu_) {
+  Admission Register(const std::shared_ptr<SessionBase>& session) ABSL_LOCKS_EXCLUDED(mu_) {
     tb::MutexLock lock(&mu_);
     if (stopping_) {
       return Admission::kStopping;
@@ -256,7 +470,7 @@ class ServerCore : public std::enable_shared_from_this<ServerCore> {
     return Admission::kAdmitted;
   }
 
-  void Unregister(const Session* session) ABSL_LOCKS_EXCLUDED(mu_) {
+  void Unregister(const SessionBase* session) ABSL_LOCKS_EXCLUDED(mu_) {
     tb::MutexLock lock(&mu_);
     sessions_.erase(session);
   }
@@ -268,14 +482,14 @@ class ServerCore : public std::enable_shared_from_this<ServerCore> {
 
   // Marks the server as stopping. Returns true (with the live sessions) only on the first call,
   // so exactly one caller performs the shutdown.
-  bool BeginStop(std::vector<std::shared_ptr<Session>>* live) ABSL_LOCKS_EXCLUDED(mu_) {
+  bool BeginStop(std::vector<std::shared_ptr<SessionBase>>* live) ABSL_LOCKS_EXCLUDED(mu_) {
     tb::MutexLock lock(&mu_);
     if (stopping_) {
       return false;
     }
     stopping_ = true;
     for (const auto& [ptr, weak] : sessions_) {
-      if (std::shared_ptr<Session> session = weak.lock()) {
+      if (std::shared_ptr<SessionBase> session = weak.lock()) {
         live->push_back(std::move(session));
       }
     }
@@ -292,45 +506,98 @@ class ServerCore : public std::enable_shared_from_this<ServerCore> {
 
   const HttpServerOptions options_;
   const AsyncHandler handler_;
+  const std::unique_ptr<TlsContexts> tls_;
   mutable tb::Mutex mu_;
   tb::CondVar pending_done_;
   size_t pending_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
-  std::unordered_map<const Session*, std::weak_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
+  std::unordered_map<const SessionBase*, std::weak_ptr<SessionBase>> sessions_ ABSL_GUARDED_BY(mu_);
 };
 
-// One connection: read a request, answer it, repeat while keep-alive. Confined to its strand (the
-// executor of stream_); only Run() and Close() may be called from elsewhere. Kept alive by the
-// shared_ptr bound into its pending operation, so it dies when its last operation completes.
-class Session : public std::enable_shared_from_this<Session> {
+// What the registry knows of a session: it can be closed from any thread.
+class SessionBase {
  public:
-  Session(tcp::socket&& socket, std::shared_ptr<ServerCore> core)
-      : stream_(std::move(socket)), core_(std::move(core)) {
+  virtual ~SessionBase() = default;
+  // Thread-safe: closes the connection on its strand, aborting whatever it is doing.
+  virtual void Close() = 0;
+};
+
+// One connection: (TLS handshake,) read a request, answer it, repeat while keep-alive. Confined to
+// its strand (the executor of the TCP stream); only Run() and Close() may be called from
+// elsewhere. Kept alive by the shared_ptr bound into its pending operation, so it dies when its
+// last operation completes.
+template <bool kTls>
+class Session final : public SessionBase, public std::enable_shared_from_this<Session<kTls>> {
+ public:
+  using Stream = std::conditional_t<kTls, ssl::stream<beast::tcp_stream>, beast::tcp_stream>;
+
+  // `tls_ctx` is null for plain HTTP; a TLS session keeps its context alive for as long as it
+  // lives, whatever contexts later connections get.
+  Session(tcp::socket&& socket, std::shared_ptr<ServerCore> core,
+          std::shared_ptr<ssl::context> tls_ctx)
+      : tls_ctx_(std::move(tls_ctx)),
+        stream_(MakeStream(std::move(socket), tls_ctx_.get())),
+        core_(std::move(core)) {
     beast::error_code ec;
-    const tcp::endpoint peer = stream_.socket().remote_endpoint(ec);
+    const tcp::endpoint peer = lowest().socket().remote_endpoint(ec);
     if (!ec) {
       remote_address_ = peer.address().to_string();
     }
   }
 
-  ~Session() { core_->Unregister(this); }
+  ~Session() override { core_->Unregister(this); }
 
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
 
   void Run() {
-    net::dispatch(stream_.get_executor(),
-                  beast::bind_front_handler(&Session::ReadRequest, shared_from_this()));
+    // The first request's read budget runs from accept and covers the TLS handshake too: a client
+    // that handshakes slowly gets no more time than one that sends slowly.
+    first_deadline_ = std::chrono::steady_clock::now() + ToChrono(options().read_timeout);
+    if constexpr (kTls) {
+      net::dispatch(stream_.get_executor(),
+                    beast::bind_front_handler(&Session::Handshake, this->shared_from_this()));
+    } else {
+      net::dispatch(stream_.get_executor(),
+                    beast::bind_front_handler(&Session::ReadRequest, this->shared_from_this()));
+    }
   }
 
-  // Thread-safe: closes the connection on its strand, aborting whatever it is doing.
-  void Close() {
+  void Close() override {
     net::post(stream_.get_executor(),
-              beast::bind_front_handler(&Session::CloseNow, shared_from_this()));
+              beast::bind_front_handler(&Session::CloseNow, this->shared_from_this()));
   }
 
  private:
+  static Stream MakeStream(tcp::socket&& socket, ssl::context* ctx) {
+    if constexpr (kTls) {
+      return Stream(std::move(socket), *ctx);
+    } else {
+      (void)ctx;
+      return Stream(std::move(socket));
+    }
+  }
+
   const HttpServerOptions& options() const { return core_->options(); }
+  beast::tcp_stream& lowest() { return beast::get_lowest_layer(stream_); }
+
+  void Handshake() {
+    lowest().expires_at(first_deadline_);
+    stream_.async_handshake(
+        ssl::stream_base::server,
+        beast::bind_front_handler(&Session::OnHandshake, this->shared_from_this()));
+  }
+
+  void OnHandshake(beast::error_code ec) {
+    if (ec) {  // not TLS (plain HTTP to the HTTPS port), no common protocol, timeout, Stop()
+      if (ec != net::error::operation_aborted) {
+        spdlog::debug("http server {}: TLS handshake failed: {}", options().name, ec.message());
+      }
+      CloseNow();
+      return;
+    }
+    ReadRequest();
+  }
 
   // Reads one whole request under read_timeout: a client that trickles bytes cannot hold the
   // connection longer than that (slowloris).
@@ -343,9 +610,14 @@ class Session : public std::enable_shared_from_this<Session> {
     parser_->header_limit(static_cast<std::uint32_t>(
         std::min<size_t>(options().max_header_bytes, std::numeric_limits<std::uint32_t>::max())));
     parser_->body_limit(static_cast<std::uint64_t>(options().max_body_bytes));
-    stream_.expires_after(ToChrono(options().read_timeout));
+    if (first_request_) {
+      first_request_ = false;
+      lowest().expires_at(first_deadline_);
+    } else {
+      lowest().expires_after(ToChrono(options().read_timeout));
+    }
     bhttp::async_read(stream_, buffer_, *parser_,
-                      beast::bind_front_handler(&Session::OnRequest, shared_from_this()));
+                      beast::bind_front_handler(&Session::OnRequest, this->shared_from_this()));
   }
 
   void OnRequest(beast::error_code ec, std::size_t /*bytes*/) {
@@ -391,7 +663,7 @@ class Session : public std::enable_shared_from_this<Session> {
     const bool head = req.method() == bhttp::verb::head;
     const unsigned version = req.version();
     const bool wants_keep_alive = req.keep_alive();
-    core_->Handle(std::move(request), [self = shared_from_this(), head, version,
+    core_->Handle(std::move(request), [self = this->shared_from_this(), head, version,
                                        wants_keep_alive](HttpResponse response) {
       // Back onto this connection's strand: inline for a synchronous handler, a hop for a
       // response that comes from another thread.
@@ -406,10 +678,10 @@ class Session : public std::enable_shared_from_this<Session> {
   void Write(HttpResponse response, bool head, unsigned version, bool keep_alive, bool linger) {
     BuildResponse(std::move(response), head, version, keep_alive, &res_);
     // The write gets the read budget too: a client that stops reading is dropped.
-    stream_.expires_after(ToChrono(options().read_timeout));
+    lowest().expires_after(ToChrono(options().read_timeout));
     bhttp::async_write(
         stream_, res_,
-        beast::bind_front_handler(&Session::OnWrite, shared_from_this(), keep_alive, linger));
+        beast::bind_front_handler(&Session::OnWrite, this->shared_from_this(), keep_alive, linger));
   }
 
   void OnWrite(bool keep_alive, bool linger, beast::error_code ec, std::size_t /*bytes*/) {
@@ -428,9 +700,7 @@ class Session : public std::enable_shared_from_this<Session> {
       return;
     }
     if (!keep_alive) {
-      beast::error_code ignored;
-      stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
-      CloseNow();
+      CloseGracefully();
       return;
     }
     WaitForNextRequest();
@@ -447,9 +717,10 @@ class Session : public std::enable_shared_from_this<Session> {
       ReadRequest();
       return;
     }
-    stream_.expires_after(ToChrono(options().idle_timeout));
-    stream_.async_read_some(buffer_.prepare(kReadChunk),
-                            beast::bind_front_handler(&Session::OnIdleRead, shared_from_this()));
+    lowest().expires_after(ToChrono(options().idle_timeout));
+    stream_.async_read_some(
+        buffer_.prepare(kReadChunk),
+        beast::bind_front_handler(&Session::OnIdleRead, this->shared_from_this()));
   }
 
   void OnIdleRead(beast::error_code ec, std::size_t bytes) {
@@ -461,21 +732,38 @@ class Session : public std::enable_shared_from_this<Session> {
     ReadRequest();
   }
 
+  // After a response with Connection: close. Plain: FIN, then close. TLS: close_notify first
+  // (bounded: the peer may never answer it), so the client can tell the end from a truncation.
+  void CloseGracefully() {
+    if constexpr (kTls) {
+      lowest().expires_after(ToChrono(std::min(options().read_timeout, kMaxTlsShutdown)));
+      stream_.async_shutdown(
+          [self = this->shared_from_this()](beast::error_code) { self->CloseNow(); });
+    } else {
+      beast::error_code ignored;
+      lowest().socket().shutdown(tcp::socket::shutdown_send, ignored);
+      CloseNow();
+    }
+  }
+
+  // After an error response the rest of the request is still arriving. The discard reads raw TCP
+  // bytes in both modes: what arrives is of no interest, decrypted or not.
   void StartLingeringClose() {
     beast::error_code ec;
-    stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
+    lowest().socket().shutdown(tcp::socket::shutdown_send, ec);
     if (ec) {
       CloseNow();
       return;
     }
     buffer_.clear();
-    stream_.expires_after(ToChrono(std::min(options().read_timeout, kMaxLinger)));
+    lowest().expires_after(ToChrono(std::min(options().read_timeout, kMaxLinger)));
     Discard();
   }
 
   void Discard() {
-    stream_.async_read_some(buffer_.prepare(kReadChunk),
-                            beast::bind_front_handler(&Session::OnDiscard, shared_from_this()));
+    lowest().async_read_some(
+        buffer_.prepare(kReadChunk),
+        beast::bind_front_handler(&Session::OnDiscard, this->shared_from_this()));
   }
 
   void OnDiscard(beast::error_code ec, std::size_t bytes) {
@@ -490,8 +778,8 @@ class Session : public std::enable_shared_from_this<Session> {
   // Cancels any pending operation (it completes with operation_aborted) and closes the socket.
   void CloseNow() {
     beast::error_code ignored;
-    stream_.socket().shutdown(tcp::socket::shutdown_both, ignored);
-    stream_.close();
+    lowest().socket().shutdown(tcp::socket::shutdown_both, ignored);
+    lowest().close();
   }
 
   static std::string LoggablePath(beast::string_view target) {
@@ -502,12 +790,16 @@ class Session : public std::enable_shared_from_this<Session> {
     return std::string(path);
   }
 
-  beast::tcp_stream stream_;
+  // Declared before stream_: the SSL object inside the stream refers to it.
+  const std::shared_ptr<ssl::context> tls_ctx_;
+  Stream stream_;
   beast::flat_buffer buffer_;
   std::optional<bhttp::request_parser<bhttp::string_body>> parser_;
   BeastResponse res_;  // lives until its write completes
   const std::shared_ptr<ServerCore> core_;
   std::string remote_address_;
+  std::chrono::steady_clock::time_point first_deadline_;
+  bool first_request_ = true;
   size_t lingered_bytes_ = 0;
   // For the per-request log line.
   std::string log_method_;
@@ -563,8 +855,17 @@ class Listener : public std::enable_shared_from_this<Listener> {
       retry_timer_.async_wait(beast::bind_front_handler(&Listener::OnRetry, shared_from_this()));
       return;
     }
-    auto session = std::make_shared<Session>(std::move(socket), core_);
-    // A refused session is dropped here: its destructor closes the socket at once.
+    if (TlsContexts* tls = core_->tls(); tls != nullptr) {
+      Admit(std::make_shared<Session<true>>(std::move(socket), core_, tls->Current()));
+    } else {
+      Admit(std::make_shared<Session<false>>(std::move(socket), core_, nullptr));
+    }
+    DoAccept();
+  }
+
+  template <bool kTls>
+  void Admit(const std::shared_ptr<Session<kTls>>& session) {
+    // A refused session is dropped by the caller: its destructor closes the socket at once.
     switch (core_->Register(session)) {
       case ServerCore::Admission::kAdmitted:
         if (at_capacity_) {
@@ -584,7 +885,6 @@ class Listener : public std::enable_shared_from_this<Listener> {
       case ServerCore::Admission::kStopping:
         break;
     }
-    DoAccept();
   }
 
   void OnRetry(beast::error_code ec) {
@@ -629,6 +929,17 @@ absl::Status ValidateOptions(const HttpServerOptions& o) {
     if (d <= absl::ZeroDuration() || d == absl::InfiniteDuration()) {
       return absl::InvalidArgumentError(
           absl::StrCat("http server ", o.name, ": timeouts must be positive and finite"));
+    }
+  }
+  if (o.tls) {
+    if (o.tls->cert_file.empty() || o.tls->key_file.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("http server ", o.name, ": TLS needs both a cert_file and a key_file"));
+    }
+    if (o.tls->reload_interval <= absl::ZeroDuration() ||
+        o.tls->reload_interval == absl::InfiniteDuration()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "http server ", o.name, ": TLS reload_interval must be positive and finite"));
     }
   }
   return absl::OkStatus();
@@ -686,9 +997,21 @@ class HttpServer::Impl {
     }
     port_ = local.port();
 
+    std::unique_ptr<TlsContexts> tls;
+    if (options.tls) {
+      absl::StatusOr<std::unique_ptr<TlsContexts>> loaded =
+          TlsContexts::Create(*options.tls, options.name);
+      if (!loaded.ok()) {
+        return absl::Status(loaded.status().code(),
+                            absl::StrCat(where, ": TLS: ", loaded.status().message()));
+      }
+      tls = *std::move(loaded);
+    }
+
     const std::string name = options.name;
     const int threads = options.threads;
-    core_ = std::make_shared<ServerCore>(std::move(options), std::move(handler));
+    const bool https = options.tls.has_value();
+    core_ = std::make_shared<ServerCore>(std::move(options), std::move(handler), std::move(tls));
     listener_ = std::make_shared<Listener>(ioc_, std::move(acceptor), core_);
     listener_->Run();
     work_.emplace(net::make_work_guard(ioc_));
@@ -703,17 +1026,22 @@ class HttpServer::Impl {
         return absl::UnavailableError(absl::StrCat(where, ": cannot start io threads: ", e.what()));
       }
     }
-    spdlog::info("http server {} listening on {}", name, EndpointString(local));
+    spdlog::info("http server {} listening on {}{}", name, EndpointString(local),
+                 https ? " (HTTPS)" : "");
     return absl::OkStatus();
   }
 
   int port() const { return port_; }
 
+  TlsReloadStats tls_stats() const {
+    return core_ != nullptr && core_->tls() != nullptr ? core_->tls()->stats() : TlsReloadStats{};
+  }
+
   void Stop() {
-    std::vector<std::shared_ptr<Session>> live;
+    std::vector<std::shared_ptr<SessionBase>> live;
     if (core_ != nullptr && core_->BeginStop(&live)) {
       listener_->Close();
-      for (const std::shared_ptr<Session>& session : live) {
+      for (const std::shared_ptr<SessionBase>& session : live) {
         session->Close();
       }
       live.clear();
@@ -778,6 +1106,8 @@ HttpServer::HttpServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 HttpServer::~HttpServer() { Stop(); }
 
 int HttpServer::port() const { return impl_->port(); }
+
+TlsReloadStats HttpServer::tls_stats() const { return impl_->tls_stats(); }
 
 void HttpServer::Stop() { impl_->Stop(); }
 

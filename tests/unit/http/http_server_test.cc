@@ -223,6 +223,9 @@ Handler EchoHandler(std::shared_ptr<RequestLog> log = nullptr) {
       res.headers.emplace_back("X-Injected", "a\r\nSet-Cookie: x=y");
     } else if (path == "/no-content") {
       res.status = 204;
+    } else if (path == "/own-policy") {
+      res.headers.emplace_back("content-security-policy", "default-src 'self'");
+      res.headers.emplace_back("Referrer-Policy", "same-origin");
     } else {
       res.body = absl::StrCat(req.method, " ", req.target, " ", req.body);
     }
@@ -300,6 +303,49 @@ TEST(HttpServerTest, HandlerSeesMethodTargetHeadersBodyAndPeer) {
     found = found || (name == "X-Test" && value == "yes");
   }
   EXPECT_TRUE(found);
+}
+
+// Both ports' pages, the server's own error answers included, forbid active content, framing,
+// caching and Referer leaks unless the handler says otherwise.
+TEST(HttpServerTest, EveryResponseCarriesTheSecurityHeaders) {
+  HttpServerOptions options = TestOptions();
+  options.max_header_bytes = 1024;
+  auto server = StartOrDie(options, EchoHandler());
+  const std::vector<std::pair<std::string, int>> requests = {
+      {Get("/created"), 201},
+      {Get("/throw"), 500},
+      {Get("/", absl::StrCat("X-Pad: ", std::string(4096, 'a'), "\r\n")), 431},
+      {"GET / HTTP/1.1\r\nBad Header Without Colon\r\n\r\n", 400},
+  };
+  for (const auto& [request, status] : requests) {
+    TestClient client = ConnectOrDie(server->port());
+    ASSERT_TRUE(client.Send(request));
+    const std::optional<RawResponse> res = client.ReadResponse();
+    ASSERT_TRUE(res.has_value()) << status;
+    EXPECT_EQ(res->status, status);
+    EXPECT_EQ(res->Header("Content-Security-Policy"), "default-src 'none'; frame-ancestors 'none'")
+        << status;
+    EXPECT_EQ(res->Header("Referrer-Policy"), "no-referrer") << status;
+    EXPECT_EQ(res->Header("X-Frame-Options"), "DENY") << status;
+    EXPECT_EQ(res->Header("X-Content-Type-Options"), "nosniff") << status;
+    EXPECT_EQ(res->Header("Cache-Control"), "no-store") << status;
+  }
+}
+
+TEST(HttpServerTest, HandlerSecurityHeadersReplaceTheDefaults) {
+  auto server = StartOrDie(TestOptions(), EchoHandler());
+  TestClient client = ConnectOrDie(server->port());
+  ASSERT_TRUE(client.Send(Get("/own-policy")));
+  const std::optional<RawResponse> res = client.ReadResponse();
+  ASSERT_TRUE(res.has_value());
+  int csp = 0;
+  for (const auto& [name, value] : res->headers) {
+    csp += name == "content-security-policy";
+  }
+  EXPECT_EQ(csp, 1);
+  EXPECT_EQ(res->Header("Content-Security-Policy"), "default-src 'self'");
+  EXPECT_EQ(res->Header("Referrer-Policy"), "same-origin");
+  EXPECT_EQ(res->Header("X-Frame-Options"), "DENY");
 }
 
 TEST(HttpServerTest, HandlerCacheControlAndExtraHeadersAreKept) {
