@@ -17,15 +17,20 @@ namespace {
 
 using core::Reason;
 
-// Collects one callback's result; Wait() blocks until it came.
+// Collects one callback's result: done() tells whether it arrived, Wait() blocks until it did.
 class Result {
  public:
   Refresher::Done Callback() {
     return [this](absl::StatusOr<TokenView> r) {
       MutexLock lock(&mu_);
+      EXPECT_FALSE(result_.has_value()) << "done ran twice";
       result_ = std::move(r);
       cv_.SignalAll();
     };
+  }
+  bool done() const {
+    MutexLock lock(&mu_);
+    return result_.has_value();
   }
   absl::StatusOr<TokenView> Wait() {
     MutexLock lock(&mu_);
@@ -36,7 +41,7 @@ class Result {
   }
 
  private:
-  Mutex mu_;
+  mutable Mutex mu_;
   CondVar cv_;
   std::optional<absl::StatusOr<TokenView>> result_ ABSL_GUARDED_BY(mu_);
 };
@@ -285,34 +290,6 @@ TEST_F(RefresherTest, RefreshRacingARevokeLosesAndItsNewTokenIsRevoked) {
 
 // --- GetToken waits (AwaitToken) -------------------------------------------------------------
 
-// Collects an AwaitToken result without blocking: done() tells whether it arrived.
-class Awaited {
- public:
-  Refresher::Done Callback() {
-    return [this](absl::StatusOr<TokenView> r) {
-      MutexLock lock(&mu_);
-      EXPECT_FALSE(result_.has_value()) << "done ran twice";
-      result_ = std::move(r);
-      cv_.SignalAll();
-    };
-  }
-  bool done() const {
-    MutexLock lock(&mu_);
-    return result_.has_value();
-  }
-  absl::StatusOr<TokenView> Wait() {
-    MutexLock lock(&mu_);
-    while (!result_) {
-      cv_.Wait(&mu_);
-    }
-    return *result_;
-  }
-
- private:
-  mutable Mutex mu_;
-  CondVar cv_;
-  std::optional<absl::StatusOr<TokenView>> result_ ABSL_GUARDED_BY(mu_);
-};
 
 constexpr absl::Duration kFar = absl::Hours(1);
 
@@ -321,9 +298,9 @@ TEST_F(RefresherTest, HundredConcurrentGetTokensOnADueTokenMakeOneProviderCall) 
   clock_.Advance(absl::Minutes(25));
   provider_.HoldRefreshes();
   provider_.NextRefreshReturns(NewGrant(absl::Minutes(30)));
-  std::vector<std::unique_ptr<Awaited>> results;
+  std::vector<std::unique_ptr<Result>> results;
   for (int i = 0; i < 100; ++i) {
-    results.push_back(std::make_unique<Awaited>());
+    results.push_back(std::make_unique<Result>());
   }
   std::vector<std::thread> callers;
   for (int i = 0; i < 100; ++i) {
@@ -352,7 +329,7 @@ TEST_F(RefresherTest, HundredConcurrentGetTokensOnADueTokenMakeOneProviderCall) 
 TEST_F(RefresherTest, MinTtlPastValidUntilWaitsForTheScheduledRefreshAndStartsNone) {
   Connect("acme", absl::Minutes(30));                     // valid_until: 25 min in
   clock_.Advance(absl::Minutes(24) + absl::Seconds(30));  // 30 s of the promise left
-  Awaited r;
+  Result r;
   refresher_->AwaitToken("acme", absl::Minutes(10), 0, clock_.Now() + kFar, r.Callback());
   refresher_->RunDue();
   work_.Drain();
@@ -371,8 +348,8 @@ TEST_F(RefresherTest, MinTtlPastValidUntilWaitsForTheScheduledRefreshAndStartsNo
 
 TEST_F(RefresherTest, MinGenerationWaitsForItAndNeverTriggersARefresh) {
   Connect("acme", absl::Minutes(30));
-  Awaited next_generation;
-  Awaited gives_up;
+  Result next_generation;
+  Result gives_up;
   refresher_->AwaitToken("acme", absl::ZeroDuration(), 2, clock_.Now() + kFar,
                          next_generation.Callback());
   refresher_->AwaitToken("acme", absl::ZeroDuration(), 3, clock_.Now() + absl::Seconds(2),
@@ -401,7 +378,7 @@ TEST_F(RefresherTest, ShortDeadlineDuringASlowRefreshExpiresWhileTheRefreshCompl
   provider_.HoldRefreshes();
   const core::Grant next = NewGrant(absl::Minutes(30));
   provider_.NextRefreshReturns(next);
-  Awaited r;
+  Result r;
   refresher_->AwaitToken("acme", absl::ZeroDuration(), 0, clock_.Now() + absl::Milliseconds(50),
                          r.Callback());
   provider_.AwaitRefreshCalls(1);
@@ -420,8 +397,8 @@ TEST_F(RefresherTest, FailedRefreshServesTheOldTokenWithAMovedPromiseOrFailsTheW
   clock_.Advance(absl::Minutes(25));
   provider_.HoldRefreshes();
   provider_.NextRefreshReturns(absl::UnavailableError("provider down"));
-  Awaited any;
-  Awaited long_lived;
+  Result any;
+  Result long_lived;
   refresher_->AwaitToken("acme", absl::ZeroDuration(), 0, clock_.Now() + kFar, any.Callback());
   refresher_->AwaitToken("acme", absl::Minutes(2), 0, clock_.Now() + kFar, long_lived.Callback());
   provider_.AwaitRefreshCalls(1);
@@ -433,7 +410,7 @@ TEST_F(RefresherTest, FailedRefreshServesTheOldTokenWithAMovedPromiseOrFailsTheW
   EXPECT_EQ(v->valid_until, clock_.Now() + absl::Seconds(30));
   EXPECT_EQ(long_lived.Wait().status().code(), absl::StatusCode::kUnavailable);
   // A caller arriving meanwhile does not start another call (no retry storm)...
-  Awaited later;
+  Result later;
   refresher_->AwaitToken("acme", absl::Minutes(2), 0, clock_.Now() + kFar, later.Callback());
   EXPECT_EQ(later.Wait().status().code(), absl::StatusCode::kUnavailable);
   EXPECT_EQ(provider_.refresh_calls(), 1);
@@ -446,7 +423,7 @@ TEST_F(RefresherTest, FailedRefreshServesTheOldTokenWithAMovedPromiseOrFailsTheW
 
 TEST_F(RefresherTest, CancelledWaitNeverCompletes) {
   Connect("acme", absl::Minutes(30));
-  Awaited r;
+  Result r;
   const uint64_t h =
       refresher_->AwaitToken("acme", absl::ZeroDuration(), 5, clock_.Now() + kFar, r.Callback());
   ASSERT_NE(h, 0u);
@@ -460,12 +437,12 @@ TEST_F(RefresherTest, CancelledWaitNeverCompletes) {
 
 TEST_F(RefresherTest, ServableAndHopelessRequestsAnswerAtOnce) {
   Connect("acme", absl::Minutes(30));
-  Awaited now;
+  Result now;
   EXPECT_EQ(
       refresher_->AwaitToken("acme", absl::ZeroDuration(), 1, clock_.Now() + kFar, now.Callback()),
       0u);
   EXPECT_TRUE(now.Wait().ok());
-  Awaited unknown;
+  Result unknown;
   refresher_->AwaitToken("nobody", absl::ZeroDuration(), 0, clock_.Now() + kFar,
                          unknown.Callback());
   EXPECT_EQ(unknown.Wait().status().code(), absl::StatusCode::kNotFound);
@@ -476,7 +453,7 @@ TEST_F(RefresherTest, TooManyWaitersAreRefused) {
   o.max_waiters = 2;
   UseOptions(o);
   Connect("acme", absl::Minutes(30));
-  Awaited a, b, c;
+  Result a, b, c;
   refresher_->AwaitToken("acme", absl::ZeroDuration(), 9, clock_.Now() + kFar, a.Callback());
   refresher_->AwaitToken("acme", absl::ZeroDuration(), 9, clock_.Now() + kFar, b.Callback());
   refresher_->AwaitToken("acme", absl::ZeroDuration(), 9, clock_.Now() + kFar, c.Callback());
@@ -510,7 +487,7 @@ TEST_F(RefresherTest, HotWindowRefreshesIdleConnectionsOnUseOrBeforeTheirRefresh
 
   // On its next use, the idle one is refreshed (it is past its refresh_at).
   provider_.NextRefreshReturns(NewGrant(absl::Minutes(30)));
-  Awaited used;
+  Result used;
   refresher_->AwaitToken("idle", absl::ZeroDuration(), 0, clock_.Now() + kFar, used.Callback());
   absl::StatusOr<TokenView> v = used.Wait();
   ASSERT_TRUE(v.ok()) << v.status();
@@ -632,7 +609,7 @@ TEST_F(RefresherTest, WithoutTheLeaseNoProviderCallAndCallersGetTheHoldersGenera
   Connect("acme", absl::Minutes(30));
   clock_.Advance(absl::Minutes(25));  // due
   store_.SetLeasesHeldElsewhere(true);
-  Awaited waiting;
+  Result waiting;
   refresher_->AwaitToken("acme", absl::ZeroDuration(), 0, clock_.Now() + kFar, waiting.Callback());
   Result asked;
   refresher_->Refresh("acme", 1, asked.Callback());
@@ -752,7 +729,7 @@ TEST_F(RefresherTest, AFlightWhoseGenerationWasRefreshedElsewhereCallsNoProvider
   stored.grant = next;
   stored.revision += 1;
   ASSERT_TRUE(store_.Update(stored, stored.revision - 1, nullptr).ok());
-  Awaited r;
+  Result r;
   refresher_->AwaitToken("acme", absl::ZeroDuration(), 0, clock_.Now() + kFar, r.Callback());
   absl::StatusOr<TokenView> v = r.Wait();
   ASSERT_TRUE(v.ok()) << v.status();
