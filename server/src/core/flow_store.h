@@ -24,6 +24,8 @@ struct PendingAuthorization {
   bool reconnect = false;
   std::string redirect_uri;  // exactly as sent to the authorize endpoint
   absl::Time expires_at;
+  // The link's return URL, if it was on the allow-list at /oauth/start; empty otherwise.
+  std::string return_url;
 };
 
 // Links and in-flight authorizations. Thread-safe.

@@ -60,6 +60,14 @@ AuthorizationFlow::AuthorizationFlow(FlowOptions options, const core::ProviderRe
       revoker_(revoker),
       events_(std::move(events)) {}
 
+absl::Status AuthorizationFlow::ValidateOptions(const FlowOptions& options) {
+  return core::ValidateReturnUrlAllowlist(options.return_url_allowlist);
+}
+
+bool AuthorizationFlow::ReturnUrlAllowed(const std::string& url) const {
+  return !url.empty() && core::CheckReturnUrl(url, options_.return_url_allowlist).ok();
+}
+
 void AuthorizationFlow::Event(absl::string_view event, const core::ConnectionId& id,
                               const absl::Status& s) const {
   if (events_) {
@@ -83,10 +91,14 @@ absl::StatusOr<const core::ProviderSpec*> AuthorizationFlow::Spec(
 
 absl::StatusOr<AuthorizationFlow::MintedLink> AuthorizationFlow::CreateLink(
     const core::ConnectionId& id, const std::string& provider,
-    const std::map<std::string, std::string>& params, absl::Duration ttl, bool reconnect) {
+    const std::map<std::string, std::string>& params, absl::Duration ttl, bool reconnect,
+    const std::string& return_url) {
   TB_RETURN_IF_ERROR(core::ValidateConnectionId(id));
   TB_ASSIGN_OR_RETURN(const core::ProviderSpec* spec, Spec(provider));
   TB_RETURN_IF_ERROR(core::ValidateConnectionParams(*spec, params));
+  if (!return_url.empty()) {
+    TB_RETURN_IF_ERROR(core::CheckReturnUrl(return_url, options_.return_url_allowlist));
+  }
   if (ttl == absl::ZeroDuration()) {
     ttl = options_.default_link_ttl;
   }
@@ -123,6 +135,7 @@ absl::StatusOr<AuthorizationFlow::MintedLink> AuthorizationFlow::CreateLink(
   // Whole seconds: the signed payload carries Unix seconds.
   record.link.expires_at = absl::FromUnixSeconds(absl::ToUnixSeconds(clock_.Now() + ttl));
   record.link.reconnect = reconnect;
+  record.link.return_url = return_url;
   TB_RETURN_IF_ERROR(store_.PutLink(record));
   Event("link_created", id, absl::OkStatus());
   return MintedLink{absl::StrCat(TrimSlash(options_.public_base_url), "/oauth/start?link=",
@@ -191,6 +204,12 @@ absl::StatusOr<AuthorizationFlow::Started> AuthorizationFlow::Start(absl::string
   }
   TB_RETURN_IF_ERROR(CheckLinkUsable(*record));
   TB_ASSIGN_OR_RETURN(const core::ProviderSpec* spec, Spec(link.provider));
+  // Signed by us, so checked when minted; checked again (a provider's rules may have changed
+  // since) before any of it goes into a host name, and refused like any unusable link.
+  if (!core::ValidateConnectionParams(*spec, link.params).ok()) {
+    return FlowError(absl::StatusCode::kInvalidArgument, FlowErrorKind::kLinkInvalid,
+                     "connect link parameters are not valid for its provider");
+  }
   if (absl::StatusOr<std::shared_ptr<const core::Connection>> c =
           broker_.GetConnection(link.connection_id);
       c.ok() && (*c)->status == core::ConnectionStatus::kActive && !link.reconnect) {
@@ -211,6 +230,12 @@ absl::StatusOr<AuthorizationFlow::Started> AuthorizationFlow::Start(absl::string
   auth.reconnect = link.reconnect;
   auth.redirect_uri = redirect_uri_;
   auth.expires_at = now + options_.state_ttl;
+  if (ReturnUrlAllowed(link.return_url)) {
+    auth.return_url = link.return_url;
+  } else if (!link.return_url.empty()) {
+    Event("return_url_dropped", auth.connection_id,
+          absl::InvalidArgumentError("the link's return URL is no longer on the allow-list"));
+  }
   TB_ASSIGN_OR_RETURN(std::string url, AuthorizeUrl(*spec, auth));
   TB_RETURN_IF_ERROR(store_.PutAuthorization(auth, now));
   Event("authorization_started", auth.connection_id, absl::OkStatus());
@@ -218,6 +243,13 @@ absl::StatusOr<AuthorizationFlow::Started> AuthorizationFlow::Start(absl::string
 }
 
 absl::StatusOr<core::ConnectionId> AuthorizationFlow::Complete(const Callback& cb) {
+  std::string ignored;
+  return Complete(cb, &ignored);
+}
+
+absl::StatusOr<core::ConnectionId> AuthorizationFlow::Complete(const Callback& cb,
+                                                               std::string* return_url) {
+  return_url->clear();
   const absl::Time now = clock_.Now();
   if (cb.state.empty() || cb.state.size() > 512) {
     return FlowError(absl::StatusCode::kInvalidArgument, FlowErrorKind::kStateInvalid,
@@ -230,6 +262,10 @@ absl::StatusOr<core::ConnectionId> AuthorizationFlow::Complete(const Callback& c
                      "unknown, used or expired state");
   }
   const core::PendingAuthorization& auth = *taken;
+  // Checked again now: the allow-list may have changed since /oauth/start (a restart between).
+  if (ReturnUrlAllowed(auth.return_url)) {
+    *return_url = auth.return_url;
+  }
   if (cb.browser_binding.empty() ||
       !core::ConstantTimeEquals(cb.browser_binding, auth.browser_binding.Reveal())) {
     absl::Status s = FlowError(absl::StatusCode::kPermissionDenied, FlowErrorKind::kWrongBrowser,

@@ -4,6 +4,7 @@
 #include <functional>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -29,6 +30,9 @@ struct FlowOptions {
   absl::Duration max_link_ttl = absl::Hours(24 * 30);
   absl::Duration state_ttl = absl::Minutes(10);
   absl::Duration exchange_timeout = absl::Seconds(30);
+  // Where a link may send the account admin after the flow (core::CheckReturnUrl: origin equal,
+  // path prefix at a segment boundary). Empty: links carry no return URL.
+  std::vector<std::string> return_url_allowlist;
 };
 
 // Things that happened, for the log and metrics; never carries a secret. Optional.
@@ -46,18 +50,26 @@ class AuthorizationFlow {
                     core::FlowStore& store, core::ProviderClient& provider_client, Broker& broker,
                     Revoker& revoker, FlowEventSink events = nullptr);
 
+  // For main, before constructing a flow: the options a flow would silently misuse.
+  // Errors: INVALID_ARGUMENT naming the bad return_url_allowlist entry (an invalid entry would
+  // otherwise just allow nothing).
+  static absl::Status ValidateOptions(const FlowOptions& options);
+
   struct MintedLink {
     std::string url;  // <public_base_url>/oauth/start?link=<signed token>
     std::string link_id;
     absl::Time expires_at;
   };
-  // Mints a signed link, creating the connection (pending) if it does not exist.
+  // Mints a signed link, creating the connection (pending) if it does not exist. A non-empty
+  // `return_url` is signed into the link; the result page then offers a "Continue" link to it.
   // Errors: INVALID_ARGUMENT (bad id, unknown provider, bad params, ttl out of range, params or
-  // provider differing from the existing connection's), FAILED_PRECONDITION with flow error
-  // kAlreadyConnected (active connection, reconnect not set), store errors.
+  // provider differing from the existing connection's, a return_url that is malformed or not on
+  // return_url_allowlist), FAILED_PRECONDITION with flow error kAlreadyConnected (active
+  // connection, reconnect not set), store errors. Nothing is stored on INVALID_ARGUMENT.
   absl::StatusOr<MintedLink> CreateLink(const core::ConnectionId& id, const std::string& provider,
                                         const std::map<std::string, std::string>& params,
-                                        absl::Duration ttl, bool reconnect);
+                                        absl::Duration ttl, bool reconnect,
+                                        const std::string& return_url = "");
 
   // Errors: NOT_FOUND.
   absl::Status RevokeLink(const std::string& link_id);
@@ -66,8 +78,9 @@ class AuthorizationFlow {
     std::string authorize_url;   // where to send the browser (302)
     OAuthState browser_binding;  // the cookie value to set with it
   };
-  // /oauth/start: checks the link (valid, unexpired, unrevoked, unused; it stays usable, since
-  // mail scanners prefetch links), creates state + PKCE verifier.
+  // /oauth/start: checks the link (valid, unexpired, unrevoked, unused, parameters valid; it
+  // stays usable, since mail scanners prefetch links), creates state + PKCE verifier. A return
+  // URL no longer on the allow-list is dropped (event "return_url_dropped"), not followed.
   // Errors carry a FlowErrorKind (kLinkInvalid/Expired/Revoked/Used, kAlreadyConnected).
   absl::StatusOr<Started> Start(absl::string_view link_token);
 
@@ -83,6 +96,9 @@ class AuthorizationFlow {
   // used, then revokes the previous grant (the refresher retries if the provider is down).
   // Returns the connection now active. Errors carry a FlowErrorKind; nothing is stored then.
   absl::StatusOr<core::ConnectionId> Complete(const Callback& callback);
+  // The same, and `return_url` (not null) is set to the authorization's return URL whenever the
+  // state was known, success or failure, if it is still on the allow-list; else cleared.
+  absl::StatusOr<core::ConnectionId> Complete(const Callback& callback, std::string* return_url);
 
   // DeleteConnection: stops serving, revokes every grant of the connection at the provider
   // (one attempt, refreshing first where the provider needs it; a provider that is down must
@@ -98,6 +114,7 @@ class AuthorizationFlow {
   absl::StatusOr<std::string> AuthorizeUrl(const core::ProviderSpec& spec,
                                            const core::PendingAuthorization& auth) const;
   absl::Status CheckLinkUsable(const core::LinkRecord& record) const;
+  bool ReturnUrlAllowed(const std::string& url) const;
   void Event(absl::string_view event, const core::ConnectionId& id, const absl::Status& s) const;
 
   const FlowOptions options_;

@@ -468,6 +468,7 @@ absl::StatusOr<LinkRow> EncodeLink(const core::LinkRecord& record, const core::C
   ParamsToProto(record.link.params, m.mutable_params());
   m.set_expires_at_unix_us(ToUs(record.link.expires_at));
   m.set_reconnect(record.link.reconnect);
+  m.set_return_url(record.link.return_url);
   m.set_revoked(record.revoked);
   if (record.used_at) {
     m.set_used_at_unix_us(ToUs(*record.used_at));
@@ -501,6 +502,7 @@ absl::StatusOr<core::LinkRecord> DecodeLink(const LinkRow& row, const core::Ciph
   r.link.params = ParamsFromProto(m.params());
   r.link.expires_at = FromUs(m.expires_at_unix_us());
   r.link.reconnect = m.reconnect();
+  r.link.return_url = m.return_url();
   r.revoked = m.revoked();
   if (m.has_used_at_unix_us()) {
     r.used_at = FromUs(m.used_at_unix_us());
@@ -534,6 +536,7 @@ absl::StatusOr<AuthorizationRow> EncodeAuthorization(const core::PendingAuthoriz
   m.set_reconnect(auth.reconnect);
   m.set_redirect_uri(auth.redirect_uri);
   m.set_expires_at_unix_us(ToUs(auth.expires_at));
+  m.set_return_url(auth.return_url);
   AuthorizationRow row;
   row.state_hash = StateHash(auth.state.Reveal());
   row.expires_at_unix_ms = ToMs(auth.expires_at);
@@ -566,6 +569,7 @@ absl::StatusOr<core::PendingAuthorization> DecodeAuthorization(const Authorizati
   auth.reconnect = m.reconnect();
   auth.redirect_uri = m.redirect_uri();
   auth.expires_at = FromUs(m.expires_at_unix_us());
+  auth.return_url = m.return_url();
   return auth;
 }
 

@@ -39,6 +39,7 @@ class AuthorizationFlowTest : public ::testing::Test {
     FlowOptions options;
     options.public_base_url = "https://broker.example.com/";
     options.link_key = KeyMaterial(testing::NewTestSecret("link-key"));
+    options.return_url_allowlist = {"https://app.example.com/connected"};
     return options;
   }
 
@@ -310,6 +311,112 @@ TEST_F(AuthorizationFlowTest, ZendeskChatSendsSubdomainAndNoPkce) {
   provider_.NextExchangeReturns(NewGrant());
   ASSERT_TRUE(flow_.Complete(CallbackFor(s)).ok());
   EXPECT_EQ(provider_.exchange_calls()[0].verifier, "");
+}
+
+TEST_F(AuthorizationFlowTest, ValidateOptionsNamesABadAllowlistEntry) {
+  EXPECT_TRUE(AuthorizationFlow::ValidateOptions(options_).ok());
+  FlowOptions bad = options_;
+  bad.return_url_allowlist.push_back("https://user@app.example.com/");
+  const absl::Status s = AuthorizationFlow::ValidateOptions(bad);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(s.message(), "https://user@app.example.com/")) << s;
+}
+
+TEST_F(AuthorizationFlowTest, CreateLinkRefusesAReturnUrlOffTheListAndStoresNothing) {
+  for (const char* bad : {"https://evil.example/connected", "https://app.example.com/other",
+                          "https://app.example.com/connected/../admin", "javascript:alert(1)",
+                          "https://app.example.com/connected\r\nX: y"}) {
+    EXPECT_EQ(flow_
+                  .CreateLink("acme", "zendesk", {{"subdomain", "acme"}}, absl::ZeroDuration(),
+                              false, bad)
+                  .status()
+                  .code(),
+              absl::StatusCode::kInvalidArgument)
+        << bad;
+  }
+  EXPECT_EQ(broker_.GetConnection("acme").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(flow_store_.pending(), 0u);
+}
+
+TEST_F(AuthorizationFlowTest, ReturnUrlReachesTheResultOfSuccessAndFailure) {
+  const std::string url = "https://app.example.com/connected?account=acme&x=<1>";
+  for (const bool succeed : {true, false}) {
+    const std::string id = succeed ? "ok" : "denied";
+    absl::StatusOr<AuthorizationFlow::MintedLink> link =
+        flow_.CreateLink(id, "zendesk", {{"subdomain", "acme"}}, absl::ZeroDuration(), false, url);
+    // '<' and '>' are not URL characters: refused, then minted with them percent-encoded.
+    ASSERT_EQ(link.status().code(), absl::StatusCode::kInvalidArgument);
+    const std::string encoded = "https://app.example.com/connected?account=acme&x=%3C1%3E";
+    link = flow_.CreateLink(id, "zendesk", {{"subdomain", "acme"}}, absl::ZeroDuration(), false,
+                            encoded);
+    ASSERT_TRUE(link.ok()) << link.status();
+    absl::StatusOr<AuthorizationFlow::Started> started = flow_.Start(Query(link->url)["link"]);
+    ASSERT_TRUE(started.ok()) << started.status();
+    AuthorizationFlow::Callback cb;
+    cb.state = Query(started->authorize_url).at("state");
+    cb.browser_binding = std::string(started->browser_binding.Reveal());
+    if (succeed) {
+      cb.code = testing::NewTestSecret("code");
+      provider_.NextExchangeReturns(NewGrant());
+    } else {
+      cb.error = "access_denied";
+    }
+    std::string return_url = "stale";
+    absl::StatusOr<core::ConnectionId> done = flow_.Complete(cb, &return_url);
+    EXPECT_EQ(done.ok(), succeed) << done.status();
+    EXPECT_EQ(return_url, encoded);
+    // A state nobody knows has no return URL to offer.
+    EXPECT_FALSE(flow_.Complete(cb, &return_url).ok());
+    EXPECT_EQ(return_url, "");
+  }
+}
+
+TEST_F(AuthorizationFlowTest, AReturnUrlTakenOffTheListIsNeverOffered) {
+  FlowOptions strict = options_;
+  strict.return_url_allowlist = {"https://app.example.com/elsewhere"};
+  AuthorizationFlow later{strict,      providers_, clock_,  random_, digest_,
+                          flow_store_, provider_,  broker_, revoker_};
+  const std::string url = "https://app.example.com/connected";
+  // Minted under the old list, started under the new one: dropped at /oauth/start.
+  absl::StatusOr<AuthorizationFlow::MintedLink> link =
+      flow_.CreateLink("a", "zendesk", {{"subdomain", "acme"}}, absl::ZeroDuration(), false, url);
+  ASSERT_TRUE(link.ok());
+  absl::StatusOr<AuthorizationFlow::Started> started = later.Start(Query(link->url)["link"]);
+  ASSERT_TRUE(started.ok());
+  AuthorizationFlow::Callback cb;
+  cb.state = Query(started->authorize_url).at("state");
+  cb.browser_binding = std::string(started->browser_binding.Reveal());
+  cb.error = "access_denied";
+  std::string return_url;
+  EXPECT_FALSE(flow_.Complete(cb, &return_url).ok());
+  EXPECT_EQ(return_url, "");
+  // Started under the old list, called back under the new one: checked again at the callback.
+  link =
+      flow_.CreateLink("b", "zendesk", {{"subdomain", "acme"}}, absl::ZeroDuration(), false, url);
+  ASSERT_TRUE(link.ok());
+  started = flow_.Start(Query(link->url)["link"]);
+  ASSERT_TRUE(started.ok());
+  cb.state = Query(started->authorize_url).at("state");
+  cb.browser_binding = std::string(started->browser_binding.Reveal());
+  EXPECT_FALSE(later.Complete(cb, &return_url).ok());
+  EXPECT_EQ(return_url, "");
+}
+
+TEST_F(AuthorizationFlowTest, StartRefusesASignedLinkWithParametersItsProviderRejects) {
+  // Only the link key can make such a link; /oauth/start still checks before building a host.
+  for (const char* subdomain : {"evil.com#", "a.b", "ACME", "\xc3\xa9", ""}) {
+    core::LinkRecord record;
+    record.link.id = absl::StrCat("forged-", subdomain);
+    record.link.connection_id = "acme";
+    record.link.provider = "zendesk";
+    record.link.params = {{"subdomain", subdomain}};
+    record.link.expires_at = clock_.Now() + absl::Hours(1);
+    ASSERT_TRUE(flow_store_.PutLink(record).ok());
+    absl::StatusOr<AuthorizationFlow::Started> started =
+        flow_.Start(core::SignLink(record.link, options_.link_key, digest_));
+    EXPECT_EQ(core::FlowErrorOf(started.status()), FlowErrorKind::kLinkInvalid) << subdomain;
+  }
+  EXPECT_EQ(flow_store_.pending(), 0u);
 }
 
 }  // namespace
