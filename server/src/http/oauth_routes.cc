@@ -20,9 +20,10 @@ namespace tb::http {
 namespace {
 
 constexpr size_t kMaxParams = 32;
+// The pages are headings, paragraphs and at most one link: nothing to allow. (No stylesheet
+// either: an inline one would need style-src 'unsafe-inline', and unstyled text reads fine.)
 constexpr char kCsp[] =
-    "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; "
-    "form-action 'none'";
+    "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 
 void AddSecurityHeaders(HttpResponse& res) {
   res.headers.emplace_back("Content-Security-Policy", kCsp);
@@ -31,17 +32,22 @@ void AddSecurityHeaders(HttpResponse& res) {
   res.headers.emplace_back("X-Frame-Options", "DENY");
 }
 
-HttpResponse Page(int status, absl::string_view title, absl::string_view message_html) {
+// `continue_url`, when set, is an allow-listed return URL (AuthorizationFlow checked it); it is
+// only ever a link the account admin may follow, never a redirect.
+HttpResponse Page(int status, absl::string_view title, absl::string_view message_html,
+                  absl::string_view continue_url = "") {
   HttpResponse res;
   res.status = status;
   res.content_type = "text/html; charset=utf-8";
   res.body = absl::StrCat(
       "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
       "<meta name=\"viewport\" content=\"width=device-width\"><title>",
-      HtmlEscape(title),
-      "</title><style>body{font-family:system-ui,sans-serif;max-width:36em;margin:4em auto;"
-      "padding:0 1em;line-height:1.5}</style></head><body><h1>",
-      HtmlEscape(title), "</h1><p>", message_html, "</p></body></html>\n");
+      HtmlEscape(title), "</title></head><body><h1>", HtmlEscape(title), "</h1><p>", message_html,
+      "</p>",
+      continue_url.empty()
+          ? std::string()
+          : absl::StrCat("<p><a href=\"", HtmlEscape(continue_url), "\">Continue</a></p>"),
+      "</body></html>\n");
   AddSecurityHeaders(res);
   return res;
 }
@@ -56,49 +62,53 @@ HttpResponse PlainError(int status, absl::string_view text) {
 
 // What an account admin reads when the flow fails: what happened and what to do, never
 // internal detail.
-HttpResponse ErrorPage(const absl::Status& status, const std::string& provider_description) {
+HttpResponse ErrorPage(const absl::Status& status, const std::string& provider_description,
+                       const std::string& continue_url = "") {
+  const auto page = [&](int code, absl::string_view title, absl::string_view message_html) {
+    return Page(code, title, message_html, continue_url);
+  };
   using K = core::FlowErrorKind;
   const std::optional<K> kind = core::FlowErrorOf(status);
   if (!kind) {
-    return Page(500, "Something went wrong",
+    return page(500, "Something went wrong",
                 "The connection could not be completed. Nothing was changed. Please try again "
                 "later, or ask the person who sent you the link.");
   }
   switch (*kind) {
     case K::kLinkInvalid:
-      return Page(400, "This link is not valid",
+      return page(400, "This link is not valid",
                   "This connect link is not valid. Please ask the person who sent it for a new "
                   "one.");
     case K::kLinkExpired:
-      return Page(410, "This link has expired",
+      return page(410, "This link has expired",
                   "This connect link has expired. Please ask the person who sent it for a new "
                   "one.");
     case K::kLinkRevoked:
-      return Page(410, "This link was withdrawn",
+      return page(410, "This link was withdrawn",
                   "This connect link was withdrawn. Please ask the person who sent it for a new "
                   "one.");
     case K::kLinkUsed:
-      return Page(410, "This link was already used",
+      return page(410, "This link was already used",
                   "This connect link was already used to connect the account. If it needs to "
                   "be connected again, ask for a new link.");
     case K::kAlreadyConnected:
-      return Page(409, "Already connected",
+      return page(409, "Already connected",
                   "This account is already connected. To connect it again, ask for a reconnect "
                   "link.");
     case K::kStateInvalid:
-      return Page(400, "This sign-in is no longer valid",
+      return page(400, "This sign-in is no longer valid",
                   "This sign-in attempt was already used or took longer than 10 minutes. Please "
                   "open your connect link again.");
     case K::kWrongBrowser:
-      return Page(400, "Please use the same browser",
+      return page(400, "Please use the same browser",
                   "This sign-in was started in another browser or window. Please open your "
                   "connect link again, in this browser, and finish there.");
     case K::kAccessDenied:
-      return Page(403, "Access was not granted",
+      return page(403, "Access was not granted",
                   "You declined access, so nothing was connected. If that was a mistake, open "
                   "your connect link again.");
     case K::kProviderError:
-      return Page(
+      return page(
           502, "The sign-in did not complete",
           absl::StrCat("The provider reported a problem",
                        provider_description.empty()
@@ -106,16 +116,16 @@ HttpResponse ErrorPage(const absl::Status& status, const std::string& provider_d
                            : absl::StrCat(": \u201c", HtmlEscape(provider_description), "\u201d."),
                        " Nothing was connected. Please open your connect link again."));
     case K::kExchangeFailed:
-      return Page(502, "The sign-in did not complete",
+      return page(502, "The sign-in did not complete",
                   "The provider did not accept the sign-in, so nothing was connected. Please "
                   "open your connect link again; if it keeps failing, tell the person who sent "
                   "it.");
     case K::kStoreFailed:
-      return Page(503, "Please try again",
+      return page(503, "Please try again",
                   "The account could not be saved, so nothing was connected. Please open your "
                   "connect link again in a few minutes.");
   }
-  return Page(500, "Something went wrong", "Please try again later.");
+  return page(500, "Something went wrong", "Please try again later.");
 }
 
 std::string SetCookie(bool secure, absl::string_view value, int max_age) {
@@ -173,12 +183,15 @@ struct Routes {
     cb.error_description = (*q)["error_description"].substr(0, 300);
     cb.browser_binding = CookieValue(req, BindingCookieName(options.secure_cookies));
     run_blocking([this, cb = std::move(cb), respond = std::move(respond)] {
-      absl::StatusOr<core::ConnectionId> id = flow.Complete(cb);
+      std::string return_url;  // allow-listed by the flow, or empty
+      absl::StatusOr<core::ConnectionId> id = flow.Complete(cb, &return_url);
       HttpResponse res =
           id.ok() ? Page(200, "Connected",
                          absl::StrCat("The account is now connected as <strong>", HtmlEscape(*id),
-                                      "</strong>. You can close this window."))
-                  : ErrorPage(id.status(), cb.error_description);
+                                      "</strong>.",
+                                      return_url.empty() ? " You can close this window." : ""),
+                         return_url)
+                  : ErrorPage(id.status(), cb.error_description, return_url);
       if (!id.ok()) {
         spdlog::info("oauth callback refused: {}", id.status().ToString());
       }
@@ -270,6 +283,17 @@ AsyncHandler MakeOAuthHandler(oauth::AuthorizationFlow& flow, RunBlocking run_bl
   auto routes = std::make_shared<Routes>(Routes{flow, std::move(run_blocking), options});
   return [routes](HttpRequest req, Respond respond) {
     const std::string_view path = RequestPath(req.target);
+    if (routes->options.rate_limiter != nullptr && path.starts_with("/oauth/")) {
+      if (const ClientRateLimiter::Decision d = routes->options.rate_limiter->Admit(req);
+          !d.allowed) {
+        HttpResponse res = Page(429, "Too many attempts",
+                                "Too many requests came from your network. Please wait a minute, "
+                                "then open your connect link again.");
+        res.headers.emplace_back("Retry-After", absl::StrCat(d.retry_after_seconds));
+        respond(std::move(res));
+        return;
+      }
+    }
     const bool known = path == "/oauth/start" || path == "/oauth/callback";
     if (!known) {
       respond(PlainError(404, "not found\n"));

@@ -3,12 +3,14 @@
 
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "server/src/common/work_pool.h"
 #include "server/src/http/http_types.h"
+#include "server/src/http/rate_limiter.h"
 #include "server/src/oauth/authorization_flow.h"
 
 namespace tb::http {
@@ -17,12 +19,20 @@ struct OAuthRoutesOptions {
   // Secure cookies with the __Host- prefix; on when the public base URL is https. Browsers
   // refuse Secure cookies over plain http, so development on http://127.0.0.1 runs without.
   bool secure_cookies = true;
+  // Every request to a path under /oauth/ (unknown ones and refused methods included) takes a
+  // token from its client's bucket first; an empty bucket is 429 with Retry-After. Null: no
+  // limit. Build it with ClientRateLimiter::Create (which checks the trusted proxy entries).
+  std::shared_ptr<ClientRateLimiter> rate_limiter;
 };
 
 // The public port: GET|HEAD /oauth/start?link=... and /oauth/callback?state=...&code=...
-// Everything else is 404; other methods on these paths 405. Every page carries
-// Content-Security-Policy (default-src 'none', frame-ancestors 'none'), Referrer-Policy:
-// no-referrer, Cache-Control: no-store and X-Frame-Options: DENY; all text is HTML-escaped.
+// Everything else is 404; other methods on these paths 405 with "Allow: GET, HEAD"; over the
+// rate limit 429. Every response carries Content-Security-Policy: default-src 'none';
+// frame-ancestors 'none'; base-uri 'none'; form-action 'none' (the pages are plain HTML: no
+// script, style, image or form), Referrer-Policy: no-referrer, Cache-Control: no-store,
+// X-Frame-Options: DENY (and the server adds X-Content-Type-Options: nosniff); all text is
+// HTML-escaped. The callback's result page, success or failure, links "Continue" to the link's
+// return URL when the flow still finds it on the allow-list; nothing here ever redirects to it.
 // `flow` must outlive the handler.
 // `run_blocking` runs the flow's calls (store and provider I/O) off the io threads.
 AsyncHandler MakeOAuthHandler(oauth::AuthorizationFlow& flow, RunBlocking run_blocking,
