@@ -79,13 +79,7 @@ class ClientTest : public ::testing::Test {
   testing::FakeClock clock_;
   store::InMemoryTokenStore store_;
   cache::ConnectionCache cache_;
-  oauth::Broker broker_{clock_, store_, cache_, [this] {
-                          oauth::BrokerOptions o;
-                          o.on_change = [this](const auto& c, const auto& id) {
-                            parts_.refresher.Track(c, id);
-                          };
-                          return o;
-                        }()};
+  oauth::Broker broker_{clock_, store_, cache_, testing::TrackedBy(&parts_)};
   testing::FlowParts parts_{clock_, broker_};
   std::unique_ptr<grpc_api::GrpcServer> server_;
   int port_ = 0;

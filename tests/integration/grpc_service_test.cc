@@ -59,8 +59,7 @@ class GrpcServiceTest : public ::testing::Test {
     zendesk.name = "zendesk";
     flow_parts_.providers["zendesk"] = zendesk;
     ASSERT_TRUE(testing::SeedEveryStatus(broker_, clock_.Now()).ok());
-    auto server = grpc_api::GrpcServer::Start(
-        {}, {broker_, cache_, flow_parts_.flow, flow_parts_.refresher, flow_parts_.run_blocking()});
+    auto server = StartServer({});
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = *std::move(server);
     server_->SetReady(true);
@@ -73,6 +72,18 @@ class GrpcServiceTest : public ::testing::Test {
   }
 
   void TearDown() override { server_->Shutdown(absl::Now() + absl::Seconds(5)); }
+
+  // A server over the fixture's domain; tests that need other limits start a second one.
+  absl::StatusOr<std::unique_ptr<grpc_api::GrpcServer>> StartServer(
+      const grpc_api::GrpcServerOptions& options) {
+    return grpc_api::GrpcServer::Start(
+        options,
+        {broker_, cache_, flow_parts_.flow, flow_parts_.refresher, flow_parts_.run_blocking()});
+  }
+  static std::unique_ptr<v1::TokenBroker::Stub> TokenStubFor(const grpc_api::GrpcServer& server) {
+    return v1::TokenBroker::NewStub(grpc::CreateChannel(absl::StrCat("127.0.0.1:", server.port()),
+                                                        grpc::InsecureChannelCredentials()));
+  }
 
   grpc::Status GetToken(const std::string& id, v1::GetTokenResponse* resp,
                         absl::Duration min_ttl = absl::ZeroDuration()) {
@@ -106,13 +117,7 @@ class GrpcServiceTest : public ::testing::Test {
   store::InMemoryTokenStore store_;
   cache::ConnectionCache cache_;
   // The refresher follows every change, as main wires it: waiting GetTokens are woken by it.
-  oauth::Broker broker_{clock_, store_, cache_, [this] {
-                          oauth::BrokerOptions o;
-                          o.on_change = [this](const auto& c, const auto& id) {
-                            flow_parts_.refresher.Track(c, id);
-                          };
-                          return o;
-                        }()};
+  oauth::Broker broker_{clock_, store_, cache_, testing::TrackedBy(&flow_parts_)};
   testing::FlowParts flow_parts_{clock_, broker_};
   std::unique_ptr<grpc_api::GrpcServer> server_;
   std::shared_ptr<grpc::Channel> channel_;
@@ -323,9 +328,7 @@ TEST_F(GrpcServiceTest, HealthWatchStreamsReadinessChanges) {
 TEST_F(GrpcServiceTest, TakenPortIsAStartupError) {
   grpc_api::GrpcServerOptions options;
   options.listen = absl::StrCat("127.0.0.1:", server_->port());
-  auto second = grpc_api::GrpcServer::Start(
-      options,
-      {broker_, cache_, flow_parts_.flow, flow_parts_.refresher, flow_parts_.run_blocking()});
+  auto second = StartServer(options);
   EXPECT_EQ(second.status().code(), absl::StatusCode::kUnavailable);
 }
 
@@ -585,12 +588,9 @@ TEST_F(GrpcServiceTest, RevokeSaysWhetherTheProviderConfirmed) {
 TEST_F(GrpcServiceTest, WatchTokenStreamsAreLimitedPerCaller) {
   grpc_api::GrpcServerOptions options;
   options.max_watch_streams_per_caller = 2;
-  auto limited = grpc_api::GrpcServer::Start(
-      options,
-      {broker_, cache_, flow_parts_.flow, flow_parts_.refresher, flow_parts_.run_blocking()});
+  auto limited = StartServer(options);
   ASSERT_TRUE(limited.ok());
-  auto stub = v1::TokenBroker::NewStub(grpc::CreateChannel(
-      absl::StrCat("127.0.0.1:", (*limited)->port()), grpc::InsecureChannelCredentials()));
+  auto stub = TokenStubFor(**limited);
   v1::WatchTokenRequest req;
   req.set_connection_id(testing::kActiveId);
   std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
@@ -630,12 +630,9 @@ TEST_F(GrpcServiceTest, WatchTokenStreamsAreLimitedInAll) {
   grpc_api::GrpcServerOptions options;
   options.max_watch_streams = 1;
   options.max_watch_streams_per_caller = 5;
-  auto limited = grpc_api::GrpcServer::Start(
-      options,
-      {broker_, cache_, flow_parts_.flow, flow_parts_.refresher, flow_parts_.run_blocking()});
+  auto limited = StartServer(options);
   ASSERT_TRUE(limited.ok());
-  auto stub = v1::TokenBroker::NewStub(grpc::CreateChannel(
-      absl::StrCat("127.0.0.1:", (*limited)->port()), grpc::InsecureChannelCredentials()));
+  auto stub = TokenStubFor(**limited);
   v1::WatchTokenRequest req;
   req.set_connection_id(testing::kActiveId);
   grpc::ClientContext first_ctx;

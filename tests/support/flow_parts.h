@@ -43,6 +43,15 @@ struct FlowParts {
   WorkPool pool{2, "test-work"};  // last: destroyed (drained) first, while all else lives
 };
 
+// Broker options under which `parts`' refresher follows every change, as main wires it (waiting
+// GetTokens are woken by it). `parts` may be a member constructed after the broker: it is first
+// used on the first change.
+inline oauth::BrokerOptions TrackedBy(FlowParts* parts) {
+  oauth::BrokerOptions o;
+  o.on_change = [parts](const auto& c, const auto& id) { parts->refresher.Track(c, id); };
+  return o;
+}
+
 }  // namespace tb::testing
 
 #endif  // TB_TESTS_SUPPORT_FLOW_PARTS_H_
