@@ -57,4 +57,8 @@ export TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:suppressions=$PWD/te
 ctest --test-dir build/tsan -j"$jobs" -L domain --output-on-failure --timeout 600
 phase_done "tsan domain tests"
 
+# The container image, the Helm chart and the Kubernetes examples (scripts/deploy-check.sh).
+bash scripts/deploy-check.sh
+phase_done "deployment check (image, chart)"
+
 echo "test.sh: all phases passed in $(($(date +%s) - start))s"
