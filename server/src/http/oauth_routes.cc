@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <boost/url/params_encoded_view.hpp>
 #include <boost/url/parse.hpp>
 #include <boost/url/parse_query.hpp>
@@ -181,6 +182,11 @@ struct Routes {
     cb.code = (*q)["code"];
     cb.error = (*q)["error"];
     cb.error_description = (*q)["error_description"].substr(0, 300);
+    // Shown on the page: the provider's words, not its control characters (a CR LF there is
+    // no header injection, but nothing of it belongs on a page either).
+    std::replace_if(
+        cb.error_description.begin(), cb.error_description.end(),
+        [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; }, ' ');
     cb.browser_binding = CookieValue(req, BindingCookieName(options.secure_cookies));
     run_blocking([this, cb = std::move(cb), respond = std::move(respond)] {
       std::string return_url;  // allow-listed by the flow, or empty
