@@ -9,6 +9,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -19,6 +20,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "server/src/common/clock.h"
+#include "server/src/common/metrics.h"
 #include "server/src/common/mutex.h"
 #include "server/src/core/provider_client.h"
 #include "server/src/provider/http_client.h"
@@ -94,15 +96,26 @@ using HttpClientFactory =
 //                        a refresh token; no reason for other 4xx
 //   INVALID_ARGUMENT     bad connection parameters or URL templates
 // Logs one info line per HTTP call: provider, operation, HTTP status, latency.
+//
+// Metrics (with a Registry), for every request sent (not those the gate refused, which
+// gate_stats() counts), labelled by the provider's configured name (ProviderSpec::name: never a
+// connection id or a Zendesk subdomain) and the endpoint called, operation = token (code
+// exchange and refresh), token_info or revoke:
+//   tb_provider_http_request_duration_seconds{provider,operation}  histogram, send to answer
+//   tb_provider_http_responses_total{provider,operation,code}      counter; code is the HTTP
+//       status ("200", "429", "503") or "transport_error" (no answer: refused, reset, TLS
+//       failure, timeout)
 class HttpsProviderClient final : public core::ProviderClient {
  public:
   // Builds the HttpClients of `specs` up front, so an unreadable CA file or a bad proxy URL fails
   // at startup (INVALID_ARGUMENT), as do out-of-range `gate` options. A spec met later with
   // another CA file or connect timeout gets its client then. `clock` (issued_at of grants, the
-  // gate's times) must outlive this object.
+  // gate's times) must outlive this object. `metrics` (null: no metrics) gets the two families
+  // above, registered here (so one client per Registry), and must outlive this object.
   static absl::StatusOr<std::unique_ptr<HttpsProviderClient>> Create(
       HttpClientOptions base, const std::vector<core::ProviderSpec>& specs, const Clock& clock,
-      HttpClientFactory factory = &HttpClient::Create, ProviderGateOptions gate = {});
+      HttpClientFactory factory = &HttpClient::Create, ProviderGateOptions gate = {},
+      metrics::Registry* metrics = nullptr);
 
   absl::StatusOr<core::Grant> ExchangeCode(const core::ProviderSpec& spec,
                                            const core::Connection& connection, const AuthCode& code,
@@ -121,14 +134,25 @@ class HttpsProviderClient final : public core::ProviderClient {
   // The gate's counters (per provider name) and current host states, for metrics.
   ProviderGateStats gate_stats() const;
 
+  // The HTTP call metrics' families (owned by the Registry).
+  struct HttpMetrics {
+    metrics::HistogramFamily* latency;    // {provider, operation}
+    metrics::CounterFamily* responses;    // {provider, operation, code}
+  };
+
  private:
   HttpsProviderClient(HttpClientOptions base, const Clock& clock, HttpClientFactory factory,
-                      ProviderGateOptions gate);
+                      ProviderGateOptions gate, metrics::Registry* metrics);
+
+  const HttpMetrics* HttpMetricsOrNull() const {
+    return http_metrics_.has_value() ? &*http_metrics_ : nullptr;
+  }
 
   const HttpClientOptions base_;
   const Clock& clock_;
   const HttpClientFactory factory_;
   ProviderGate gate_;
+  std::optional<HttpMetrics> http_metrics_;  // set in the constructor, then read only
 
   Mutex mu_;
   // Key: (ca_file, connect_timeout). Clients are never removed, so pointers stay valid.
