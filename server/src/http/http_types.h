@@ -18,7 +18,10 @@ struct HttpRequest {
   std::string target;  // origin-form request target: path + optional "?query"
   // Header fields in arrival order, names as sent: compare names case-insensitively.
   std::vector<std::pair<std::string, std::string>> headers;
-  std::string remote_address;  // peer IP address without the port; empty if unknown
+  // The socket peer's IP address without the port (IPv6 without brackets; an IPv4 peer of a
+  // dual-stack socket may read "::ffff:a.b.c.d"); empty if unknown. What a proxy says the client
+  // was is in `headers`: ClientIpResolver (client_ip.h) decides whether to believe it.
+  std::string remote_address;
   std::string body;
 };
 
@@ -28,7 +31,8 @@ struct HttpResponse {
   std::string body;  // dropped by the server for HEAD (Content-Length is kept)
   // Extra header fields. The server owns Content-Length, Transfer-Encoding, Connection, Server,
   // Content-Type (use `content_type`) and X-Content-Type-Options, and ignores them here.
-  // A Cache-Control set here replaces the server's default `no-store`.
+  // A Cache-Control, Content-Security-Policy, Referrer-Policy or X-Frame-Options set here
+  // replaces the server's default for that field (http_server.h lists them).
   std::vector<std::pair<std::string, std::string>> headers;
 };
 
