@@ -160,7 +160,8 @@ for f in deploy/kubernetes/*.yaml; do [[ $(basename "$f") == kustomization.yaml 
 validate --label="[deploy/kubernetes] " --extract="$work/config/kustomize" "$work/rendered/kustomize.yaml" \
   "${k8s_files[@]}" >"$work/validate.out" 2>&1 || { cat "$work/validate.out"; fail "deploy/kubernetes manifests"; }
 grep -v '^  ok' "$work/validate.out"
-step "helm lint/template, schema, manifest validation"
+node deploy/check/values-table.mjs --modules="$node_dir" --check=README.md || fail "README.md's values table"
+step "helm lint/template, schema, manifests, values table"
 
 # --- 4. the image -------------------------------------------------------------------------------
 if ! $docker info >/dev/null 2>&1; then
@@ -241,20 +242,26 @@ api_key=test
 chown -R 10001:10001 "$files"
 chmod -R u=rwX,go= "$files"
 
-# run NAME CONFIG_DIR CALLERS_DIR VOLUME [broker flags...]: the chart's pod, as a container.
+# run NAME CONFIG_DIR CALLERS_DIR VOLUME [broker flags...]: the chart's pod, as a container
+# (CONFIG_DIR "-": the image's own default config and command).
 run_broker() {
   local name=$1 config=$2 callers=$3 volume=$4
   shift 4
-  chown -R 10001:10001 "$config" "$callers"
+  local mounts=(-v "$callers:/etc/token-broker/callers:ro")
+  chown -R 10001:10001 "$callers"
+  if [[ $config != - ]]; then
+    chown -R 10001:10001 "$config"
+    mounts+=(-v "$config:/etc/token-broker/config:ro")
+    set -- --config=/etc/token-broker/config/config.yaml "$@"
+  fi
   containers+=("$name")
   $docker run -d --name "$name" --network=none --read-only --user 10001:10001 --cap-drop=ALL \
     --security-opt=no-new-privileges --memory=512m --pids-limit=256 --health-interval=1s \
-    -v "$volume:/var/lib/token-broker" \
-    -v "$config:/etc/token-broker/config:ro" -v "$callers:/etc/token-broker/callers:ro" \
+    -v "$volume:/var/lib/token-broker" "${mounts[@]}" \
     -v "$files/tls:/etc/token-broker/tls:ro" -v "$files/keys:/etc/token-broker/keys:ro" \
     -v "$files/links:/etc/token-broker/links:ro" -v "$files/providers:/etc/token-broker/providers:ro" \
     -v "$files/postgres-ca:/etc/token-broker/postgres-ca:ro" \
-    "$image" --config=/etc/token-broker/config/config.yaml "$@" >/dev/null
+    "$image" "$@" >/dev/null
 }
 in_netns() {  # runs a host command inside a container's network namespace
   local pid
@@ -336,6 +343,16 @@ $docker rm tb-deploy-check >/dev/null
 run_broker tb-deploy-check "$cfg/tb-token-broker-config" "$cfg/tb-token-broker-callers" "$volume"
 health tb-deploy-check "" --wait=20 >/dev/null || fail "not SERVING after a restart on the same volume"
 stop_broker tb-deploy-check >/dev/null
+# The image's own default config and command (deploy/config/config.yaml): served, and out
+# within 2 s of SIGTERM too.
+volumes+=(tb-deploy-check-default-$$)
+$docker volume create tb-deploy-check-default-$$ >/dev/null
+run_broker tb-deploy-check-default - "$cfg/tb-token-broker-callers" tb-deploy-check-default-$$
+health tb-deploy-check-default liveness "" --wait=20 >/dev/null ||
+  { $docker logs tb-deploy-check-default 2>&1 | tail -n 10; fail "the image's default config was not served"; }
+default_ms=$(stop_broker tb-deploy-check-default)
+((default_ms < 2000)) || fail "with the image's default config, SIGTERM to exit took ${default_ms} ms (at most 2000)"
+echo "deploy-check: SIGTERM to exit with the image's default config: ${default_ms} ms (exit 0)"
 step "container: health, TLS, security, SIGTERM"
 
 # Every other rendered config is accepted by the real binary (the PostgreSQL ones with the
