@@ -48,6 +48,44 @@ class JsonEscapedMessage final : public spdlog::custom_flag_formatter {
   }
 };
 
+// %q (text): "request_id=<id> " while the logging thread handles a request, nothing otherwise.
+// Ids are well-formed by construction (IsWellFormedRequestId's characters), so no escaping.
+class TextRequestId final : public spdlog::custom_flag_formatter {
+ public:
+  void format(const spdlog::details::log_msg&, const std::tm&,
+              spdlog::memory_buf_t& dest) override {
+    const absl::string_view id = CurrentRequestId();
+    if (id.empty()) {
+      return;
+    }
+    dest.append(std::string_view("request_id="));
+    dest.append(std::string_view(id.data(), id.size()));
+    dest.push_back(' ');
+  }
+  std::unique_ptr<custom_flag_formatter> clone() const override {
+    return std::make_unique<TextRequestId>();
+  }
+};
+
+// %k (JSON): `,"request_id":"<id>"` while the logging thread handles a request, nothing
+// otherwise.
+class JsonRequestId final : public spdlog::custom_flag_formatter {
+ public:
+  void format(const spdlog::details::log_msg&, const std::tm&,
+              spdlog::memory_buf_t& dest) override {
+    const absl::string_view id = CurrentRequestId();
+    if (id.empty()) {
+      return;
+    }
+    dest.append(std::string_view(",\"request_id\":\""));
+    dest.append(std::string_view(id.data(), id.size()));
+    dest.push_back('"');
+  }
+  std::unique_ptr<custom_flag_formatter> clone() const override {
+    return std::make_unique<JsonRequestId>();
+  }
+};
+
 void AppendJsonEscaped(absl::string_view in, std::string* out) {
   for (const char c : in) {
     switch (c) {
@@ -85,6 +123,11 @@ void Audit(absl::string_view event,
   line += "\",\"audit\":\"";
   AppendJsonEscaped(event, &line);
   line += "\"";
+  if (const absl::string_view id = CurrentRequestId(); !id.empty()) {
+    line += ",\"request_id\":\"";
+    AppendJsonEscaped(id, &line);
+    line += "\"";
+  }
   for (const auto& [k, v] : fields) {
     line += ",\"";
     AppendJsonEscaped(k, &line);
@@ -117,11 +160,13 @@ absl::Status InitLogging(const LogOptions& options) {
   }
   if (options.format == "json") {
     auto formatter = std::make_unique<spdlog::pattern_formatter>(spdlog::pattern_time_type::utc);
-    formatter->add_flag<JsonEscapedMessage>('j').set_pattern(
-        R"({"time":"%Y-%m-%dT%H:%M:%S.%fZ","level":"%l","thread":%t,"msg":"%j"})");
+    formatter->add_flag<JsonEscapedMessage>('j').add_flag<JsonRequestId>('k').set_pattern(
+        R"({"time":"%Y-%m-%dT%H:%M:%S.%fZ","level":"%l","thread":%t%k,"msg":"%j"})");
     logger->set_formatter(std::move(formatter));
   } else if (options.format == "text") {
-    logger->set_pattern("%Y-%m-%dT%H:%M:%S.%fZ %L %t %v", spdlog::pattern_time_type::utc);
+    auto formatter = std::make_unique<spdlog::pattern_formatter>(spdlog::pattern_time_type::utc);
+    formatter->add_flag<TextRequestId>('q').set_pattern("%Y-%m-%dT%H:%M:%S.%fZ %L %t %q%v");
+    logger->set_formatter(std::move(formatter));
   } else {
     return absl::InvalidArgumentError("log format must be text or json");
   }

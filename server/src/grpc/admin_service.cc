@@ -7,6 +7,7 @@
 
 #include "absl/strings/escaping.h"
 #include "absl/time/clock.h"
+#include "server/src/common/logging.h"
 #include "server/src/core/errors.h"
 #include "server/src/grpc/caller_auth.h"
 #include "server/src/grpc/rpc_metrics.h"
@@ -32,6 +33,14 @@ void Finish(grpc::ServerUnaryReactor* r, RpcMetrics::Method* m, absl::Time start
             const grpc::Status& status) {
   RpcMetrics::Record(m, static_cast<absl::StatusCode>(status.error_code()), absl::Now() - start);
   r->Finish(status);
+}
+
+// The caller's x-request-id metadata, "" without one (ScopedRequestId keeps it if well-formed).
+absl::string_view RequestIdOf(const grpc::ServerContextBase& ctx) {
+  const auto& md = ctx.client_metadata();
+  const auto it = md.find("x-request-id");
+  return it == md.end() ? absl::string_view()
+                         : absl::string_view(it->second.data(), it->second.size());
 }
 
 // Page tokens are the last id of the previous page, base64url-encoded so that callers treat
@@ -64,6 +73,7 @@ AdminService::AdminService(oauth::Broker& broker, oauth::AuthorizationFlow& flow
 grpc::ServerUnaryReactor* AdminService::CreateConnectLink(grpc::CallbackServerContext* ctx,
                                                           const v1::CreateConnectLinkRequest* req,
                                                           v1::CreateConnectLinkResponse* resp) {
+  const ScopedRequestId request(RequestIdOf(*ctx));
   const absl::Time start = absl::Now();
   RpcMetrics::Method* const m = metrics_.at("CreateConnectLink");
   if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
@@ -77,7 +87,7 @@ grpc::ServerUnaryReactor* AdminService::CreateConnectLink(grpc::CallbackServerCo
   }
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   // Request and response stay valid until Finish.
-  run_blocking_([this, m, start, reactor, req, resp] {
+  run_blocking_(WithCurrentRequestId([this, m, start, reactor, req, resp] {
     const std::map<std::string, std::string> params(req->params().begin(), req->params().end());
     absl::StatusOr<oauth::AuthorizationFlow::MintedLink> link =
         flow_.CreateLink(req->connection_id(), req->provider(), params,
@@ -93,13 +103,14 @@ grpc::ServerUnaryReactor* AdminService::CreateConnectLink(grpc::CallbackServerCo
     resp->set_link_id(link->link_id);
     resp->mutable_expires_at()->set_seconds(absl::ToUnixSeconds(link->expires_at));
     Finish(reactor, m, start, grpc::Status::OK);
-  });
+  }));
   return reactor;
 }
 
 grpc::ServerUnaryReactor* AdminService::RevokeConnectLink(grpc::CallbackServerContext* ctx,
                                                           const v1::RevokeConnectLinkRequest* req,
                                                           v1::RevokeConnectLinkResponse*) {
+  const ScopedRequestId request(RequestIdOf(*ctx));
   const absl::Time start = absl::Now();
   RpcMetrics::Method* const m = metrics_.at("RevokeConnectLink");
   if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
@@ -108,17 +119,18 @@ grpc::ServerUnaryReactor* AdminService::RevokeConnectLink(grpc::CallbackServerCo
     return Done(ctx, m, start, ToGrpcStatus(caller.status()));
   }
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  run_blocking_([this, m, start, reactor, req] {
+  run_blocking_(WithCurrentRequestId([this, m, start, reactor, req] {
     const absl::Status s = flow_.RevokeLink(req->link_id());
     spdlog::info("RevokeConnectLink code={}", absl::StatusCodeToString(s.code()));
     Finish(reactor, m, start, ToGrpcStatus(s));
-  });
+  }));
   return reactor;
 }
 
 grpc::ServerUnaryReactor* AdminService::GetConnection(grpc::CallbackServerContext* ctx,
                                                       const v1::GetConnectionRequest* req,
                                                       v1::Connection* resp) {
+  const ScopedRequestId request(RequestIdOf(*ctx));
   const absl::Time start = absl::Now();
   RpcMetrics::Method* const m = metrics_.at("GetConnection");
   if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
@@ -141,6 +153,7 @@ grpc::ServerUnaryReactor* AdminService::GetConnection(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* AdminService::ListConnections(grpc::CallbackServerContext* ctx,
                                                         const v1::ListConnectionsRequest* req,
                                                         v1::ListConnectionsResponse* resp) {
+  const ScopedRequestId request(RequestIdOf(*ctx));
   const absl::Time start = absl::Now();
   RpcMetrics::Method* const m = metrics_.at("ListConnections");
   if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
@@ -181,6 +194,7 @@ grpc::ServerUnaryReactor* AdminService::ListConnections(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* AdminService::DeleteConnection(grpc::CallbackServerContext* ctx,
                                                          const v1::DeleteConnectionRequest* req,
                                                          v1::DeleteConnectionResponse*) {
+  const ScopedRequestId request(RequestIdOf(*ctx));
   const absl::Time start = absl::Now();
   RpcMetrics::Method* const m = metrics_.at("DeleteConnection");
   if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
@@ -192,18 +206,19 @@ grpc::ServerUnaryReactor* AdminService::DeleteConnection(grpc::CallbackServerCon
     return Done(ctx, m, start, ToGrpcStatus(s));
   }
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  run_blocking_([this, m, start, reactor, req] {
+  run_blocking_(WithCurrentRequestId([this, m, start, reactor, req] {
     const absl::Status s = flow_.DeleteConnection(req->connection_id());
     spdlog::info("DeleteConnection connection={} code={}", req->connection_id(),
                  absl::StatusCodeToString(s.code()));
     Finish(reactor, m, start, ToGrpcStatus(s));
-  });
+  }));
   return reactor;
 }
 
 grpc::ServerUnaryReactor* AdminService::RotateKeys(grpc::CallbackServerContext* ctx,
                                                    const v1::RotateKeysRequest* req,
                                                    v1::RotateKeysResponse* resp) {
+  const ScopedRequestId request(RequestIdOf(*ctx));
   const absl::Time start = absl::Now();
   RpcMetrics::Method* const m = metrics_.at("RotateKeys");
   if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
@@ -217,7 +232,7 @@ grpc::ServerUnaryReactor* AdminService::RotateKeys(grpc::CallbackServerContext* 
         grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "batch_size must be 0 (500) to 10000"));
   }
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  run_blocking_([this, m, start, reactor, req, resp] {
+  run_blocking_(WithCurrentRequestId([this, m, start, reactor, req, resp] {
     const size_t batch = req->batch_size() == 0 ? 500 : static_cast<size_t>(req->batch_size());
     absl::StatusOr<core::RotationProgress> p = broker_.RotateKeys(batch);
     spdlog::info("RotateKeys batch={} code={} reencrypted={} remaining={} unreadable={}", batch,
@@ -231,7 +246,7 @@ grpc::ServerUnaryReactor* AdminService::RotateKeys(grpc::CallbackServerContext* 
     resp->set_remaining(p->remaining);
     resp->set_unreadable(p->unreadable);
     Finish(reactor, m, start, grpc::Status::OK);
-  });
+  }));
   return reactor;
 }
 

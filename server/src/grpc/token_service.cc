@@ -72,6 +72,14 @@ std::optional<grpc::Status> ServeGetToken(const oauth::Broker& broker,
   return grpc::Status::OK;
 }
 
+// The caller's x-request-id metadata, "" without one (ScopedRequestId keeps it if well-formed).
+absl::string_view RequestIdOf(const grpc::ServerContextBase& ctx) {
+  const auto& md = ctx.client_metadata();
+  const auto it = md.find("x-request-id");
+  return it == md.end() ? absl::string_view()
+                         : absl::string_view(it->second.data(), it->second.size());
+}
+
 // Who opened a stream, for per-caller limits: the authenticated peer identity when there is
 // one, else the peer's address without its port.
 std::string CallerKey(const grpc::CallbackServerContext* ctx) {
@@ -140,6 +148,7 @@ class TokenService::Impl final : public TokenService::Service {
   // DEADLINE_EXCEEDED from gRPC while the flight goes on.
   grpc::ServerUnaryReactor* Refresh(grpc::CallbackServerContext* ctx, const v1::RefreshRequest* req,
                                     v1::RefreshResponse* resp) override {
+    const ScopedRequestId request(RequestIdOf(*ctx));
     grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
     if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller = Authorize(
             *ctx, authorizer_, auth::Permission::kRefresh, "Refresh", req->connection_id());
@@ -168,6 +177,7 @@ class TokenService::Impl final : public TokenService::Service {
   // Revoke: stops serving at once, then revokes at the provider, on the work pool.
   grpc::ServerUnaryReactor* Revoke(grpc::CallbackServerContext* ctx, const v1::RevokeRequest* req,
                                    v1::RevokeResponse* resp) override {
+    const ScopedRequestId request(RequestIdOf(*ctx));
     grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
     absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
         Authorize(*ctx, authorizer_, auth::Permission::kRevoke, "Revoke", req->connection_id());
@@ -179,9 +189,9 @@ class TokenService::Impl final : public TokenService::Service {
       r->Finish(ToGrpcStatus(s));
       return r;
     }
-    refresher_.Revoke(req->connection_id(), [this, r, resp, id = req->connection_id(),
-                                             who = (*caller)->name,
-                                             start = absl::Now()](absl::StatusOr<bool> confirmed) {
+    // Answered from the refresher's thread: the request id goes along for the lines it logs.
+    auto done = [this, r, resp, id = req->connection_id(), who = (*caller)->name,
+                 start = absl::Now()](absl::StatusOr<bool> confirmed) {
       RpcMetrics::Record(revoke_metrics_, confirmed.status().code(), absl::Now() - start);
       spdlog::info("Revoke connection={} code={} provider_confirmed={}", id,
                    absl::StatusCodeToString(confirmed.status().code()),
@@ -196,7 +206,8 @@ class TokenService::Impl final : public TokenService::Service {
       }
       resp->set_provider_confirmed(*confirmed);
       r->Finish(grpc::Status::OK);
-    });
+    };
+    refresher_.Revoke(req->connection_id(), WithCurrentRequestId(std::move(done)));
     return r;
   }
 
@@ -281,6 +292,7 @@ class TokenService::Impl::GetTokenCall {
     new GetTokenCall(impl_, cq_);  // keep a request armed for the next caller
     finishing_ = true;
     start_ = absl::Now();
+    const ScopedRequestId request(RequestIdOf(ctx_));
     if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
             Authorize(ctx_, impl_.authorizer_, auth::Permission::kGetToken, "GetToken",
                       request_.connection_id());
@@ -467,7 +479,11 @@ class TokenService::Impl::WatchReactor final
   // `release` runs once when the stream is over (the stream-limit accounting); empty: none.
   WatchReactor(cache::ConnectionCache& cache, const oauth::Broker& broker, std::string id,
                std::function<void()> release)
-      : cache_(cache), broker_(broker), id_(std::move(id)), release_(std::move(release)) {}
+      : cache_(cache),
+        broker_(broker),
+        id_(std::move(id)),
+        request_id_(CurrentRequestId()),
+        release_(std::move(release)) {}
 
   // Starts the stream: subscribes, then sends the current token (or ends with its error, or
   // with `refusal` when that is not OK).
@@ -497,6 +513,7 @@ class TokenService::Impl::WatchReactor final
 
   // The rules changed: a caller that may no longer watch this connection is cut off.
   void Recheck(const auth::Authorizer& authorizer) {
+    const ScopedRequestId request = ScopedRequestId::Resume(request_id_);
     absl::StatusOr<std::shared_ptr<const auth::Caller>> c = authorizer.Authenticate(identity_);
     absl::Status allowed =
         c.ok() ? auth::Authorizer::Authorize(**c, auth::Permission::kGetToken, id_) : c.status();
@@ -538,6 +555,7 @@ class TokenService::Impl::WatchReactor final
   // Sends the current generation if it is newer than the last one sent, or ends the stream if
   // the connection stopped serving.
   void OnChange() {
+    const ScopedRequestId request = ScopedRequestId::Resume(request_id_);
     absl::StatusOr<oauth::TokenView> view = broker_.GetToken(id_);
     if (!view.ok()) {
       End(ToGrpcStatus(view.status()));
@@ -572,6 +590,7 @@ class TokenService::Impl::WatchReactor final
   cache::ConnectionCache& cache_;
   const oauth::Broker& broker_;
   const std::string id_;
+  const std::string request_id_;        // of the WatchToken call, for the stream's log lines
   std::function<void()> release_;       // set before Begin
   auth::Identity identity_;             // set before Begin; what the caller presented
   std::shared_ptr<WatchReactor> self_;  // keeps the reactor alive until OnDone
@@ -587,6 +606,7 @@ class TokenService::Impl::WatchReactor final
 
 grpc::ServerWriteReactor<v1::WatchTokenResponse>* TokenService::Impl::WatchToken(
     grpc::CallbackServerContext* ctx, const v1::WatchTokenRequest* req) {
+  const ScopedRequestId request(RequestIdOf(*ctx));
   absl::StatusOr<std::shared_ptr<const auth::Caller>> who =
       Authorize(*ctx, authorizer_, auth::Permission::kGetToken, "WatchToken", req->connection_id());
   if (watch_metrics_ != nullptr) {

@@ -51,6 +51,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "server/src/common/logging.h"
 #include "server/src/common/mutex.h"
 #include "server/src/common/status_macros.h"
 
@@ -659,6 +660,10 @@ class Session final : public SessionBase, public std::enable_shared_from_this<Se
     request.body = std::move(req.body());
     log_method_ = request.method;
     log_path_ = LoggablePath(req.target());
+    // Every line logged while handling the request carries its id: the client's X-Request-Id
+    // when well-formed, else a new one. Kept for the request's access log line (OnWrite).
+    const tb::ScopedRequestId request_id(ToString(req["x-request-id"]));
+    request_id_ = std::string(tb::CurrentRequestId());
 
     const bool head = req.method() == bhttp::verb::head;
     const unsigned version = req.version();
@@ -685,6 +690,8 @@ class Session final : public SessionBase, public std::enable_shared_from_this<Se
   }
 
   void OnWrite(bool keep_alive, bool linger, beast::error_code ec, std::size_t /*bytes*/) {
+    const tb::ScopedRequestId request_id =
+        tb::ScopedRequestId::Resume(std::exchange(request_id_, {}));
     const auto latency = std::chrono::duration_cast<std::chrono::microseconds>(
         std::chrono::steady_clock::now() - received_at_);
     // Path only: the query string may carry OAuth codes and state.
@@ -805,6 +812,7 @@ class Session final : public SessionBase, public std::enable_shared_from_this<Se
   std::string log_method_;
   std::string log_path_;
   std::chrono::steady_clock::time_point received_at_;
+  std::string request_id_;  // of the request being answered ("" for an unreadable one)
 };
 
 // Accepts connections and starts a Session for each. Confined to the acceptor's strand, except
