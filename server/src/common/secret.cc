@@ -7,32 +7,56 @@
 
 #include <atomic>
 #include <cstdlib>
-#include <memory>
+#include <deque>
 #include <string>
 
 #include "absl/strings/escaping.h"
+#include "server/src/common/mutex.h"
 
 namespace tb {
 
 namespace {
 
 // The key, behind an atomic pointer: set once at start (or made at first use), then only read.
+// Every key ever made stays in `Keys()` for the life of the process, because another thread may
+// still be using an older one; keeping them reachable (not leaked) keeps LeakSanitizer quiet.
 std::atomic<const std::string*> g_key{nullptr};
 
+struct KeyStore {
+  Mutex mu;
+  std::deque<std::string> keys ABSL_GUARDED_BY(mu);  // elements never move on push_back
+};
+
+KeyStore& Keys() {
+  static auto* store = new KeyStore();
+  return *store;
+}
+
+const std::string* Install(std::string key, bool only_if_unset) {
+  KeyStore& store = Keys();
+  MutexLock lock(&store.mu);
+  if (only_if_unset) {
+    if (const std::string* k = g_key.load(std::memory_order_acquire); k != nullptr) {
+      return k;
+    }
+  }
+  store.keys.push_back(std::move(key));
+  const std::string* k = &store.keys.back();
+  g_key.store(k, std::memory_order_release);
+  return k;
+}
+
 const std::string& Key() {
-  const std::string* k = g_key.load(std::memory_order_acquire);
-  if (k != nullptr) {
+  if (const std::string* k = g_key.load(std::memory_order_acquire); k != nullptr) {
     return *k;
   }
-  auto fresh = std::make_unique<std::string>(32, '\0');
-  if (RAND_bytes(reinterpret_cast<unsigned char*>(fresh->data()), 32) != 1) {
+  std::string fresh(32, '\0');
+  if (RAND_bytes(reinterpret_cast<unsigned char*>(fresh.data()), 32) != 1) {
     std::abort();  // no randomness: nothing secret can be handled safely
   }
-  const std::string* expected = nullptr;
-  if (g_key.compare_exchange_strong(expected, fresh.get(), std::memory_order_acq_rel)) {
-    return *fresh.release();  // lives for the process
-  }
-  return *expected;
+  const std::string* k = Install(fresh, /*only_if_unset=*/true);
+  OPENSSL_cleanse(fresh.data(), fresh.size());
+  return *k;
 }
 
 }  // namespace
@@ -46,8 +70,7 @@ void Cleanse(void* p, size_t n) {
 }  // namespace internal
 
 void SetFingerprintKey(absl::string_view key) {
-  // The previous key (if any) is leaked on purpose: another thread may still be using it.
-  g_key.store(new std::string(key), std::memory_order_release);
+  Install(std::string(key), /*only_if_unset=*/false);
 }
 
 std::string Fingerprint(absl::string_view value) {
