@@ -444,7 +444,8 @@ absl::StatusOr<std::shared_ptr<const core::Connection>> Broker::Rotate(const cor
 }
 
 absl::Status Broker::Modify(const core::ConnectionId& id,
-                            const std::function<bool(core::Connection&)>& change) {
+                            const std::function<bool(core::Connection&)>& change,
+                            bool keep_if_store_down) {
   // A handful of attempts: conflicts come from a concurrent refresh or revoke of the same
   // connection, which settle quickly.
   constexpr int kAttempts = 5;
@@ -459,7 +460,7 @@ absl::Status Broker::Modify(const core::ConnectionId& id,
       return absl::OkStatus();
     }
     next->updated_at = clock_.Now();
-    last = Replace(current, std::move(next));
+    last = Replace(current, std::move(next), /*fence=*/nullptr, keep_if_store_down);
     if (last.code() != absl::StatusCode::kAborted) {
       return last;
     }
@@ -468,21 +469,28 @@ absl::Status Broker::Modify(const core::ConnectionId& id,
 }
 
 absl::Status Broker::Reschedule(const core::ConnectionId& id, uint64_t generation, absl::Time at) {
+  // Kept in memory if the store is down (and written by FlushUnwritten): a failed refresh moves
+  // the promise along with its retry, and an outage must not turn a token that is still valid
+  // into UNAVAILABLE answers.
   absl::Status wrong_grant = absl::OkStatus();
-  absl::Status s = Modify(id, [&](core::Connection& c) {
-    if (c.status != core::ConnectionStatus::kActive || !c.grant || c.generation() != generation) {
-      wrong_grant = absl::AbortedError("the grant changed before its refresh was rescheduled");
-      return false;
-    }
-    if (c.grant->expires_at) {
-      at = std::min(at, *c.grant->expires_at);
-    }
-    if (c.grant->refresh_at == at) {
-      return false;
-    }
-    c.grant->refresh_at = at;
-    return true;
-  });
+  absl::Status s = Modify(
+      id,
+      [&](core::Connection& c) {
+        if (c.status != core::ConnectionStatus::kActive || !c.grant ||
+            c.generation() != generation) {
+          wrong_grant = absl::AbortedError("the grant changed before its refresh was rescheduled");
+          return false;
+        }
+        if (c.grant->expires_at) {
+          at = std::min(at, *c.grant->expires_at);
+        }
+        if (c.grant->refresh_at == at) {
+          return false;
+        }
+        c.grant->refresh_at = at;
+        return true;
+      },
+      /*keep_if_store_down=*/true);
   return s.ok() ? wrong_grant : s;
 }
 

@@ -152,7 +152,9 @@ class Broker {
 
   // Moves the refresh of the current grant of `generation` to `at` (never past its expiry):
   // a refresh that failed is retried then, and until then the token keeps being served with
-  // that promise. Errors: NOT_FOUND, ABORTED (the grant changed), store errors.
+  // that promise. With the store down the new promise is published from memory and written once
+  // the store is back (FlushUnwritten). Errors: NOT_FOUND, ABORTED (the grant changed), store
+  // errors other than the store being unreachable.
   absl::Status Reschedule(const core::ConnectionId& id, uint64_t generation, absl::Time at);
 
   // Revocations at the provider that are still owed (Connection::to_revoke):
@@ -211,9 +213,10 @@ class Broker {
                           absl::Duration elapsed = absl::ZeroDuration());
 
   // Applies `change` to the current snapshot and writes it, retrying compare-and-set conflicts.
-  // `change` returns false to write nothing (then OK).
+  // `change` returns false to write nothing (then OK). `keep_if_store_down` as for Replace.
   absl::Status Modify(const core::ConnectionId& id,
-                      const std::function<bool(core::Connection&)>& change);
+                      const std::function<bool(core::Connection&)>& change,
+                      bool keep_if_store_down = false);
   void Schedule(core::Grant& grant) const;
   void Changed(const std::shared_ptr<const core::Connection>& c,
                const core::ConnectionId& id) const;

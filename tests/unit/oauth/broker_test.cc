@@ -168,6 +168,26 @@ TEST_F(BrokerTest, RescheduleMovesThePromiseButNeverPastExpiry) {
   EXPECT_EQ(broker_.Reschedule("acme", 7, clock_.Now()).code(), absl::StatusCode::kAborted);
 }
 
+TEST_F(BrokerTest, RescheduleWithTheStoreDownKeepsThePromiseInMemoryUntilFlushed) {
+  CreateActive("acme", absl::Minutes(10));
+  clock_.Advance(absl::Minutes(5));  // the refresh is due, and (say) failed: retry in 30 s
+  store_.FailNextWrite(absl::UnavailableError("store unreachable"));
+  ASSERT_TRUE(broker_.Reschedule("acme", 1, clock_.Now() + absl::Seconds(30)).ok());
+  // Still served, with the new promise, although the store has the old one.
+  absl::StatusOr<TokenView> v = broker_.GetToken("acme", absl::Seconds(10));
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(v->valid_until, clock_.Now() + absl::Seconds(30));
+  EXPECT_EQ(*store_.Load("acme")->grant->refresh_at, clock_.Now());
+  EXPECT_EQ(broker_.unwritten(), 1u);
+  EXPECT_EQ(broker_.FlushUnwritten(), 0u);
+  EXPECT_EQ(*store_.Load("acme")->grant->refresh_at, clock_.Now() + absl::Seconds(30));
+  // Any other store error is still an error, and publishes nothing.
+  store_.FailNextWrite(absl::InternalError("constraint violated"));
+  EXPECT_EQ(broker_.Reschedule("acme", 1, clock_.Now() + absl::Seconds(60)).code(),
+            absl::StatusCode::kInternal);
+  EXPECT_EQ(broker_.GetToken("acme")->valid_until, clock_.Now() + absl::Seconds(30));
+}
+
 TEST_F(BrokerTest, ReactivationIncreasesGeneration) {
   CreateActive("acme");
   ASSERT_TRUE(broker_.Activate("acme", NewGrant(absl::Hours(1))).ok());
