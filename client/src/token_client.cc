@@ -263,7 +263,7 @@ absl::Status TokenClient::Watch(absl::string_view connection_id,
 absl::StatusOr<v1::CreateConnectLinkResponse> TokenClient::CreateConnectLink(
     absl::string_view connection_id, absl::string_view provider,
     const std::map<std::string, std::string>& params, absl::Duration ttl, bool reconnect,
-    absl::Duration timeout) {
+    absl::string_view return_url, absl::Duration timeout) {
   v1::CreateConnectLinkRequest req;
   req.set_connection_id(std::string(connection_id));
   req.set_provider(std::string(provider));
@@ -272,6 +272,7 @@ absl::StatusOr<v1::CreateConnectLinkResponse> TokenClient::CreateConnectLink(
   }
   req.mutable_ttl()->set_seconds(absl::ToInt64Seconds(ttl));
   req.set_reconnect(reconnect);
+  req.set_return_url(std::string(return_url));
   v1::CreateConnectLinkResponse resp;
   grpc::ClientContext ctx;
   SetDeadline(ctx, timeout);

@@ -54,6 +54,8 @@ ABSL_FLAG(std::vector<std::string>, params, {},
           "link: provider parameters as name=value, comma-separated (e.g. subdomain=acme)");
 ABSL_FLAG(absl::Duration, ttl, absl::ZeroDuration(), "link: how long the link works (0: default)");
 ABSL_FLAG(bool, reconnect, false, "link: allow the link to replace an active grant");
+ABSL_FLAG(std::string, return_url, "",
+          "link: where the result page sends the admin afterwards (on links.return_url_allowlist)");
 ABSL_FLAG(uint64_t, if_generation, 0,
           "refresh: only if the current generation is still this one (0: unconditionally)");
 ABSL_FLAG(int, count, 0, "watch: stop after this many tokens (0: until the stream ends)");
@@ -83,6 +85,7 @@ commands:
   health [--service=NAME]
       print SERVING or NOT_SERVING; exit 0 only if SERVING
   link <connection-id> --provider=NAME [--params=subdomain=acme] [--ttl=72h] [--reconnect]
+                          [--return_url=https://...]
       mint a connect link for an account admin; prints the URL on stdout
   revoke-link <link-id>
       withdraw a connect link
@@ -120,7 +123,7 @@ const std::map<std::string, std::set<std::string>>& CommandFlags() {
       {"show", {}},
       {"delete", {}},
       {"health", {"service"}},
-      {"link", {"provider", "params", "ttl", "reconnect"}},
+      {"link", {"provider", "params", "ttl", "reconnect", "return_url"}},
       {"revoke-link", {}},
       {"refresh", {"if_generation"}},
       {"revoke", {}},
@@ -539,7 +542,8 @@ int RunLink(tb::client::TokenClient& client, const Call& call) {
     return Fail(kExitUsage, "--ttl must not be negative");
   }
   absl::StatusOr<v1::CreateConnectLinkResponse> link = client.CreateConnectLink(
-      call.connection_id, provider, params, ttl, absl::GetFlag(FLAGS_reconnect), call.timeout);
+      call.connection_id, provider, params, ttl, absl::GetFlag(FLAGS_reconnect),
+      absl::GetFlag(FLAGS_return_url), call.timeout);
   if (!link.ok()) {
     return RpcFailure(call, link.status());
   }

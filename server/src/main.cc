@@ -49,6 +49,7 @@
 #include "server/src/http/admin_routes.h"
 #include "server/src/http/http_server.h"
 #include "server/src/http/oauth_routes.h"
+#include "server/src/http/rate_limiter.h"
 #include "server/src/oauth/authorization_flow.h"
 #include "server/src/oauth/broker.h"
 #include "server/src/oauth/refresher.h"
@@ -298,7 +299,9 @@ int main(int argc, char** argv) {
                  spec.client_id, spec.client_secret);
   }
   absl::StatusOr<std::unique_ptr<tb::provider::HttpsProviderClient>> provider_client =
-      tb::provider::HttpsProviderClient::Create(outbound, specs, clock);
+      tb::provider::HttpsProviderClient::Create(outbound, specs, clock,
+                                                &tb::provider::HttpClient::Create,
+                                                tb::provider::ProviderGateOptions{}, &metrics);
   if (!provider_client.ok()) {
     return Fail(provider_client.status());
   }
@@ -307,6 +310,10 @@ int main(int argc, char** argv) {
   flow_options.public_base_url = config->public_base_url;
   flow_options.default_link_ttl = config->links.default_ttl;
   flow_options.max_link_ttl = config->links.max_ttl;
+  flow_options.return_url_allowlist = config->links.return_url_allowlist;
+  if (absl::Status s = tb::oauth::AuthorizationFlow::ValidateOptions(flow_options); !s.ok()) {
+    return Fail(s);
+  }
   if (config->links.signing_key) {
     flow_options.link_key = *config->links.signing_key;
   } else {
@@ -427,6 +434,16 @@ int main(int argc, char** argv) {
   if (!admin_opts.ok() || !public_opts.ok()) {
     return Fail(!admin_opts.ok() ? admin_opts.status() : public_opts.status());
   }
+  // The public front faces the internet: its limits and TLS come from http.*.
+  public_opts->max_header_bytes = static_cast<size_t>(config->http.max_header_bytes);
+  public_opts->max_body_bytes = static_cast<size_t>(config->http.max_body_bytes);
+  public_opts->read_timeout = config->http.read_timeout;
+  public_opts->idle_timeout = config->http.idle_timeout;
+  public_opts->max_connections = static_cast<size_t>(config->http.max_connections);
+  if (config->http.tls) {
+    public_opts->tls = tb::http::HttpTlsOptions{
+        config->http.tls->cert_file, config->http.tls->key_file, config->http.tls->reload_interval};
+  }
   // Values computed when Prometheus scrapes. No connection id is ever a label (cardinality).
   std::vector<tb::metrics::CallbackHandle> scraped;
   scraped.push_back(metrics.AddCallbackFamily(
@@ -492,6 +509,19 @@ int main(int argc, char** argv) {
   }
   tb::http::OAuthRoutesOptions routes;
   routes.secure_cookies = absl::StartsWith(config->public_base_url, "https://");
+  if (config->http.rate_limit_per_minute > 0) {
+    tb::http::RateLimitOptions limit;
+    limit.per_minute = config->http.rate_limit_per_minute;
+    limit.burst = config->http.rate_limit_burst;
+    limit.client_ip.trusted_proxy_header = config->http.trusted_proxy_header;
+    limit.client_ip.trusted_proxies = config->http.trusted_proxies;
+    absl::StatusOr<std::shared_ptr<tb::http::ClientRateLimiter>> limiter =
+        tb::http::ClientRateLimiter::Create(std::move(limit), clock);
+    if (!limiter.ok()) {
+      return Fail(limiter.status());
+    }
+    routes.rate_limiter = *std::move(limiter);
+  }
   absl::StatusOr<std::unique_ptr<tb::http::HttpServer>> public_http = tb::http::HttpServer::Start(
       *public_opts, tb::http::MakeOAuthHandler(flow, run_blocking, routes));
   if (!public_http.ok()) {

@@ -32,6 +32,9 @@ from tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
 
 BROKER = ""
 START_TIMEOUT_S = 30
+MAX_HEADER_BYTES = 2048  # the default is 8 KiB
+RATE_LIMIT_BURST = 4
+RETURN_URL_PREFIX = "https://admin.example.com/zendesk/"
 
 
 def free_port():
@@ -70,6 +73,11 @@ class StateDir:
             f.write(f"k1 {key}\n")
         self.db = os.path.join(self.path, "tokens.db")
         self.config = os.path.join(self.path, "config.yaml")
+        self.client_secret = os.path.join(self.path, "client_secret")
+        with open(self.client_secret, "w") as f:
+            secret = base64.urlsafe_b64encode(os.urandom(24)).decode()
+            record_secret(secret)
+            f.write(secret)
         # One caller, authenticated by an API key (the config holds only its SHA-256).
         self.api_key = base64.urlsafe_b64encode(os.urandom(24)).decode()
         record_secret(self.api_key)
@@ -80,6 +88,17 @@ class StateDir:
             f.write(f'    - {{name: tests, api_key_sha256: ["{digest}"], connections: ["*"],\n')
             f.write("       rpcs: [GetToken, Refresh, Revoke, Admin]}\n")
             f.write(f"shutdown: {{drain_delay: {drain_delay}, grace: 5s}}\n")
+            # The public front's limits and the return-URL allow-list, set away from their
+            # defaults so that the tests see main pass them on.
+            f.write(f"http: {{max_header_bytes: {MAX_HEADER_BYTES}, rate_limit_per_minute: 6, "
+                    f"rate_limit_burst: {RATE_LIMIT_BURST}}}\n")
+            f.write(f'links: {{return_url_allowlist: ["{RETURN_URL_PREFIX}"]}}\n')
+            # A provider for minting links; nothing here ever calls it.
+            f.write("providers:\n  acme:\n    preset: generic\n    client_id: tests\n")
+            f.write(f'    client_secret_file: "{self.client_secret}"\n')
+            f.write('    authorize_url: "https://127.0.0.1:9/authorize"\n')
+            f.write('    token_url: "https://127.0.0.1:9/token"\n')
+            f.write('    revoke_url: "https://127.0.0.1:9/revoke"\n')
 
     def credentials(self):
         return [("authorization", f"Bearer {self.api_key}")]
@@ -210,7 +229,60 @@ class BinaryTest(unittest.TestCase):
         self.assertIn("# TYPE tb_grpc_request_duration_seconds histogram", body)
         self.assertIn('tb_connections{status="active"} 0', body)
         self.assertIn("tb_store_up 1", body)
+        # The provider client reports into the same registry.
+        self.assertIn("# TYPE tb_provider_http_request_duration_seconds histogram", body)
         self.assertNotIn("nobody", body)  # no connection id as a label
+
+    def test_public_port_applies_the_configured_header_limit(self):
+        # 4 KiB of header: within the default limit, over the configured one.
+        with socket.create_connection(("127.0.0.1", self.broker.ports["public"]), 5) as s:
+            s.sendall(b"GET /oauth/start HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 4096 +
+                      b"\r\n\r\n")
+            head = s.recv(4096).decode(errors="replace")
+        self.assertTrue(head.startswith("HTTP/1.1 431"), head[:200])
+
+    def test_oauth_routes_are_rate_limited_per_client_ip(self):
+        # Burst of RATE_LIMIT_BURST, refilled at 6 a minute: a quick run of requests from one
+        # address gets its answers (400: no link) and then 429 with Retry-After. No other test
+        # reaches the OAuth handler. Other paths are not limited.
+        statuses, retry_after = [], None
+        for _ in range(RATE_LIMIT_BURST + 3):
+            status, headers, _ = http_get(self.broker.ports["public"], "/oauth/start")
+            statuses.append(status)
+            if status == 429:
+                retry_after = headers["Retry-After"]
+        self.assertEqual(statuses[:RATE_LIMIT_BURST], [400] * RATE_LIMIT_BURST, statuses)
+        self.assertEqual(statuses[-1], 429, statuses)
+        self.assertIsNotNone(retry_after)
+        self.assertGreaterEqual(int(retry_after), 1)
+        self.assertEqual(http_get(self.broker.ports["public"], "/elsewhere")[0], 404)
+
+    def test_connect_link_return_url_must_be_on_the_allow_list(self):
+        with self.channel(self.broker.ports["grpc"]) as ch:
+            admin = pb_grpc.ConnectionAdminStub(ch)
+            md = self.state.credentials()
+            link = admin.CreateConnectLink(
+                pb.CreateConnectLinkRequest(connection_id="return-url-ok", provider="acme",
+                                            return_url=RETURN_URL_PREFIX + "done"),
+                timeout=5, metadata=md)
+            self.assertIn("/oauth/start?link=", link.url)
+            for bad in ("https://evil.example.com/zendesk/done",
+                        "https://admin.example.com/elsewhere", "javascript:alert(1)"):
+                with self.assertRaises(grpc.RpcError) as err:
+                    admin.CreateConnectLink(
+                        pb.CreateConnectLinkRequest(connection_id="return-url-bad",
+                                                    provider="acme", return_url=bad),
+                        timeout=5, metadata=md)
+                self.assertEqual(err.exception.code(), grpc.StatusCode.INVALID_ARGUMENT, bad)
+                self.assertRegex(err.exception.details().lower(), "return[ _]url", bad)
+            # Nothing was created for the refused links.
+            with self.assertRaises(grpc.RpcError) as err:
+                admin.GetConnection(pb.GetConnectionRequest(connection_id="return-url-bad"),
+                                    timeout=5, metadata=md)
+            self.assertEqual(err.exception.code(), grpc.StatusCode.NOT_FOUND)
+            # Leaves no connection behind for the other tests of this broker.
+            admin.DeleteConnection(pb.DeleteConnectionRequest(connection_id="return-url-ok"),
+                                   timeout=5, metadata=md)
 
     def test_no_core_dumps(self):
         with open(f"/proc/{self.broker.proc.pid}/limits") as f:

@@ -40,7 +40,7 @@ absl::string_view RequestIdOf(const grpc::ServerContextBase& ctx) {
   const auto& md = ctx.client_metadata();
   const auto it = md.find("x-request-id");
   return it == md.end() ? absl::string_view()
-                         : absl::string_view(it->second.data(), it->second.size());
+                        : absl::string_view(it->second.data(), it->second.size());
 }
 
 // Page tokens are the last id of the previous page, base64url-encoded so that callers treat
@@ -91,7 +91,7 @@ grpc::ServerUnaryReactor* AdminService::CreateConnectLink(grpc::CallbackServerCo
     const std::map<std::string, std::string> params(req->params().begin(), req->params().end());
     absl::StatusOr<oauth::AuthorizationFlow::MintedLink> link =
         flow_.CreateLink(req->connection_id(), req->provider(), params,
-                         absl::Seconds(req->ttl().seconds()), req->reconnect());
+                         absl::Seconds(req->ttl().seconds()), req->reconnect(), req->return_url());
     spdlog::info("CreateConnectLink connection={} provider={} reconnect={} code={}",
                  req->connection_id(), req->provider(), req->reconnect(),
                  absl::StatusCodeToString(link.status().code()));

@@ -129,11 +129,12 @@ class TokenClient {
 
   // Mints a connect link (ConnectionAdmin.CreateConnectLink). `ttl` zero: the server's default.
   // Errors: INVALID_ARGUMENT (unknown provider, bad parameters), FAILED_PRECONDITION with flow
-  // error ALREADY_CONNECTED when the connection is active and `reconnect` is false.
+  // error ALREADY_CONNECTED when the connection is active and `reconnect` is false, and
+  // INVALID_ARGUMENT for a non-empty `return_url` not on the broker's links.return_url_allowlist.
   absl::StatusOr<tokenbroker::v1::CreateConnectLinkResponse> CreateConnectLink(
       absl::string_view connection_id, absl::string_view provider,
       const std::map<std::string, std::string>& params, absl::Duration ttl, bool reconnect,
-      absl::Duration timeout = kDefaultTimeout);
+      absl::string_view return_url = "", absl::Duration timeout = kDefaultTimeout);
 
   // Withdraws a link. Errors: NOT_FOUND.
   absl::Status RevokeConnectLink(absl::string_view link_id,
