@@ -1,7 +1,9 @@
 #include "server/src/cache/connection_cache.h"
 
 #include <algorithm>
+#include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/hash/hash.h"
 
@@ -73,6 +75,7 @@ bool ConnectionCache::PublishIf(const Entry& expected, Entry next) {
     }
     if (it == shard.entries.end()) {
       shard.entries.emplace(next->id, Slot{next});
+      ids_version_.fetch_add(1, std::memory_order_release);
     } else {
       it->second.entry = next;
     }
@@ -90,7 +93,9 @@ void ConnectionCache::Publish(Entry next) {
   {
     WriterLock lock(&shard.mu);
     auto [it, inserted] = shard.entries.try_emplace(next->id, Slot{next});
-    if (!inserted) {
+    if (inserted) {
+      ids_version_.fetch_add(1, std::memory_order_release);
+    } else {
       it->second.entry = next;
     }
     to_notify = WatchersOf(shard, next->id);
@@ -110,6 +115,7 @@ bool ConnectionCache::EraseIf(const core::ConnectionId& id, const Entry& expecte
       return false;
     }
     shard.entries.erase(it);
+    ids_version_.fetch_add(1, std::memory_order_release);
     to_notify = WatchersOf(shard, id);
   }
   for (const Watcher& w : to_notify) {
@@ -138,36 +144,49 @@ void ConnectionCache::ForEach(const std::function<void(const core::Connection&)>
 
 ConnectionCache::Page ConnectionCache::List(const Filter& filter, size_t page_size,
                                             absl::string_view after) const {
-  // Shards are hash-ordered, so a page is the page_size smallest matching ids above `after`
-  // across all shards. Each shard is read under its own lock; a page is consistent per entry,
-  // which is all a paged listing of a live map can promise.
-  std::vector<Entry> matches;
-  for (const Shard& shard : shards_) {
-    ReaderLock lock(&shard.mu);
-    for (const auto& [id, slot] : shard.entries) {
-      const Entry& entry = slot.entry;
-      if (id <= after && !after.empty()) {
-        continue;
+  // Each entry is read under its own shard's lock; a page is consistent per entry, which is
+  // all a paged listing of a live map can promise. An id added while a walk is under way may
+  // be missed by it (as it may by any scan), one removed is skipped.
+  MutexLock lock(&index_mu_);
+  const uint64_t version = ids_version_.load(std::memory_order_acquire);
+  if (index_version_ != version) {
+    index_.clear();
+    for (const Shard& shard : shards_) {
+      ReaderLock shard_lock(&shard.mu);
+      for (const auto& [id, slot] : shard.entries) {
+        index_.push_back(id);
       }
-      if (!filter.provider.empty() && entry->provider != filter.provider) {
-        continue;
-      }
-      if (filter.status && entry->status != *filter.status) {
-        continue;
-      }
-      matches.push_back(entry);
+    }
+    std::sort(index_.begin(), index_.end());
+    index_version_ = version;
+  }
+  const auto matches = [&filter](const Entry& e) {
+    return e != nullptr && (filter.provider.empty() || e->provider == filter.provider) &&
+           (!filter.status || e->status == *filter.status);
+  };
+  Page page;
+  auto it = after.empty() ? index_.begin()
+                          : std::upper_bound(index_.begin(), index_.end(), after,
+                                             [](absl::string_view a, const std::string& b) {
+                                               return a < absl::string_view(b);
+                                             });
+  for (; it != index_.end() && page.entries.size() < page_size; ++it) {
+    if (Entry e = Get(*it); matches(e)) {
+      page.entries.push_back(std::move(e));
     }
   }
-  const auto by_id = [](const Entry& a, const Entry& b) { return a->id < b->id; };
-  Page page;
-  if (matches.size() > page_size) {
-    std::partial_sort(matches.begin(), matches.begin() + page_size, matches.end(), by_id);
-    matches.resize(page_size);
-    page.next_after = matches.back()->id;
-  } else {
-    std::sort(matches.begin(), matches.end(), by_id);
+  // A next page only if there is one more match.
+  for (; it != index_.end() && !page.entries.empty(); ++it) {
+    if (matches(Get(*it))) {
+      page.next_after = page.entries.back()->id;
+      break;
+    }
   }
-  page.entries = std::move(matches);
+  if (page.next_after.empty()) {
+    // The walk is over: do not keep a copy of every id for the next one.
+    std::vector<core::ConnectionId>().swap(index_);
+    index_version_ = 0;
+  }
   return page;
 }
 

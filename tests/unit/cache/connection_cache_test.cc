@@ -107,6 +107,31 @@ TEST(ConnectionCacheTest, ListPagesInIdOrderWithFilters) {
   EXPECT_EQ(cache.List(active, 1000, "").entries.size(), 25u);
 }
 
+TEST(ConnectionCacheTest, ListSeesIdsAddedAndRemovedBetweenPages) {
+  // List walks a sorted index of the ids; changes between pages must show in the next one.
+  ConnectionCache cache;
+  for (const char* id : {"b", "d", "f", "h"}) {
+    cache.Publish(Make(id, 1));
+  }
+  ConnectionCache::Page first = cache.List({}, 2, "");
+  ASSERT_EQ(first.entries.size(), 2u);
+  EXPECT_EQ(first.next_after, "d");
+  cache.Publish(Make("e", 1));                      // added after the cursor: seen
+  cache.Publish(Make("a", 1));                      // added before it: not this walk's business
+  ASSERT_TRUE(cache.EraseIf("f", cache.Get("f")));  // removed: skipped
+  cache.Publish(Make("h", 2));                      // replaced: seen in its new version
+  ConnectionCache::Page second = cache.List({}, 10, first.next_after);
+  std::vector<std::string> ids;
+  for (const Entry& e : second.entries) {
+    ids.push_back(e->id);
+  }
+  EXPECT_EQ(ids, (std::vector<std::string>{"e", "h"}));
+  EXPECT_EQ(second.entries.back()->generation(), 2u);
+  EXPECT_TRUE(second.next_after.empty());
+  // A new walk from the start sees everything there is now.
+  EXPECT_EQ(cache.List({}, 10, "").entries.size(), 5u);
+}
+
 TEST(ConnectionCacheTest, WatchersSeeEveryChangeAndErase) {
   ConnectionCache cache;
   std::vector<uint64_t> generations;
