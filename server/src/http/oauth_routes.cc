@@ -256,11 +256,12 @@ absl::StatusOr<std::map<std::string, std::string>> ParseQuery(absl::string_view 
     if (++n > kMaxParams) {
       return absl::InvalidArgumentError("too many query parameters");
     }
-    // Form encoding: '+' is a space (Boost.URL's decode leaves it).
-    std::string key = p.key.decode();
-    std::string value = p.has_value ? p.value.decode() : std::string();
-    std::replace(key.begin(), key.end(), '+', ' ');
-    std::replace(value.begin(), value.end(), '+', ' ');
+    // Form encoding: a literal '+' is a space, while "%2B" is a '+' (authorization codes may
+    // hold one). So the '+' is replaced while decoding, never after (found by the fuzzer:
+    // tests/fuzz/regressions/fuzz_callback_query/plus_after_decode).
+    const boost::urls::encoding_opts form(/*space_as_plus=*/true);
+    std::string key = p.key.decode(form);
+    std::string value = p.has_value ? p.value.decode(form) : std::string();
     if (!out.emplace(std::move(key), std::move(value)).second) {
       return absl::InvalidArgumentError("repeated query parameter");
     }

@@ -32,6 +32,12 @@ TEST(OAuthRoutesTest, ParseQueryDecodesFormEncoding) {
   EXPECT_EQ(q->at("empty"), "");
   EXPECT_EQ(q->at("flag"), "");
   EXPECT_TRUE(ParseQuery("")->empty());
+  // An encoded '+' stays a '+' (a code such as "4/0Ae+q7w"); only a literal '+' is a space.
+  absl::StatusOr<std::map<std::string, std::string>> plus =
+      ParseQuery("code=4%2F0Ae%2Bq7w+x&state=%2B+%2B");
+  ASSERT_TRUE(plus.ok()) << plus.status();
+  EXPECT_EQ(plus->at("code"), "4/0Ae+q7w x");
+  EXPECT_EQ(plus->at("state"), "+ +");
 }
 
 TEST(OAuthRoutesTest, ParseQueryRejectsGarbage) {
