@@ -9,8 +9,6 @@
 
 namespace tokenbroker {
 
-namespace v1 = tokenbroker::v1;
-
 // One connection's WatchToken stream on its own thread, reopened with backoff until the client
 // is destroyed. A thread per watched connection: services watch the handful of accounts they
 // talk to, and a blocking stream loop is far simpler to get right than a callback reactor.
