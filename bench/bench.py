@@ -539,7 +539,8 @@ def cmd_rpc(args):
             break
         result["final"] = next((a for a in reversed(result["attempts"]) if "void" not in a),
                                None)
-        result["settings"] = {"void_below_rps": args.void_below, "reps": args.reps, "window": args.window, "warmup": args.warmup,
+        result["settings"] = {"void_below_rps": args.void_below, "reps": args.reps,
+                              "window": args.window, "warmup": args.warmup,
                               "connections": n, "watchers": args.watchers,
                               "churn_connections": args.churn_connections,
                               "churn_lifetime_s": args.churn_lifetime,
