@@ -876,7 +876,7 @@ def cmd_smoke(args):
     cmd_client(a)
     a.connections, a.reps, a.window, a.warmup, a.watchers = 50, 1, "1s", "0.2s", 20
     a.churn_connections, a.churn_lifetime, a.attempts = 20, 4, 1
-    a.quiet_wait, a.quiet_load = 0, 99
+    a.quiet_wait, a.quiet_load, a.void_below = 0, 99, 0
     rpc = cmd_rpc(a)
     a.count, a.token_bytes = 2000, [1024]
     cmd_scale(a)
