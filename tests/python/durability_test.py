@@ -242,6 +242,7 @@ links: {{signing_key_file: "{self.link_key_file}"}}
 grpc: {{insecure: true}}  # loopback only; these tests are about the store, not the callers
 refresh: {{retry_delay: 1s}}
 shutdown: {{drain_delay: 0s}}   # no load balancer to wait for: SIGTERM drains at once
+http: {{rate_limit_per_minute: 0}}  # every connect flow comes from 127.0.0.1
 providers:
   zd:
     preset: zendesk

@@ -454,6 +454,7 @@ class Cluster:
 store: {{url: "{self.db.url}", encryption_keys_file: "{self.keys}"}}
 public_base_url: "{self.public_base_url}"
 links: {{signing_key_file: "{self.link_key_file}"}}
+http: {{rate_limit_per_minute: 0}}  # every connect flow comes from 127.0.0.1
 refresh: {{{refresh_config}}}
 auth:
   callers:

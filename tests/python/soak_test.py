@@ -116,6 +116,7 @@ links: {{signing_key_file: "{link_key_file}"}}
 grpc: {{insecure: true}}  # loopback only; the soak is about refreshes, not the callers
 refresh: {{provider_timeout: 10s, retry_delay: 1s, retry_max: 5s}}
 shutdown: {{drain_delay: 0s}}
+http: {{rate_limit_per_minute: 0}}  # every connect flow comes from 127.0.0.1
 providers:
   short:
     preset: generic

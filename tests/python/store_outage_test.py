@@ -144,6 +144,7 @@ links: {{signing_key_file: "{link_key_file}"}}
 grpc: {{insecure: true}}  # loopback only; this test is about the store, not the callers
 refresh: {{provider_timeout: 5s, retry_delay: 1s, retry_max: 2s}}
 shutdown: {{drain_delay: 0s}}
+http: {{rate_limit_per_minute: 0}}  # every connect flow comes from 127.0.0.1
 providers:
   short:
 {provider}    expires_in: {SHORT_LIFETIME_S}
