@@ -123,6 +123,7 @@ uint64_t Refresher::AwaitToken(const core::ConnectionId& id, absl::Duration min_
   w->deadline = std::min(deadline, now + options_.max_wait);
   w->done = std::move(done);
   absl::Status refused;
+  bool recheck = false;
   bool start = false;
   {
     MutexLock lock(&mu_);
@@ -136,6 +137,9 @@ uint64_t Refresher::AwaitToken(const core::ConnectionId& id, absl::Duration min_
         refused = absl::UnavailableError(
             "the provider did not refresh this token and no token with the requested lifetime "
             "is left; retrying shortly");
+        // Unless that failure moved the promise after our lookup: Finish reschedules (and
+        // publishes) before it records not_before, so a second lookup sees the new promise.
+        recheck = true;
       } else {
         start = l.refresh_due;
       }
@@ -148,6 +152,13 @@ uint64_t Refresher::AwaitToken(const core::ConnectionId& id, absl::Duration min_
     }
   }
   if (!refused.ok()) {
+    if (recheck) {
+      if (TokenLookup again = broker_.Lookup(id, min_ttl, min_generation);
+          again.kind == TokenLookup::Kind::kServe) {
+        w->done(std::move(again.view));
+        return 0;
+      }
+    }
     w->done(std::move(refused));
     return 0;
   }
