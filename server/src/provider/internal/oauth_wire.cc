@@ -67,10 +67,9 @@ absl::StatusOr<int64_t> ReadSeconds(const json::value& v, absl::string_view name
     if (!std::isfinite(*d)) {
       return Unusable(absl::StrCat(name, " is not a finite number"));
     }
-    n = *d >= 9.2e18 ? std::numeric_limits<int64_t>::max() : static_cast<int64_t>(*d);
-    if (*d < 0) {
-      n = -1;
-    }
+    // Negative values are refused below; converting one below INT64_MIN would be undefined
+    // (found by fuzz_provider_response).
+    n = *d < 0 ? -1 : *d >= 9.2e18 ? std::numeric_limits<int64_t>::max() : static_cast<int64_t>(*d);
   } else if (const json::string* s = v.if_string()) {
     if (!absl::SimpleAtoi(absl::string_view(s->data(), s->size()), &n)) {
       return Unusable(absl::StrCat(name, " is a string that is not a number"));
