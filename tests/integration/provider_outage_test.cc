@@ -146,9 +146,9 @@ class ProviderOutageTest : public ::testing::Test {
     core::Connection connection;
     connection.id = id;
     connection.provider = "idp";
-    absl::StatusOr<core::Grant> grant =
-        provider_client_->ExchangeCode(providers_["idp"], connection, AuthCode(code),
-                                       PkceVerifier(), kRedirectUri, absl::Now() + absl::Seconds(10));
+    absl::StatusOr<core::Grant> grant = provider_client_->ExchangeCode(
+        providers_["idp"], connection, AuthCode(code), PkceVerifier(), kRedirectUri,
+        absl::Now() + absl::Seconds(10));
     ASSERT_TRUE(grant.ok()) << grant.status();
     ASSERT_TRUE(broker_.CreatePending(id, "idp", {}).ok());
     ASSERT_TRUE(broker_.Activate(id, *std::move(grant)).ok());
@@ -193,7 +193,8 @@ class ProviderOutageTest : public ::testing::Test {
   std::unique_ptr<v1::TokenBroker::Stub> tokens_;
 };
 
-TEST_F(ProviderOutageTest, ServerErrorsForAWindowKeepTheValidTokenServedAndTheRefreshSucceedsAfter) {
+TEST_F(ProviderOutageTest,
+       ServerErrorsForAWindowKeepTheValidTokenServedAndTheRefreshSucceedsAfter) {
   Connect("acme");
   v1::Token first;
   ASSERT_TRUE(GetToken("acme", &first).ok());

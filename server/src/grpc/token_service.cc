@@ -77,7 +77,7 @@ absl::string_view RequestIdOf(const grpc::ServerContextBase& ctx) {
   const auto& md = ctx.client_metadata();
   const auto it = md.find("x-request-id");
   return it == md.end() ? absl::string_view()
-                         : absl::string_view(it->second.data(), it->second.size());
+                        : absl::string_view(it->second.data(), it->second.size());
 }
 
 // Who opened a stream, for per-caller limits: the authenticated peer identity when there is

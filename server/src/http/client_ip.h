@@ -11,7 +11,6 @@
 #include <string>
 #include <vector>
 
-
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "server/src/http/http_types.h"

@@ -136,8 +136,8 @@ class HttpsProviderClient final : public core::ProviderClient {
 
   // The HTTP call metrics' families (owned by the Registry).
   struct HttpMetrics {
-    metrics::HistogramFamily* latency;    // {provider, operation}
-    metrics::CounterFamily* responses;    // {provider, operation, code}
+    metrics::HistogramFamily* latency;  // {provider, operation}
+    metrics::CounterFamily* responses;  // {provider, operation, code}
   };
 
  private:

@@ -175,7 +175,7 @@ TEST(LoggingTest, WithCurrentRequestIdCarriesTheIdIntoWorkOnAnotherThread) {
     ScopedRequestId own("worker-own");
     EXPECT_EQ(task(41), 42);
     EXPECT_EQ(CurrentRequestId(), "worker-own");  // restored after the task
-    background();                                  // posted outside any request: none
+    background();                                 // posted outside any request: none
     EXPECT_EQ(CurrentRequestId(), "worker-own");
   }).join();
   EXPECT_EQ(CurrentRequestId(), "");

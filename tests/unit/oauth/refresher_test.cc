@@ -290,7 +290,6 @@ TEST_F(RefresherTest, RefreshRacingARevokeLosesAndItsNewTokenIsRevoked) {
 
 // --- GetToken waits (AwaitToken) -------------------------------------------------------------
 
-
 constexpr absl::Duration kFar = absl::Hours(1);
 
 TEST_F(RefresherTest, HundredConcurrentGetTokensOnADueTokenMakeOneProviderCall) {

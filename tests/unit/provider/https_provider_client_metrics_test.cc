@@ -9,9 +9,9 @@
 #include <utility>
 #include <vector>
 
-#include "absl/strings/str_cat.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -127,8 +127,8 @@ class HttpsProviderClientMetricsTest : public ::testing::Test {
 
   static std::string Responses(absl::string_view provider, absl::string_view op,
                                absl::string_view code) {
-    return absl::StrCat("tb_provider_http_responses_total{provider=\"", provider,
-                        "\",operation=\"", op, "\",code=\"", code, "\"}");
+    return absl::StrCat("tb_provider_http_responses_total{provider=\"", provider, "\",operation=\"",
+                        op, "\",code=\"", code, "\"}");
   }
   static std::string LatencyCount(absl::string_view provider, absl::string_view op) {
     return absl::StrCat("tb_provider_http_request_duration_seconds_count{provider=\"", provider,
@@ -192,8 +192,9 @@ TEST_F(HttpsProviderClientMetricsTest, CountsEverySentCallByProviderOperationAnd
   EXPECT_EQ(Sample(text, LatencyCount("zendesk", "revoke")), 1);
   EXPECT_EQ(Sample(text, LatencyCount("idp", "revoke")), 2);
   EXPECT_EQ(Sample(text, LatencyCount("idp", "token")), 1);
-  EXPECT_GE(Sample(text, "tb_provider_http_request_duration_seconds_sum{provider=\"zendesk\","
-                         "operation=\"token\"}"),
+  EXPECT_GE(Sample(text,
+                   "tb_provider_http_request_duration_seconds_sum{provider=\"zendesk\","
+                   "operation=\"token\"}"),
             0);
   // Labels are provider names: no connection id, no subdomain or host.
   EXPECT_THAT(text, Not(HasSubstr("acme")));
