@@ -48,42 +48,30 @@ class JsonEscapedMessage final : public spdlog::custom_flag_formatter {
   }
 };
 
-// %q (text): "request_id=<id> " while the logging thread handles a request, nothing otherwise.
-// Ids are well-formed by construction (IsWellFormedRequestId's characters), so no escaping.
-class TextRequestId final : public spdlog::custom_flag_formatter {
+// %q (text) `request_id=<id> ` and %k (JSON) `,"request_id":"<id>"` while the logging thread
+// handles a request, nothing otherwise. Ids are well-formed by construction
+// (IsWellFormedRequestId's characters), so no escaping.
+class RequestIdFlag final : public spdlog::custom_flag_formatter {
  public:
+  RequestIdFlag(std::string_view prefix, std::string_view suffix)
+      : prefix_(prefix), suffix_(suffix) {}
   void format(const spdlog::details::log_msg&, const std::tm&,
               spdlog::memory_buf_t& dest) override {
     const absl::string_view id = CurrentRequestId();
     if (id.empty()) {
       return;
     }
-    dest.append(std::string_view("request_id="));
+    dest.append(prefix_);
     dest.append(std::string_view(id.data(), id.size()));
-    dest.push_back(' ');
+    dest.append(suffix_);
   }
   std::unique_ptr<custom_flag_formatter> clone() const override {
-    return std::make_unique<TextRequestId>();
+    return std::make_unique<RequestIdFlag>(prefix_, suffix_);
   }
-};
 
-// %k (JSON): `,"request_id":"<id>"` while the logging thread handles a request, nothing
-// otherwise.
-class JsonRequestId final : public spdlog::custom_flag_formatter {
- public:
-  void format(const spdlog::details::log_msg&, const std::tm&,
-              spdlog::memory_buf_t& dest) override {
-    const absl::string_view id = CurrentRequestId();
-    if (id.empty()) {
-      return;
-    }
-    dest.append(std::string_view(",\"request_id\":\""));
-    dest.append(std::string_view(id.data(), id.size()));
-    dest.push_back('"');
-  }
-  std::unique_ptr<custom_flag_formatter> clone() const override {
-    return std::make_unique<JsonRequestId>();
-  }
+ private:
+  std::string_view prefix_;  // string literals only
+  std::string_view suffix_;
 };
 
 void AppendJsonEscaped(absl::string_view in, std::string* out) {
@@ -160,12 +148,14 @@ absl::Status InitLogging(const LogOptions& options) {
   }
   if (options.format == "json") {
     auto formatter = std::make_unique<spdlog::pattern_formatter>(spdlog::pattern_time_type::utc);
-    formatter->add_flag<JsonEscapedMessage>('j').add_flag<JsonRequestId>('k').set_pattern(
-        R"({"time":"%Y-%m-%dT%H:%M:%S.%fZ","level":"%l","thread":%t%k,"msg":"%j"})");
+    formatter->add_flag<JsonEscapedMessage>('j')
+        .add_flag<RequestIdFlag>('k', ",\"request_id\":\"", "\"")
+        .set_pattern(R"({"time":"%Y-%m-%dT%H:%M:%S.%fZ","level":"%l","thread":%t%k,"msg":"%j"})");
     logger->set_formatter(std::move(formatter));
   } else if (options.format == "text") {
     auto formatter = std::make_unique<spdlog::pattern_formatter>(spdlog::pattern_time_type::utc);
-    formatter->add_flag<TextRequestId>('q').set_pattern("%Y-%m-%dT%H:%M:%S.%fZ %L %t %q%v");
+    formatter->add_flag<RequestIdFlag>('q', "request_id=", " ")
+        .set_pattern("%Y-%m-%dT%H:%M:%S.%fZ %L %t %q%v");
     logger->set_formatter(std::move(formatter));
   } else {
     return absl::InvalidArgumentError("log format must be text or json");
