@@ -59,7 +59,17 @@ if ((${#missing[@]})); then
   echo "deploy-check: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # docker.io's postinst would start an engine through its init script (with iptables, which
+  # fails here) while this script starts its own below: the two race for /var/run/docker.pid.
+  # A policy-rc.d that answers 101 keeps the package from starting any service.
+  policy=/usr/sbin/policy-rc.d
+  own_policy=false
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && own_policy=true
+  fi
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || install_failed=true
+  if $own_policy; then rm -f "$policy"; fi
+  [[ -z ${install_failed:-} ]] || fail "apt-get install ${missing[*]}"
 fi
 docker=/usr/bin/docker  # Debian's client, matching its engine (not another docker on PATH)
 
@@ -164,12 +174,28 @@ node deploy/check/values-table.mjs --modules="$node_dir" --check=README.md || fa
 step "helm lint/template, schema, manifests, values table"
 
 # --- 4. the image -------------------------------------------------------------------------------
-if ! $docker info >/dev/null 2>&1; then
+# An engine another start left behind (an init script, an earlier run killed hard): one that
+# still comes up is used; one that never answers is stopped; a stale pid file is removed.
+engine_up() { for _ in $(seq "$1"); do $docker info >/dev/null 2>&1 && return 0; sleep 0.2; done; return 1; }
+pidfile=/var/run/docker.pid
+if ! engine_up 1 && [[ -e $pidfile ]]; then
+  [[ $(id -u) -eq 0 ]] || fail "no docker engine answering, and $pidfile needs root to clear"
+  old_pid=$(cat "$pidfile" 2>/dev/null || true)
+  if [[ $old_pid =~ ^[0-9]+$ ]] && [[ $(cat "/proc/$old_pid/comm" 2>/dev/null) == dockerd ]]; then
+    if ! engine_up 150; then
+      echo "deploy-check: dockerd $old_pid (from $pidfile) does not answer; stopping it"
+      kill "$old_pid" 2>/dev/null || true
+      for _ in $(seq 100); do kill -0 "$old_pid" 2>/dev/null || break; sleep 0.1; done
+      kill -9 "$old_pid" 2>/dev/null || true
+    fi
+  fi
+  engine_up 1 || rm -f "$pidfile"
+fi
+if ! engine_up 1; then
   [[ $(id -u) -eq 0 ]] || fail "no docker engine running, and starting one needs root"
   dockerd --bridge=none --iptables=false --ip-masq=false >"$cache/dockerd.log" 2>&1 &
   dockerd_pid=$!
-  for _ in $(seq 150); do $docker info >/dev/null 2>&1 && break; sleep 0.2; done
-  $docker info >/dev/null 2>&1 || { tail -n 20 "$cache/dockerd.log"; fail "dockerd did not start"; }
+  engine_up 150 || { tail -n 20 "$cache/dockerd.log"; fail "dockerd did not start"; }
 fi
 # No registry is reachable: the base image is made here, like the official one (minbase
 # bookworm with the updates and security suites, without docs, man pages and apt lists).
@@ -205,6 +231,7 @@ fi
 # the two binaries through the host's ccache (hits after the release build) and shares every
 # result into .cache/deploy/ccache-seed, which the build context carries (read-only) into the
 # build stage. Same compiler packages, same relative paths (CCACHE_BASEDIR), same locale.
+bash scripts/install-deps.sh  # the host build needs the -dev packages (a no-op after test.sh's)
 seed=$cache/ccache-seed
 rm -rf "$seed" build/deploy-seed
 mkdir -p "$seed"
