@@ -57,7 +57,7 @@ class GrpcServiceTest : public ::testing::Test {
     // fails them (UNAVAILABLE) unless a test queues a result.
     core::ProviderSpec zendesk = *core::PresetSpec("zendesk");
     zendesk.name = "zendesk";
-    flow_parts_.providers["zendesk"] = zendesk;
+    flow_parts_.providers.Put("zendesk", zendesk);
     ASSERT_TRUE(testing::SeedEveryStatus(broker_, clock_.Now()).ok());
     auto server = StartServer({});
     ASSERT_TRUE(server.ok()) << server.status();
@@ -417,6 +417,25 @@ TEST_F(GrpcServiceTest, WatchTokenPushesEachGenerationThenEndsOnRevoke) {
   const grpc::Status s = reader->Finish();
   EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_EQ(ReasonOf(s), "REVOKED");
+}
+
+TEST_F(GrpcServiceTest, WatchTokenOnATokenAwaitingItsRefreshStaysOpenForTheNextGeneration) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  v1::WatchTokenRequest req;
+  req.set_connection_id(testing::kExpiredId);  // GetToken answers UNAVAILABLE: nothing to send
+  auto reader = tokens_->WatchToken(&ctx, req);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the stream is open by now
+
+  core::Grant next;
+  next.access_token = AccessToken(testing::NewTestSecret("access"));
+  next.expires_at = clock_.Now() + absl::Hours(1);
+  ASSERT_TRUE(broker_.Activate(testing::kExpiredId, next).ok());
+  v1::WatchTokenResponse msg;
+  ASSERT_TRUE(reader->Read(&msg)) << reader->Finish().error_message();
+  EXPECT_EQ(msg.token().generation(), 2u);
+  EXPECT_EQ(msg.token().access_token(), next.access_token.Reveal());
+  ctx.TryCancel();
 }
 
 TEST_F(GrpcServiceTest, WatchTokenOnUnservableConnectionEndsWithItsError) {

@@ -553,12 +553,16 @@ class TokenService::Impl::WatchReactor final
 
  private:
   // Sends the current generation if it is newer than the last one sent, or ends the stream if
-  // the connection stopped serving.
+  // the connection stopped serving. A token past its valid_until (a refresh pending, retrying,
+  // or held back by a provider that rejects our credentials) has not stopped serving: the
+  // stream stays open and the refreshed generation follows.
   void OnChange() {
     const ScopedRequestId request = ScopedRequestId::Resume(request_id_);
     absl::StatusOr<oauth::TokenView> view = broker_.GetToken(id_);
     if (!view.ok()) {
-      End(ToGrpcStatus(view.status()));
+      if (view.status().code() != absl::StatusCode::kUnavailable) {
+        End(ToGrpcStatus(view.status()));
+      }
       return;
     }
     {
