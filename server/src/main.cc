@@ -350,10 +350,12 @@ int main(int argc, char** argv) {
   };
   tb::oauth::RevokerOptions revoker_options;
   revoker_options.provider_timeout = config->refresh.provider_timeout;
-  tb::oauth::Revoker revoker(revoker_options, config->providers, clock, broker, **provider_client,
-                             events);
-  tb::oauth::AuthorizationFlow flow(flow_options, config->providers, clock, random, digest,
-                                    flow_store, **provider_client, broker, revoker, events);
+  // Replaced as a whole on SIGHUP; flows and refreshes in flight keep the definitions they began
+  // with.
+  tb::core::ProviderDirectory providers(config->providers);
+  tb::oauth::Revoker revoker(revoker_options, providers, clock, broker, **provider_client, events);
+  tb::oauth::AuthorizationFlow flow(flow_options, providers, clock, random, digest, flow_store,
+                                    **provider_client, broker, revoker, events);
   // Blocking domain work (provider calls, store writes) runs here, never on io or gRPC threads.
   tb::WorkPool work(4, "work");
   const tb::RunBlocking run_blocking = [&work](std::function<void()> task) {
@@ -376,8 +378,8 @@ int main(int argc, char** argv) {
     const uint32_t r = uint32_t{b[0]} << 24 | uint32_t{b[1]} << 16 | uint32_t{b[2]} << 8 | b[3];
     return (static_cast<double>(r) + 1.0) / 4294967296.0;
   };
-  tb::oauth::Refresher refresher(refresher_options, config->providers, clock, broker,
-                                 **provider_client, revoker, run_blocking, events);
+  tb::oauth::Refresher refresher(refresher_options, providers, clock, broker, **provider_client,
+                                 revoker, run_blocking, events);
   refresher_hook = &refresher;
 
   // Who may call the main port. Insecure mode (development only) lets everyone do everything.
@@ -606,15 +608,49 @@ int main(int argc, char** argv) {
     }
   });
 
-  // SIGHUP reloads what can change without a restart (log level, callers); SIGTERM and SIGINT
-  // drain and exit.
+  // A reloaded configuration's providers: checked first (each gets its outbound HTTPS client,
+  // so an unreadable CA file keeps the previous definitions), then swapped in at once.
+  const auto reload_providers = [&](const tb::core::ProviderRegistry& next) {
+    for (const auto& [name, spec] : next) {
+      if (absl::StatusOr<tb::provider::HttpClient*> http = (*provider_client)->ClientFor(spec);
+          !http.ok()) {
+        spdlog::error("SIGHUP: providers not reloaded, keeping the previous ones: provider {}: {}",
+                      name, http.status().ToString());
+        tb::Audit("providers_reloaded",
+                  {{"trigger", "SIGHUP"}, {"outcome", std::string(http.status().message())}});
+        return;
+      }
+    }
+    const std::shared_ptr<const tb::core::ProviderRegistry> before = providers.Snapshot();
+    const std::vector<std::string> changed = providers.Replace(next);
+    for (const std::string& name : changed) {
+      const auto it = next.find(name);
+      if (it == next.end()) {
+        spdlog::warn(
+            "provider {} removed: its connections keep their tokens but cannot refresh "
+            "or connect until it is configured again",
+            name);
+      } else {
+        spdlog::info("provider {} {}: preset {}, client id {}, secret {}", name,
+                     before->contains(name) ? "changed" : "added", it->second.preset,
+                     it->second.client_id, it->second.client_secret);
+      }
+    }
+    refresher.ProvidersChanged(changed);
+    spdlog::info("providers reloaded: {} configured, {} changed", next.size(), changed.size());
+    tb::Audit("providers_reloaded",
+              {{"trigger", "SIGHUP"}, {"changed", absl::StrJoin(changed, ",")}, {"outcome", "ok"}});
+  };
+
+  // SIGHUP reloads what can change without a restart (log level, providers, callers); SIGTERM
+  // and SIGINT drain and exit.
   int sig = 0;
   for (;;) {
     sigwait(&stop_signals, &sig);
     if (sig != SIGHUP) {
       break;
     }
-    spdlog::info("SIGHUP: reloading the log level and the callers");
+    spdlog::info("SIGHUP: reloading the log level, the providers and the callers");
     if (const std::string path = absl::GetFlag(FLAGS_config); !path.empty()) {
       absl::StatusOr<tb::config::Config> fresh = tb::config::LoadConfigFile(path, &Getenv);
       if (!fresh.ok()) {
@@ -625,6 +661,7 @@ int main(int argc, char** argv) {
       Override(&level, FLAGS_log_level);
       spdlog::set_level(spdlog::level::from_str(level));
       spdlog::info("log level {}", level);
+      reload_providers(fresh->providers);
       tb::MutexLock lock(&house_mu);  // the housekeeping thread reads the callers too
       config->auth.callers = fresh->auth.callers;
       if (authorizer != nullptr) {

@@ -48,7 +48,7 @@ class ClientTest : public ::testing::Test {
   void SetUp() override {
     core::ProviderSpec zendesk = *core::PresetSpec("zendesk");
     zendesk.name = "zendesk";
-    parts_.providers["zendesk"] = zendesk;
+    parts_.providers.Put("zendesk", zendesk);
     ASSERT_TRUE(testing::SeedEveryStatus(broker_, clock_.Now()).ok());
     StartServer("127.0.0.1:0");
     tokenbroker::ClientOptions o;

@@ -47,10 +47,11 @@ class FakeProviderClient final : public core::ProviderClient {
                                std::string(verifier.Reveal()), redirect_uri});
     return Pop(exchanges_);
   }
-  absl::StatusOr<core::Grant> Refresh(const core::ProviderSpec&, const core::Connection&,
+  absl::StatusOr<core::Grant> Refresh(const core::ProviderSpec& spec, const core::Connection&,
                                       absl::Time) override {
     MutexLock lock(&mu_);
     ++refresh_calls_;
+    refresh_client_ids_.push_back(spec.client_id);
     refresh_started_.SignalAll();
     while (hold_refreshes_) {
       released_.Wait(&mu_);
@@ -96,6 +97,11 @@ class FakeProviderClient final : public core::ProviderClient {
     MutexLock lock(&mu_);
     return refresh_calls_;
   }
+  // The client id of the spec each Refresh call was given, in order.
+  std::vector<std::string> refresh_client_ids() const {
+    MutexLock lock(&mu_);
+    return refresh_client_ids_;
+  }
   // Access tokens of the grants Revoke was called with, in order.
   std::vector<std::string> revoked() const {
     MutexLock lock(&mu_);
@@ -118,6 +124,7 @@ class FakeProviderClient final : public core::ProviderClient {
   std::deque<absl::Status> revokes_ ABSL_GUARDED_BY(mu_);
   std::vector<ExchangeCall> exchange_calls_ ABSL_GUARDED_BY(mu_);
   int refresh_calls_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<std::string> refresh_client_ids_ ABSL_GUARDED_BY(mu_);
   bool hold_refreshes_ ABSL_GUARDED_BY(mu_) = false;
   CondVar released_;
   CondVar refresh_started_;

@@ -273,7 +273,7 @@ struct World {
     return options;
   }
 
-  tb::core::ProviderRegistry providers = Providers();
+  tb::core::ProviderDirectory providers{Providers()};
   tb::testing::FakeClock clock;
   ZeroRandom random;
   tb::crypto::OpenSslDigest digest;

@@ -65,7 +65,7 @@ class ConnectFlowTest : public ::testing::Test {
     zendesk.client_secret = ClientSecret(client_secret_);
     zendesk.ca_file = fake_->ca_file();
     ASSERT_TRUE(core::ValidateSpec(zendesk).ok()) << core::ValidateSpec(zendesk);
-    providers_["zendesk"] = zendesk;
+    providers_.Put("zendesk", zendesk);
 
     core::ProviderSpec generic = *core::PresetSpec("generic");
     generic.name = "idp";
@@ -76,12 +76,12 @@ class ConnectFlowTest : public ::testing::Test {
     generic.client_id = "broker-client";
     generic.client_secret = ClientSecret(client_secret_);
     generic.ca_file = fake_->ca_file();
-    providers_["idp"] = generic;
+    providers_.Put("idp", generic);
 
     provider::HttpClientOptions http;
     http.ca_file = fake_->ca_file();
     auto provider_client = provider::HttpsProviderClient::Create(
-        http, {providers_["zendesk"], providers_["idp"]}, clock_);
+        http, {*providers_.Find("zendesk"), *providers_.Find("idp")}, clock_);
     ASSERT_TRUE(provider_client.ok()) << provider_client.status();
     provider_client_ = *std::move(provider_client);
     auto browser = provider::HttpClient::Create(http);
@@ -207,7 +207,7 @@ class ConnectFlowTest : public ::testing::Test {
 
   std::unique_ptr<testing::FakeProvider> fake_;
   std::string client_secret_;
-  core::ProviderRegistry providers_;
+  core::ProviderDirectory providers_;
   SystemClock clock_;
   crypto::OpenSslRandom random_;
   crypto::OpenSslDigest digest_;
@@ -597,7 +597,9 @@ class ShortTokenTest : public ConnectFlowTest {
     ConnectFlowTest::SetUp();
     // 8 s tokens, promised for 4 s: a margin of a second for the callers below, which must
     // hold under ASan on a busy CI machine too.
-    providers_["zendesk"].expires_in = 8;
+    core::ProviderSpec zendesk = *providers_.Find("zendesk");
+    zendesk.expires_in = 8;
+    providers_.Put("zendesk", zendesk);
     refresher_->Start();
     absl::StatusOr<v1::CreateConnectLinkResponse> link = CreateLink("acme", "zendesk");
     ASSERT_TRUE(link.ok());

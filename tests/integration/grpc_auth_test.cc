@@ -63,7 +63,7 @@ class GrpcAuthTest : public ::testing::Test {
 
     core::ProviderSpec zendesk = *core::PresetSpec("zendesk");
     zendesk.name = "zendesk";
-    parts_.providers["zendesk"] = zendesk;
+    parts_.providers.Put("zendesk", zendesk);
     ASSERT_TRUE(testing::SeedEveryStatus(broker_, clock_.Now()).ok());
 
     absl::StatusOr<std::unique_ptr<auth::Authorizer>> a = auth::Authorizer::Create(Rules());

@@ -284,12 +284,12 @@ class HttpAttackTest : public ::testing::Test {
     zendesk.client_id = "broker-client";
     zendesk.client_secret = ClientSecret(secret);
     zendesk.ca_file = fake_->ca_file();
-    providers_["zendesk"] = zendesk;
+    providers_.Put("zendesk", zendesk);
 
     provider::HttpClientOptions http;
     http.ca_file = fake_->ca_file();
     auto provider_client =
-        provider::HttpsProviderClient::Create(http, {providers_["zendesk"]}, clock_);
+        provider::HttpsProviderClient::Create(http, {*providers_.Find("zendesk")}, clock_);
     ASSERT_TRUE(provider_client.ok()) << provider_client.status();
     provider_client_ = *std::move(provider_client);
     std::optional<http::HttpTlsOptions> tls;
@@ -428,7 +428,7 @@ class HttpAttackTest : public ::testing::Test {
   static constexpr absl::Duration kReadTimeout = absl::Seconds(4);
 
   std::unique_ptr<testing::FakeProvider> fake_;
-  core::ProviderRegistry providers_;
+  core::ProviderDirectory providers_;
   OffsetClock clock_;
   crypto::OpenSslRandom random_;
   crypto::OpenSslDigest digest_;

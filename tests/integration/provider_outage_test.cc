@@ -78,7 +78,7 @@ class ProviderOutageTest : public ::testing::Test {
     idp.ca_file = fake_->ca_file();
     idp.expires_in = kLifetimeSeconds;
     ASSERT_TRUE(core::ValidateSpec(idp).ok()) << core::ValidateSpec(idp);
-    providers_["idp"] = idp;
+    providers_.Put("idp", idp);
 
     provider::HttpClientOptions http;
     http.ca_file = fake_->ca_file();
@@ -130,7 +130,7 @@ class ProviderOutageTest : public ::testing::Test {
   void Connect(const std::string& id) {
     provider::HttpRequest req;
     req.method = "GET";
-    req.url = absl::StrCat(providers_["idp"].authorize_url,
+    req.url = absl::StrCat(providers_.Find("idp")->authorize_url,
                            "?response_type=code&client_id=broker-client&redirect_uri=",
                            "https%3A%2F%2Fbroker.example%2Foauth%2Fcallback&state=s1");
     absl::StatusOr<provider::HttpResponse> res =
@@ -147,7 +147,7 @@ class ProviderOutageTest : public ::testing::Test {
     connection.id = id;
     connection.provider = "idp";
     absl::StatusOr<core::Grant> grant = provider_client_->ExchangeCode(
-        providers_["idp"], connection, AuthCode(code), PkceVerifier(), kRedirectUri,
+        *providers_.Find("idp"), connection, AuthCode(code), PkceVerifier(), kRedirectUri,
         absl::Now() + absl::Seconds(10));
     ASSERT_TRUE(grant.ok()) << grant.status();
     ASSERT_TRUE(broker_.CreatePending(id, "idp", {}).ok());
@@ -166,7 +166,7 @@ class ProviderOutageTest : public ::testing::Test {
   }
 
   std::unique_ptr<testing::FakeProvider> fake_;
-  core::ProviderRegistry providers_;
+  core::ProviderDirectory providers_;
   SystemClock clock_;
   crypto::OpenSslRandom random_;
   crypto::OpenSslDigest digest_;

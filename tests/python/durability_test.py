@@ -94,6 +94,26 @@ def record_secret(value):
 _counter = [0]
 
 
+def write_key_ring(directory):
+    """A store key file in `directory` holding one fresh AES-256 key "k1" (recorded for the
+    scan). Returns its path."""
+    key = base64.b64encode(os.urandom(32)).decode()
+    record_secret(key)
+    path = os.path.join(directory, "keys")
+    with open(path, "w") as f:
+        f.write(f"k1 {key}\n")
+    return path
+
+
+def listen_args(ports, public_base_url):
+    """token-broker's listener flags for `ports` (grpc, probe, public, admin) on loopback."""
+    return [f"--grpc_listen=127.0.0.1:{ports['grpc']}",
+            f"--probe_listen=127.0.0.1:{ports['probe']}",
+            f"--public_listen=127.0.0.1:{ports['public']}",
+            f"--admin_listen=127.0.0.1:{ports['admin']}",
+            f"--public_base_url={public_base_url}"]
+
+
 def new_test_secret(label):
     """A secret shaped as tests/support/test_secrets.h's NewTestSecret makes them,
     "<label>/<16 random hex digits>+<n>=", recorded: the scan then finds even its random part."""
@@ -287,11 +307,7 @@ class Broker:
         self.ports = {name: free_port() for name in ("grpc", "probe", "public", "admin")}
         self.public_base_url = f"http://127.0.0.1:{self.ports['public']}"
         args = [BROKER, f"--config={state.config}",
-                f"--grpc_listen=127.0.0.1:{self.ports['grpc']}",
-                f"--probe_listen=127.0.0.1:{self.ports['probe']}",
-                f"--public_listen=127.0.0.1:{self.ports['public']}",
-                f"--admin_listen=127.0.0.1:{self.ports['admin']}",
-                f"--public_base_url={self.public_base_url}",
+                *listen_args(self.ports, self.public_base_url),
                 "--log_level=trace",
                 # Always a file: trace logs on an unread stderr pipe would block the broker.
                 f"--log_file={log_dir() or state.path}/token-broker-{os.getpid()}-"

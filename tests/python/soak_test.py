@@ -32,11 +32,9 @@ Usage: /usr/bin/python3 soak_test.py <token-broker> <fake_provider> [--connectio
        end-of-run scan.
 """
 import argparse
-import base64
 import collections
 import heapq
 import http.client
-import json
 import os
 import shutil
 import signal
@@ -98,11 +96,7 @@ class State:
 
     def __init__(self, fake, lifetime):
         self.path = tempfile.mkdtemp(prefix="tb-soak-")
-        key = base64.b64encode(os.urandom(32)).decode()
-        dt.record_secret(key)
-        keys = os.path.join(self.path, "keys")
-        with open(keys, "w") as f:
-            f.write(f"k1 {key}\n")
+        keys = dt.write_key_ring(self.path)
         link_key = dt.new_test_secret("soak-link-key")
         link_key_file = os.path.join(self.path, "link-key")
         with open(link_key_file, "w") as f:
@@ -148,12 +142,8 @@ class Broker:
         self.log_path = os.path.join(log_dir() or state.path,
                                      f"token-broker-soak-{os.getpid()}-{time.time_ns()}.log")
         self.proc = subprocess.Popen(
-            [dt.BROKER, f"--config={state.config}",
-             f"--grpc_listen=127.0.0.1:{self.ports['grpc']}",
-             f"--probe_listen=127.0.0.1:{self.ports['probe']}",
-             f"--public_listen=127.0.0.1:{self.ports['public']}",
-             f"--admin_listen=127.0.0.1:{self.ports['admin']}",
-             f"--public_base_url={self.public_base_url}", "--log_level=info",
+            [dt.BROKER, f"--config={state.config}", *dt.listen_args(self.ports, self.public_base_url),
+             "--log_level=info",
              f"--log_file={self.log_path}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.ports['grpc']}")

@@ -25,7 +25,6 @@ Usage: /usr/bin/python3 store_outage_test.py <token-broker> <fake_provider> [uni
        (scripts/install-deps.sh). With TB_TEST_LOG_DIR set, every log goes there and secrets are
        recorded for the end-of-run scan. TB_STORE_OUTAGE_SECONDS (10) sets the outage.
 """
-import base64
 import collections
 import os
 import re
@@ -117,11 +116,7 @@ class State:
 
     def __init__(self, fake, pg):
         self.path = tempfile.mkdtemp(prefix="tb-store-outage-test-")
-        key = base64.b64encode(os.urandom(32)).decode()
-        dt.record_secret(key)
-        self.keys = os.path.join(self.path, "keys")
-        with open(self.keys, "w") as f:
-            f.write(f"k1 {key}\n")
+        self.keys = dt.write_key_ring(self.path)
         link_key = dt.new_test_secret("store-outage-link-key")
         link_key_file = os.path.join(self.path, "link-key")
         with open(link_key_file, "w") as f:

@@ -32,7 +32,7 @@ struct FlowParts {
     return [this](std::function<void()> task) { pool.Post(std::move(task)); };
   }
 
-  core::ProviderRegistry providers;
+  core::ProviderDirectory providers;
   crypto::OpenSslRandom random;
   crypto::OpenSslDigest digest;
   store::InMemoryFlowStore store;

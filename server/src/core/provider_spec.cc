@@ -1,11 +1,51 @@
 #include "server/src/core/provider_spec.h"
 
 #include <algorithm>
+#include <utility>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 
 namespace tb::core {
+
+std::shared_ptr<const ProviderSpec> ProviderDirectory::Find(const std::string& name) const {
+  std::shared_ptr<const ProviderRegistry> all = Snapshot();
+  const auto it = all->find(name);
+  if (it == all->end()) {
+    return nullptr;
+  }
+  return std::shared_ptr<const ProviderSpec>(std::move(all), &it->second);  // shares ownership
+}
+
+std::vector<std::string> ProviderDirectory::Replace(ProviderRegistry next) {
+  auto fresh = std::make_shared<const ProviderRegistry>(std::move(next));
+  std::shared_ptr<const ProviderRegistry> old;
+  {
+    MutexLock lock(&mu_);
+    old = std::exchange(current_, fresh);
+  }
+  std::vector<std::string> changed;
+  for (const auto& [name, spec] : *fresh) {
+    const auto it = old->find(name);
+    if (it == old->end() || !(it->second == spec)) {
+      changed.push_back(name);
+    }
+  }
+  for (const auto& [name, spec] : *old) {
+    if (!fresh->contains(name)) {
+      changed.push_back(name);
+    }
+  }
+  std::sort(changed.begin(), changed.end());
+  return changed;
+}
+
+void ProviderDirectory::Put(const std::string& name, ProviderSpec spec) {
+  MutexLock lock(&mu_);
+  auto next = std::make_shared<ProviderRegistry>(*current_);
+  (*next)[name] = std::move(spec);
+  current_ = std::move(next);
+}
 
 absl::Status ValidateSubdomain(absl::string_view s) {
   const auto ok_char = [](char c) {

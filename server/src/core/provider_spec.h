@@ -6,13 +6,16 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "server/src/common/mutex.h"
 #include "server/src/common/secret.h"
 
 namespace tb::core {
@@ -55,10 +58,45 @@ struct ProviderSpec {
   std::string ca_file;  // empty: the system trust store
   absl::Duration connect_timeout = absl::Seconds(5);
   absl::Duration request_timeout = absl::Seconds(30);
+
+  // Every field equal (a reload tells changed providers by this).
+  friend bool operator==(const ProviderSpec&, const ProviderSpec&) = default;
 };
 
-// Configured providers by name. Built once at start; read-only afterwards.
+// Configured providers by name.
 using ProviderRegistry = std::map<std::string, ProviderSpec>;
+
+// The providers in force, replaced as a whole when the configuration is reloaded (SIGHUP).
+// Readers take a snapshot and keep it for the whole operation, so a refresh or a code exchange
+// that started under the old definitions finishes under them (nothing is cancelled), and the
+// next one sees the new. Thread-safe; provider lookups happen per flow or refresh, never per
+// GetToken.
+class ProviderDirectory {
+ public:
+  ProviderDirectory() : current_(std::make_shared<const ProviderRegistry>()) {}
+  explicit ProviderDirectory(ProviderRegistry initial)
+      : current_(std::make_shared<const ProviderRegistry>(std::move(initial))) {}
+  ProviderDirectory(const ProviderDirectory&) = delete;
+  ProviderDirectory& operator=(const ProviderDirectory&) = delete;
+
+  // Every provider as of now (never null).
+  std::shared_ptr<const ProviderRegistry> Snapshot() const ABSL_LOCKS_EXCLUDED(mu_) {
+    MutexLock lock(&mu_);
+    return current_;
+  }
+  // The named provider as of now, kept alive by the pointer; null when none has that name.
+  std::shared_ptr<const ProviderSpec> Find(const std::string& name) const ABSL_LOCKS_EXCLUDED(mu_);
+
+  // Replaces every provider at once. Returns the names whose definition changed, was added or
+  // was removed (sorted).
+  std::vector<std::string> Replace(ProviderRegistry next) ABSL_LOCKS_EXCLUDED(mu_);
+  // Adds or replaces one provider under `name` (tests and tools; Replace for reloads).
+  void Put(const std::string& name, ProviderSpec spec) ABSL_LOCKS_EXCLUDED(mu_);
+
+ private:
+  mutable Mutex mu_;
+  std::shared_ptr<const ProviderRegistry> current_ ABSL_GUARDED_BY(mu_);
+};
 
 // Checks a Zendesk subdomain: ^[a-z0-9][a-z0-9-]{0,62}$. Errors: INVALID_ARGUMENT.
 absl::Status ValidateSubdomain(absl::string_view subdomain);

@@ -43,7 +43,7 @@ std::string TrimSlash(std::string s) {
 
 }  // namespace
 
-AuthorizationFlow::AuthorizationFlow(FlowOptions options, const core::ProviderRegistry& providers,
+AuthorizationFlow::AuthorizationFlow(FlowOptions options, const core::ProviderDirectory& providers,
                                      const Clock& clock, core::Random& random,
                                      const core::Digest& digest, core::FlowStore& store,
                                      core::ProviderClient& provider_client, Broker& broker,
@@ -75,18 +75,18 @@ void AuthorizationFlow::Event(absl::string_view event, const core::ConnectionId&
   }
 }
 
-absl::StatusOr<const core::ProviderSpec*> AuthorizationFlow::Spec(
+absl::StatusOr<std::shared_ptr<const core::ProviderSpec>> AuthorizationFlow::Spec(
     const std::string& provider) const {
-  const auto it = providers_.find(provider);
-  if (it == providers_.end()) {
+  std::shared_ptr<const core::ProviderSpec> spec = providers_.Find(provider);
+  if (spec == nullptr) {
     std::vector<std::string> names;
-    for (const auto& [name, spec] : providers_) {
+    for (const auto& [name, unused] : *providers_.Snapshot()) {
       names.push_back(name);
     }
     return absl::InvalidArgumentError(absl::StrCat("unknown provider '", provider,
                                                    "'; configured: ", absl::StrJoin(names, ", ")));
   }
-  return &it->second;
+  return spec;
 }
 
 absl::StatusOr<AuthorizationFlow::MintedLink> AuthorizationFlow::CreateLink(
@@ -94,7 +94,7 @@ absl::StatusOr<AuthorizationFlow::MintedLink> AuthorizationFlow::CreateLink(
     const std::map<std::string, std::string>& params, absl::Duration ttl, bool reconnect,
     const std::string& return_url) {
   TB_RETURN_IF_ERROR(core::ValidateConnectionId(id));
-  TB_ASSIGN_OR_RETURN(const core::ProviderSpec* spec, Spec(provider));
+  TB_ASSIGN_OR_RETURN(const std::shared_ptr<const core::ProviderSpec> spec, Spec(provider));
   TB_RETURN_IF_ERROR(core::ValidateConnectionParams(*spec, params));
   if (!return_url.empty()) {
     TB_RETURN_IF_ERROR(core::CheckReturnUrl(return_url, options_.return_url_allowlist));
@@ -203,7 +203,7 @@ absl::StatusOr<AuthorizationFlow::Started> AuthorizationFlow::Start(absl::string
                      "connect link is not known");
   }
   TB_RETURN_IF_ERROR(CheckLinkUsable(*record));
-  TB_ASSIGN_OR_RETURN(const core::ProviderSpec* spec, Spec(link.provider));
+  TB_ASSIGN_OR_RETURN(const std::shared_ptr<const core::ProviderSpec> spec, Spec(link.provider));
   // Signed by us, so checked when minted; checked again (a provider's rules may have changed
   // since) before any of it goes into a host name, and refused like any unusable link.
   if (!core::ValidateConnectionParams(*spec, link.params).ok()) {
@@ -292,7 +292,7 @@ absl::StatusOr<core::ConnectionId> AuthorizationFlow::Complete(const Callback& c
                      "connect link is not known");
   }
   TB_RETURN_IF_ERROR(CheckLinkUsable(*record));
-  TB_ASSIGN_OR_RETURN(const core::ProviderSpec* spec, Spec(auth.provider));
+  TB_ASSIGN_OR_RETURN(const std::shared_ptr<const core::ProviderSpec> spec, Spec(auth.provider));
 
   std::shared_ptr<const core::Connection> current;
   absl::StatusOr<std::shared_ptr<const core::Connection>> c =

@@ -45,7 +45,7 @@ using FlowEventSink = EventSink;
 // and gRPC threads. Everything passed to the constructor must outlive the flow.
 class AuthorizationFlow {
  public:
-  AuthorizationFlow(FlowOptions options, const core::ProviderRegistry& providers,
+  AuthorizationFlow(FlowOptions options, const core::ProviderDirectory& providers,
                     const Clock& clock, core::Random& random, const core::Digest& digest,
                     core::FlowStore& store, core::ProviderClient& provider_client, Broker& broker,
                     Revoker& revoker, FlowEventSink events = nullptr);
@@ -110,7 +110,8 @@ class AuthorizationFlow {
   const std::string& redirect_uri() const { return redirect_uri_; }
 
  private:
-  absl::StatusOr<const core::ProviderSpec*> Spec(const std::string& provider) const;
+  // The provider as of now, kept alive for the whole operation (a reload may replace it).
+  absl::StatusOr<std::shared_ptr<const core::ProviderSpec>> Spec(const std::string& provider) const;
   absl::StatusOr<std::string> AuthorizeUrl(const core::ProviderSpec& spec,
                                            const core::PendingAuthorization& auth) const;
   absl::Status CheckLinkUsable(const core::LinkRecord& record) const;
@@ -119,7 +120,7 @@ class AuthorizationFlow {
 
   const FlowOptions options_;
   const std::string redirect_uri_;
-  const core::ProviderRegistry& providers_;
+  const core::ProviderDirectory& providers_;
   const Clock& clock_;
   core::Random& random_;
   const core::Digest& digest_;

@@ -43,7 +43,7 @@ bool Active(const std::shared_ptr<const core::Connection>& c) {
 
 }  // namespace
 
-Refresher::Refresher(RefresherOptions options, const core::ProviderRegistry& providers,
+Refresher::Refresher(RefresherOptions options, const core::ProviderDirectory& providers,
                      const Clock& clock, Broker& broker, core::ProviderClient& provider_client,
                      Revoker& revoker, RunBlocking run_blocking, EventSink events)
     : options_(options),
@@ -408,8 +408,8 @@ absl::StatusOr<TokenView> Refresher::RefreshNow(const core::ConnectionId& id, bo
     return core::ReasonError(absl::StatusCode::kFailedPrecondition, core::Reason::kNotRefreshable,
                              "the grant has no refresh token");
   }
-  const auto spec = providers_.find(c->provider);
-  if (spec == providers_.end() || provider_misconfigured(c->provider)) {
+  const std::shared_ptr<const core::ProviderSpec> spec = providers_.Find(c->provider);
+  if (spec == nullptr || provider_misconfigured(c->provider)) {
     return core::ReasonError(absl::StatusCode::kFailedPrecondition,
                              core::Reason::kProviderMisconfigured,
                              "the provider is not configured or rejected our client credentials");
@@ -477,7 +477,7 @@ absl::StatusOr<TokenView> Refresher::RefreshNow(const core::ConnectionId& id, bo
     earlier_unknown = false;
   }
   absl::StatusOr<core::Grant> grant =
-      provider_client_.Refresh(spec->second, *c, clock_.Now() + options_.provider_timeout);
+      provider_client_.Refresh(*spec, *c, clock_.Now() + options_.provider_timeout);
   if (!grant.ok()) {
     const std::optional<core::Reason> reason = core::ReasonOf(grant.status());
     if (reason == core::Reason::kNeedsReauth) {
@@ -671,6 +671,27 @@ void Refresher::Track(const std::shared_ptr<const core::Connection>& c,
   }
   wake_.SignalAll();
   NotifyWaiters(id, nullptr);
+}
+
+void Refresher::ProvidersChanged(const std::vector<std::string>& names) {
+  if (names.empty()) {
+    return;
+  }
+  const absl::Time now = clock_.Now();
+  {
+    MutexLock lock(&mu_);
+    for (const std::string& name : names) {
+      misconfigured_.erase(name);
+    }
+    // Due entries already run (and refused: no provider, rejected credentials) are in no heap
+    // any more; a duplicate of one still queued is harmless (single-flight).
+    for (const auto& [id, entry] : tracked_) {
+      if (entry.second <= now && !in_flight_.contains(id)) {
+        due_.push(Due{entry.second, id, entry.first, Job::kRefresh});
+      }
+    }
+  }
+  wake_.SignalAll();
 }
 
 absl::Time Refresher::RunDue() {

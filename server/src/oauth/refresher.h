@@ -97,7 +97,7 @@ class Refresher {
   using Done = std::function<void(absl::StatusOr<TokenView>)>;
   using RevokeDone = std::function<void(absl::StatusOr<bool> provider_confirmed)>;
 
-  Refresher(RefresherOptions options, const core::ProviderRegistry& providers, const Clock& clock,
+  Refresher(RefresherOptions options, const core::ProviderDirectory& providers, const Clock& clock,
             Broker& broker, core::ProviderClient& provider_client, Revoker& revoker,
             RunBlocking run_blocking, EventSink events = nullptr);
 
@@ -142,6 +142,11 @@ class Refresher {
   // Stops the scheduling thread (in-flight refreshes finish on the work pool).
   void Stop() ABSL_LOCKS_EXCLUDED(mu_);
   ~Refresher();
+
+  // The providers `names` were added, redefined or removed (a configuration reload): one that
+  // rejected our client credentials gets another chance with its new definition, and every
+  // refresh that came due meanwhile and is not in flight is queued again.
+  void ProvidersChanged(const std::vector<std::string>& names) ABSL_LOCKS_EXCLUDED(mu_);
 
   bool provider_misconfigured(const std::string& provider) const ABSL_LOCKS_EXCLUDED(mu_);
   size_t waiters() const ABSL_LOCKS_EXCLUDED(mu_);
@@ -220,7 +225,7 @@ class Refresher {
   absl::Time RetryAt(int n, absl::Time now, absl::Time expires_at, const absl::Status& s) const;
 
   const RefresherOptions options_;
-  const core::ProviderRegistry& providers_;
+  const core::ProviderDirectory& providers_;
   const Clock& clock_;
   Broker& broker_;
   core::ProviderClient& provider_client_;

@@ -30,7 +30,7 @@ bool HasRefreshToken(const core::Grant& g) { return g.refresh_token && !g.refres
 
 }  // namespace
 
-Revoker::Revoker(RevokerOptions options, const core::ProviderRegistry& providers,
+Revoker::Revoker(RevokerOptions options, const core::ProviderDirectory& providers,
                  const Clock& clock, Broker& broker, core::ProviderClient& provider_client,
                  EventSink events)
     : options_(options),
@@ -49,8 +49,8 @@ absl::StatusOr<bool> Revoker::RevokePending(const core::ConnectionId& id) {
   if (c->to_revoke.empty()) {
     return true;
   }
-  const auto spec = providers_.find(c->provider);
-  if (spec == providers_.end()) {
+  const std::shared_ptr<const core::ProviderSpec> spec = providers_.Find(c->provider);
+  if (spec == nullptr) {
     // The provider was removed from the configuration: nothing can be revoked until it is back.
     if (events_) {
       events_("revoke_deferred", id,
@@ -60,7 +60,7 @@ absl::StatusOr<bool> Revoker::RevokePending(const core::ConnectionId& id) {
   }
   bool all_done = true;
   for (const core::Grant& g : c->to_revoke) {
-    if (RevokeOne(spec->second, *c, g, /*recorded=*/true) == Outcome::kRetry) {
+    if (RevokeOne(*spec, *c, g, /*recorded=*/true) == Outcome::kRetry) {
       all_done = false;
     }
   }
@@ -68,11 +68,11 @@ absl::StatusOr<bool> Revoker::RevokePending(const core::ConnectionId& id) {
 }
 
 absl::Status Revoker::RevokeDetached(const core::Connection& connection, const core::Grant& grant) {
-  const auto spec = providers_.find(connection.provider);
-  if (spec == providers_.end()) {
+  const std::shared_ptr<const core::ProviderSpec> spec = providers_.Find(connection.provider);
+  if (spec == nullptr) {
     return absl::FailedPreconditionError("the connection's provider is not configured");
   }
-  return RevokeOne(spec->second, connection, grant, /*recorded=*/false) == Outcome::kDone
+  return RevokeOne(*spec, connection, grant, /*recorded=*/false) == Outcome::kDone
              ? absl::OkStatus()
              : absl::UnavailableError("the provider did not confirm the revocation");
 }

@@ -31,7 +31,7 @@ struct RevokerOptions {
 // constructor must outlive it.
 class Revoker {
  public:
-  Revoker(RevokerOptions options, const core::ProviderRegistry& providers, const Clock& clock,
+  Revoker(RevokerOptions options, const core::ProviderDirectory& providers, const Clock& clock,
           Broker& broker, core::ProviderClient& provider_client, EventSink events = nullptr);
 
   // Tries every revocation `id` still owes, once. Returns true when none is left (confirmed,
@@ -52,7 +52,7 @@ class Revoker {
                     core::Grant grant, bool recorded);
 
   const RevokerOptions options_;
-  const core::ProviderRegistry& providers_;
+  const core::ProviderDirectory& providers_;
   const Clock& clock_;
   Broker& broker_;
   core::ProviderClient& provider_client_;

@@ -99,5 +99,46 @@ TEST(ProviderSpecTest, MissingCredentialsOrPlainHttpAreRejected) {
   EXPECT_EQ(ValidateSpec(s).code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST(ProviderDirectoryTest, ReplaceNamesWhatChangedAndKeepsOldSnapshotsIntact) {
+  ProviderSpec zendesk = *PresetSpec("zendesk");
+  zendesk.name = "zendesk";
+  zendesk.client_id = "one";
+  ProviderSpec idp = *PresetSpec("generic");
+  idp.name = "idp";
+  ProviderDirectory dir({{"zendesk", zendesk}, {"idp", idp}});
+  const std::shared_ptr<const ProviderSpec> held = dir.Find("zendesk");  // a flow in progress
+  const std::shared_ptr<const ProviderRegistry> before = dir.Snapshot();
+  ASSERT_NE(held, nullptr);
+  EXPECT_EQ(dir.Find("nope"), nullptr);
+
+  EXPECT_TRUE(dir.Replace({{"zendesk", zendesk}, {"idp", idp}}).empty());  // same definitions
+  ProviderSpec rotated = zendesk;
+  rotated.client_secret = ClientSecret("new-secret");
+  ProviderSpec chat = *PresetSpec("zendesk-chat");
+  chat.name = "chat";
+  EXPECT_EQ(dir.Replace({{"zendesk", rotated}, {"chat", chat}}),
+            (std::vector<std::string>{"chat", "idp", "zendesk"}));  // added, removed, changed
+  EXPECT_EQ(dir.Find("zendesk")->client_secret, ClientSecret("new-secret"));
+  EXPECT_EQ(dir.Find("idp"), nullptr);
+  EXPECT_EQ(held->client_id, "one");  // what was held is untouched
+  EXPECT_EQ(held->client_secret, zendesk.client_secret);
+  EXPECT_EQ(before->size(), 2u);
+  EXPECT_TRUE(before->contains("idp"));
+}
+
+TEST(ProviderDirectoryTest, EveryFieldCountsAsAChange) {
+  ProviderSpec a = *PresetSpec("generic");
+  ProviderSpec b = a;
+  EXPECT_TRUE(a == b);
+  b.request_timeout += absl::Seconds(1);
+  EXPECT_FALSE(a == b);
+  b = a;
+  b.extra_token_params["audience"] = "x";
+  EXPECT_FALSE(a == b);
+  b = a;
+  b.ca_file = "/etc/other.pem";
+  EXPECT_FALSE(a == b);
+}
+
 }  // namespace
 }  // namespace tb::core

@@ -102,7 +102,7 @@ class OAuthHandlerTest : public ::testing::Test {
     zendesk.name = "zendesk";
     zendesk.client_id = "broker";
     zendesk.client_secret = ClientSecret(testing::NewTestSecret("client-secret"));
-    providers_["zendesk"] = zendesk;
+    providers_.Put("zendesk", zendesk);
     options_.public_base_url = "https://broker.example.com";
     options_.link_key = KeyMaterial(testing::NewTestSecret("link-key"));
     options_.return_url_allowlist = {"https://app.example.com/connected"};
@@ -145,7 +145,7 @@ class OAuthHandlerTest : public ::testing::Test {
     EXPECT_FALSE(absl::StrContains(res.body, "<script")) << what;
   }
 
-  core::ProviderRegistry providers_;
+  core::ProviderDirectory providers_;
   oauth::FlowOptions options_;
   testing::FakeClock clock_;
   crypto::OpenSslRandom random_;

@@ -48,12 +48,12 @@ class AuthorizationFlowTest : public ::testing::Test {
     zendesk.name = "zendesk";
     zendesk.client_id = "broker";
     zendesk.client_secret = ClientSecret(testing::NewTestSecret("client-secret"));
-    providers_["zendesk"] = zendesk;
+    providers_.Put("zendesk", zendesk);
     core::ProviderSpec chat = *core::PresetSpec("zendesk-chat");
     chat.name = "chat";
     chat.client_id = "broker-chat";
     chat.client_secret = ClientSecret(testing::NewTestSecret("client-secret"));
-    providers_["chat"] = chat;
+    providers_.Put("chat", chat);
   }
 
   core::Grant NewGrant() {
@@ -92,7 +92,7 @@ class AuthorizationFlowTest : public ::testing::Test {
     return cb;
   }
 
-  core::ProviderRegistry providers_;
+  core::ProviderDirectory providers_;
   FlowOptions options_ = Options();
   testing::FakeClock clock_;
   crypto::OpenSslRandom random_;

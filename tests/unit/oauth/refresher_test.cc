@@ -53,7 +53,7 @@ class RefresherTest : public ::testing::Test {
   RefresherTest() {
     core::ProviderSpec spec = *core::PresetSpec("zendesk");
     spec.name = "zendesk";
-    providers_["zendesk"] = spec;
+    providers_.Put("zendesk", spec);
   }
 
   core::Grant NewGrant(absl::Duration lifetime, bool with_refresh_token = true) {
@@ -100,7 +100,7 @@ class RefresherTest : public ::testing::Test {
   testing::FakeClock clock_;
   store::InMemoryTokenStore store_;
   cache::ConnectionCache cache_;
-  core::ProviderRegistry providers_;
+  core::ProviderDirectory providers_;
   testing::FakeProviderClient provider_;
   WorkPool work_{4, "test-work"};
   // Declared before the broker, whose on_change hook feeds it.
@@ -261,6 +261,50 @@ TEST_F(RefresherTest, InvalidClientMarksTheProviderAndLeavesGrantsAlone) {
   EXPECT_TRUE(broker_.GetToken("b").ok());
   EXPECT_EQ(core::ReasonOf(RefreshAndWait("b", 1).status()), Reason::kProviderMisconfigured);
   EXPECT_EQ(provider_.refresh_calls(), 1);
+}
+
+TEST_F(RefresherTest, AReloadedProviderDefinitionClearsMisconfiguredAndResumesDueRefreshes) {
+  Connect("a", absl::Hours(1));
+  provider_.NextRefreshReturns(core::ReasonError(absl::StatusCode::kFailedPrecondition,
+                                                 Reason::kProviderMisconfigured, "invalid_client"));
+  clock_.Advance(absl::Minutes(55));
+  RunDueAndAwait(1);
+  ASSERT_TRUE(refresher_->provider_misconfigured("zendesk"));
+  refresher_->RunDue();
+  EXPECT_EQ(provider_.refresh_calls(), 1);  // marked: no further call
+
+  // The operator fixes the client credentials and reloads.
+  core::ProviderSpec fixed = *providers_.Find("zendesk");
+  fixed.client_id = "rotated-client";
+  providers_.Put("zendesk", fixed);
+  refresher_->ProvidersChanged({"zendesk"});
+  EXPECT_FALSE(refresher_->provider_misconfigured("zendesk"));
+  const core::Grant next = NewGrant(absl::Hours(1));
+  provider_.NextRefreshReturns(next);
+  RunDueAndAwait(2);  // the refresh that came due meanwhile runs again, by itself
+  EXPECT_EQ(provider_.refresh_client_ids(),
+            (std::vector<std::string>{core::PresetSpec("zendesk")->client_id, "rotated-client"}));
+  EXPECT_EQ(broker_.GetToken("a")->grant().access_token, next.access_token);
+}
+
+TEST_F(RefresherTest, ARemovedProviderStopsRefreshesUntilItIsConfiguredAgain) {
+  Connect("a", absl::Hours(1));
+  const core::ProviderSpec zendesk = *providers_.Find("zendesk");
+  EXPECT_EQ(providers_.Replace({}), std::vector<std::string>{"zendesk"});
+  clock_.Advance(absl::Minutes(55));
+  refresher_->RunDue();
+  work_.Drain();
+  EXPECT_EQ(provider_.refresh_calls(), 0);
+  EXPECT_EQ(core::ReasonOf(RefreshAndWait("a", 1).status()), Reason::kProviderMisconfigured);
+  const std::shared_ptr<const core::Connection> kept = broker_.GetConnection("a").value();
+  EXPECT_EQ(kept->status, core::ConnectionStatus::kActive);  // its grant is kept as it was
+  EXPECT_EQ(kept->generation(), 1u);
+
+  EXPECT_EQ(providers_.Replace({{"zendesk", zendesk}}), std::vector<std::string>{"zendesk"});
+  refresher_->ProvidersChanged({"zendesk"});
+  provider_.NextRefreshReturns(NewGrant(absl::Hours(1)));
+  RunDueAndAwait(1);
+  EXPECT_EQ(broker_.GetConnection("a").value()->generation(), 2u);
 }
 
 TEST_F(RefresherTest, GrantWithoutRefreshTokenIsNotRefreshable) {
