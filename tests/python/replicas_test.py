@@ -42,7 +42,6 @@ import re
 import select
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -55,10 +54,12 @@ import urllib.parse
 import urllib.request
 
 import grpc
-from google.rpc import error_details_pb2
-from google.rpc import status_pb2
 from tokenbroker.v1 import token_broker_pb2 as pb
 from tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
+
+# The secret recording, port and gRPC error helpers of the durability test.
+from durability_test import (NoRedirect, error_reason, free_port, log_dir, new_test_secret,
+                             record_secret, seconds)
 
 BROKER = FAKE_PROVIDER = ""
 PSQL = shutil.which("psql") or "/usr/lib/postgresql/15/bin/psql"
@@ -83,58 +84,6 @@ TAKEOVER_SLACK_S = 8
 MAX_GET_TOKEN_S = 5
 
 
-def log_dir():
-    return os.environ.get("TB_TEST_LOG_DIR", "")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-_recorded = set()
-_recorded_lock = threading.Lock()
-
-
-def record_secret(value):
-    """Adds a secret to the end-of-run log scan (tests/support/scan_logs_for_secrets.py)."""
-    if not value or not log_dir():
-        return
-    with _recorded_lock:
-        if value in _recorded:
-            return
-        _recorded.add(value)
-        with open(os.path.join(log_dir(), f"secrets-{os.getpid()}.txt"), "a") as f:
-            f.write(value + "\n")
-
-
-_counter = [0]
-
-
-def new_test_secret(label):
-    """A secret shaped as tests/support/test_secrets.h's NewTestSecret makes them, recorded."""
-    with _recorded_lock:
-        _counter[0] += 1
-        n = _counter[0]
-    value = f"{label}/{os.urandom(8).hex()}+{n}="
-    record_secret(value)
-    return value
-
-
-def error_reason(err):
-    """The google.rpc.ErrorInfo reason in an RpcError's grpc-status-details-bin trailer, or ""."""
-    raw = dict(err.trailing_metadata() or ()).get("grpc-status-details-bin")
-    if raw is None:
-        return ""
-    for detail in status_pb2.Status.FromString(raw).details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info.reason
-    return ""
-
-
 def epoch(ts):
     return ts.seconds + ts.nanos / 1e9
 
@@ -143,20 +92,11 @@ def epoch_us(ts):
     return ts.seconds * 10**6 + ts.nanos // 1000
 
 
-def seconds(d):
-    return d.seconds + d.nanos / 1e9
-
-
 def percentile(values, p):
     if not values:
         return float("nan")
     s = sorted(values)
     return s[min(len(s) - 1, int(p / 100 * len(s)))]
-
-
-class NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):
-        return None
 
 
 # --- PostgreSQL ---------------------------------------------------------------------------------
