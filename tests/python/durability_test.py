@@ -150,25 +150,27 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
 class FakeProvider:
     """The fake_provider binary on a free port, auto-approving authorizations. It records every
     code and token it issues in secrets-<its pid>.txt under TB_TEST_LOG_DIR (or a private folder
-    when that is unset), which tells this test the refresh tokens it never sees otherwise."""
+    when that is unset, or always with `private_secrets`), which tells a test the refresh
+    tokens it never sees otherwise."""
 
-    def __init__(self, directory):
-        self.secret = new_test_secret("durability-client-secret")
+    def __init__(self, directory, label="durability", private_secrets=False, log_level="debug"):
+        self.secret = new_test_secret(f"{label}-client-secret")
         self.client_id = "token-broker-test"
         self.secret_file = os.path.join(directory, "client-secret")
         with open(self.secret_file, "w") as f:
             f.write(self.secret + "\n")
         self.ca_file = os.path.join(directory, "fake-provider-ca.pem")
-        self.secrets_dir = log_dir() or os.path.join(directory, "fake-secrets")
+        self.secrets_dir = ("" if private_secrets else log_dir()) or os.path.join(
+            directory, "fake-secrets")
         os.makedirs(self.secrets_dir, exist_ok=True)
         env = dict(os.environ, TB_TEST_LOG_DIR=self.secrets_dir)
-        out = os.path.join(log_dir() or directory, f"fake-provider-{os.getpid()}-"
+        out = os.path.join(log_dir() or directory, f"fake-provider-{label}-{os.getpid()}-"
                                                    f"{time.time_ns()}.log")
         self.log = open(out, "wb")
         self.proc = subprocess.Popen(
             [FAKE_PROVIDER, "--port=0", f"--ca_file={self.ca_file}", "--auto_approve=true",
              f"--client_id={self.client_id}", f"--client_secret_file={self.secret_file}",
-             "--stats_endpoint=true", "--log_level=debug"],
+             "--stats_endpoint=true", f"--log_level={log_level}"],
             stdout=subprocess.PIPE, stderr=self.log, env=env)
         try:
             self.base = self._read_base_url()

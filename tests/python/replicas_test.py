@@ -39,10 +39,8 @@ import json
 import os
 import random
 import re
-import select
 import shutil
 import signal
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -57,7 +55,8 @@ import grpc
 from tokenbroker.v1 import token_broker_pb2 as pb
 from tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
 
-# The secret recording, port and gRPC error helpers of the durability test.
+# The secret recording, port and gRPC error helpers and the fake provider of the durability test.
+import durability_test
 from durability_test import (NoRedirect, error_reason, free_port, log_dir, new_test_secret,
                              record_secret, seconds)
 
@@ -175,55 +174,15 @@ class PsqlSession:
 
 # --- The fake provider ----------------------------------------------------------------------------
 
-class FakeProvider:
-    """The fake_provider binary on a free port, auto-approving, with its stats endpoint. It
-    records every code and token it issues in secrets-<pid>.txt under a private folder (there
-    are thousands: the test scans its own logs for all of them, and hands a sample to the
-    end-of-run scan, whose cost grows with secrets x log bytes)."""
+class FakeProvider(durability_test.FakeProvider):
+    """durability_test's fake provider, with its stats endpoint, recording every code and token
+    it issues under a private folder (there are thousands: the test scans its own logs for all
+    of them, and hands a sample to the end-of-run scan, whose cost grows with secrets x log
+    bytes), plus keep-alive token checks."""
 
     def __init__(self, directory):
-        self.secret = new_test_secret("replicas-client-secret")
-        self.client_id = "token-broker-test"
-        self.secret_file = os.path.join(directory, "client-secret")
-        with open(self.secret_file, "w") as f:
-            f.write(self.secret + "\n")
-        self.ca_file = os.path.join(directory, "fake-provider-ca.pem")
-        self.secrets_dir = os.path.join(directory, "fake-secrets")
-        os.makedirs(self.secrets_dir)
-        env = dict(os.environ, TB_TEST_LOG_DIR=self.secrets_dir)
-        out = os.path.join(log_dir() or directory,
-                           f"fake-provider-replicas-{os.getpid()}-{time.time_ns()}.log")
-        self.log = open(out, "wb")
-        self.proc = subprocess.Popen(
-            [FAKE_PROVIDER, "--port=0", f"--ca_file={self.ca_file}", "--auto_approve=true",
-             "--stats_endpoint=true", f"--client_id={self.client_id}",
-             f"--client_secret_file={self.secret_file}", "--log_level=info"],
-            stdout=subprocess.PIPE, stderr=self.log, env=env)
-        try:
-            self.base = self._read_base_url()
-        except BaseException:
-            self.stop()
-            raise
+        super().__init__(directory, label="replicas", private_secrets=True, log_level="info")
         self.host, self.port = urllib.parse.urlsplit(self.base).netloc.rsplit(":", 1)
-        self.ssl = ssl.create_default_context(cafile=self.ca_file)
-
-    def _read_base_url(self):
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        buf = b""
-        while b"\n" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("fake_provider printed no listening line")
-            if select.select([fd], [], [], left)[0]:
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    raise RuntimeError(f"fake_provider exited with {self.proc.wait()}")
-                buf += chunk
-        m = re.search(rb"listening on (https://\S+)", buf)
-        if not m:
-            raise RuntimeError(f"unexpected line from fake_provider: {buf!r}")
-        return m.group(1).decode()
 
     def connection(self):
         """A keep-alive HTTPS connection of the caller's own (one per thread)."""
@@ -247,29 +206,6 @@ class FakeProvider:
                 if attempt:
                     raise
         raise AssertionError("unreachable")
-
-    def stats(self):
-        with urllib.request.urlopen(f"{self.base}/_fake/stats", timeout=RPC_TIMEOUT_S,
-                                    context=self.ssl) as r:
-            return json.loads(r.read())
-
-    def issued(self):
-        """Every value the fake recorded as secret: codes, access and refresh tokens, client
-        secret."""
-        path = os.path.join(self.secrets_dir, f"secrets-{self.proc.pid}.txt")
-        with open(path) as f:
-            return [line for line in f.read().splitlines() if len(line) >= 8]
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stdout.close()
-        self.log.close()
 
 
 # --- The brokers ----------------------------------------------------------------------------------
@@ -1141,4 +1077,5 @@ if __name__ == "__main__":
     if len(sys.argv) < 3:
         sys.exit("usage: replicas_test.py <token-broker> <fake_provider> [unittest arguments]")
     BROKER, FAKE_PROVIDER = sys.argv.pop(1), sys.argv.pop(1)
+    durability_test.FAKE_PROVIDER = FAKE_PROVIDER
     unittest.main()
