@@ -50,7 +50,6 @@ class FakeProviderClient final : public core::ProviderClient {
   absl::StatusOr<core::Grant> Refresh(const core::ProviderSpec& spec, const core::Connection&,
                                       absl::Time) override {
     MutexLock lock(&mu_);
-    ++refresh_calls_;
     refresh_client_ids_.push_back(spec.client_id);
     refresh_started_.SignalAll();
     while (hold_refreshes_) {
@@ -72,7 +71,7 @@ class FakeProviderClient final : public core::ProviderClient {
   // Blocks until at least `n` Refresh calls have started.
   void AwaitRefreshCalls(int n) {
     MutexLock lock(&mu_);
-    while (refresh_calls_ < n) {
+    while (static_cast<int>(refresh_client_ids_.size()) < n) {
       refresh_started_.Wait(&mu_);
     }
   }
@@ -95,7 +94,7 @@ class FakeProviderClient final : public core::ProviderClient {
   }
   int refresh_calls() const {
     MutexLock lock(&mu_);
-    return refresh_calls_;
+    return static_cast<int>(refresh_client_ids_.size());
   }
   // The client id of the spec each Refresh call was given, in order.
   std::vector<std::string> refresh_client_ids() const {
@@ -123,8 +122,7 @@ class FakeProviderClient final : public core::ProviderClient {
   std::deque<absl::StatusOr<core::Grant>> refreshes_ ABSL_GUARDED_BY(mu_);
   std::deque<absl::Status> revokes_ ABSL_GUARDED_BY(mu_);
   std::vector<ExchangeCall> exchange_calls_ ABSL_GUARDED_BY(mu_);
-  int refresh_calls_ ABSL_GUARDED_BY(mu_) = 0;
-  std::vector<std::string> refresh_client_ids_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::string> refresh_client_ids_ ABSL_GUARDED_BY(mu_);  // one per Refresh call
   bool hold_refreshes_ ABSL_GUARDED_BY(mu_) = false;
   CondVar released_;
   CondVar refresh_started_;

@@ -558,25 +558,27 @@ class TokenService::Impl::WatchReactor final
   // stream stays open and the refreshed generation follows.
   void OnChange() {
     const ScopedRequestId request = ScopedRequestId::Resume(request_id_);
-    absl::StatusOr<oauth::TokenView> view = broker_.GetToken(id_);
-    if (!view.ok()) {
-      if (view.status().code() != absl::StatusCode::kUnavailable) {
-        End(ToGrpcStatus(view.status()));
-      }
+    oauth::TokenLookup found = broker_.Lookup(id_, absl::ZeroDuration(), 0);
+    if (found.kind == oauth::TokenLookup::Kind::kError) {
+      End(ToGrpcStatus(found.error));
       return;
     }
+    if (found.kind != oauth::TokenLookup::Kind::kServe) {
+      return;  // awaiting its refresh: the next publish brings it
+    }
+    const oauth::TokenView& view = found.view;
     {
       MutexLock lock(&mu_);
-      if (finished_ || writing_ || view->grant().generation <= last_sent_) {
+      if (finished_ || writing_ || view.grant().generation <= last_sent_) {
         return;  // a write in flight re-checks when it completes
       }
-      last_sent_ = view->grant().generation;
+      last_sent_ = view.grant().generation;
       writing_ = true;
       response_.Clear();
-      ToProto(*view, response_.mutable_token());
+      ToProto(view, response_.mutable_token());
     }
-    spdlog::debug("WatchToken connection={} generation={} token={}", id_, view->grant().generation,
-                  view->grant().access_token);
+    spdlog::debug("WatchToken connection={} generation={} token={}", id_, view.grant().generation,
+                  view.grant().access_token);
     StartWrite(&response_);
   }
 
