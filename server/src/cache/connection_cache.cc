@@ -9,19 +9,27 @@
 
 namespace tb::cache {
 
+namespace {
+// The shard comes from the hash's top bits: a shard's table uses the low bits (the low seven
+// for its control bytes, the next ones for the slot), and picking the shard from those would
+// leave every id in a shard with nearly the same control byte, so that each lookup compares
+// many more keys than it should.
+size_t ShardIndex(absl::string_view id, size_t shards) { return (absl::HashOf(id) >> 48) % shards; }
+}  // namespace
+
 ConnectionCache::Shard& ConnectionCache::ShardFor(absl::string_view id) {
-  return shards_[absl::HashOf(id) % kShards];
+  return shards_[ShardIndex(id, kShards)];
 }
 
 const ConnectionCache::Shard& ConnectionCache::ShardFor(absl::string_view id) const {
-  return shards_[absl::HashOf(id) % kShards];
+  return shards_[ShardIndex(id, kShards)];
 }
 
 ConnectionCache::Entry ConnectionCache::Get(const core::ConnectionId& id) const {
   const Shard& shard = ShardFor(id);
   ReaderLock lock(&shard.mu);
   const auto it = shard.entries.find(id);
-  return it == shard.entries.end() ? nullptr : it->second.entry;
+  return it == shard.entries.end() ? nullptr : it->entry;
 }
 
 ConnectionCache::Entry ConnectionCache::Use(const core::ConnectionId& id, absl::Time now) const {
@@ -32,11 +40,11 @@ ConnectionCache::Entry ConnectionCache::Use(const core::ConnectionId& id, absl::
   if (it == shard.entries.end()) {
     return nullptr;
   }
-  std::atomic<int64_t>& last = *it->second.last_used;
+  std::atomic<int64_t>& last = it->last_used;
   if (last.load(std::memory_order_relaxed) != now_s) {
     last.store(now_s, std::memory_order_relaxed);
   }
-  return it->second.entry;
+  return it->entry;
 }
 
 absl::Time ConnectionCache::LastUsed(const core::ConnectionId& id) const {
@@ -46,7 +54,7 @@ absl::Time ConnectionCache::LastUsed(const core::ConnectionId& id) const {
   if (it == shard.entries.end()) {
     return absl::InfinitePast();
   }
-  const int64_t s = it->second.last_used->load(std::memory_order_relaxed);
+  const int64_t s = it->last_used.load(std::memory_order_relaxed);
   return s == kNeverUsed ? absl::InfinitePast() : absl::FromUnixSeconds(s);
 }
 
@@ -69,15 +77,15 @@ bool ConnectionCache::PublishIf(const Entry& expected, Entry next) {
   {
     WriterLock lock(&shard.mu);
     auto it = shard.entries.find(next->id);
-    const Entry current = it == shard.entries.end() ? nullptr : it->second.entry;
+    const Entry current = it == shard.entries.end() ? nullptr : it->entry;
     if (current != expected) {
       return false;
     }
     if (it == shard.entries.end()) {
-      shard.entries.emplace(next->id, Slot{next});
+      shard.entries.insert(Slot(next));
       ids_version_.fetch_add(1, std::memory_order_release);
     } else {
-      it->second.entry = next;
+      it->entry = next;
     }
     to_notify = WatchersOf(shard, next->id);
   }
@@ -92,11 +100,11 @@ void ConnectionCache::Publish(Entry next) {
   std::vector<Watcher> to_notify;
   {
     WriterLock lock(&shard.mu);
-    auto [it, inserted] = shard.entries.try_emplace(next->id, Slot{next});
-    if (inserted) {
-      ids_version_.fetch_add(1, std::memory_order_release);
+    if (auto it = shard.entries.find(absl::string_view(next->id)); it != shard.entries.end()) {
+      it->entry = next;
     } else {
-      it->second.entry = next;
+      shard.entries.insert(Slot(next));
+      ids_version_.fetch_add(1, std::memory_order_release);
     }
     to_notify = WatchersOf(shard, next->id);
   }
@@ -111,7 +119,7 @@ bool ConnectionCache::EraseIf(const core::ConnectionId& id, const Entry& expecte
   {
     WriterLock lock(&shard.mu);
     auto it = shard.entries.find(id);
-    if (it == shard.entries.end() || it->second.entry != expected) {
+    if (it == shard.entries.end() || it->entry != expected) {
       return false;
     }
     shard.entries.erase(it);
@@ -136,7 +144,7 @@ size_t ConnectionCache::size() const {
 void ConnectionCache::ForEach(const std::function<void(const core::Connection&)>& fn) const {
   for (const Shard& shard : shards_) {
     ReaderLock lock(&shard.mu);
-    for (const auto& [id, slot] : shard.entries) {
+    for (const Slot& slot : shard.entries) {
       fn(*slot.entry);
     }
   }
@@ -153,8 +161,8 @@ ConnectionCache::Page ConnectionCache::List(const Filter& filter, size_t page_si
     index_.clear();
     for (const Shard& shard : shards_) {
       ReaderLock shard_lock(&shard.mu);
-      for (const auto& [id, slot] : shard.entries) {
-        index_.push_back(id);
+      for (const Slot& slot : shard.entries) {
+        index_.push_back(slot.entry->id);
       }
     }
     std::sort(index_.begin(), index_.end());

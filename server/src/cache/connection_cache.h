@@ -12,6 +12,8 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/hash/hash.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "server/src/common/mutex.h"
@@ -84,17 +86,45 @@ class ConnectionCache {
 
  private:
   static constexpr size_t kShards = 64;
-  // A published snapshot and its last use, in unix seconds (kNeverUsed: never). The atomic sits
-  // behind a pointer because the map moves its values when it grows.
+  // A published snapshot and its last use, in unix seconds (kNeverUsed: never).
+  //
+  // The table is a set keyed by the snapshot's own id, so a connection costs one 24-byte slot
+  // and no second copy of its id (at a million connections, a map with the id as key and the
+  // atomic behind a pointer cost about 100 bytes more per connection). Writers replace `entry`
+  // only with a snapshot of the same id, so the key never changes under the table. Readers store
+  // to `last_used` under the shard's reader lock; the table moves slots only when it grows or
+  // erases, under the writer lock, which is why a move may read the atomic plainly.
   static constexpr int64_t kNeverUsed = INT64_MIN;
   struct Slot {
-    Entry entry;
-    std::unique_ptr<std::atomic<int64_t>> last_used =
-        std::make_unique<std::atomic<int64_t>>(kNeverUsed);
+    explicit Slot(Entry e) : entry(std::move(e)) {}
+    Slot(Slot&& o) noexcept
+        : entry(std::move(o.entry)), last_used(o.last_used.load(std::memory_order_relaxed)) {}
+    Slot& operator=(Slot&& o) noexcept {
+      entry = std::move(o.entry);
+      last_used.store(o.last_used.load(std::memory_order_relaxed), std::memory_order_relaxed);
+      return *this;
+    }
+    mutable Entry entry;  // never nullptr while in the table
+    mutable std::atomic<int64_t> last_used{kNeverUsed};
+  };
+  // Hash and equality on the id alone, so lookups take the id without building a Slot.
+  struct SlotHash {
+    using is_transparent = void;
+    size_t operator()(absl::string_view id) const { return absl::HashOf(id); }
+    size_t operator()(const Slot& s) const { return absl::HashOf(absl::string_view(s.entry->id)); }
+  };
+  struct SlotEq {
+    using is_transparent = void;
+    static absl::string_view Id(absl::string_view id) { return id; }
+    static absl::string_view Id(const Slot& s) { return s.entry->id; }
+    template <typename A, typename B>
+    bool operator()(const A& a, const B& b) const {
+      return Id(a) == Id(b);
+    }
   };
   struct Shard {
     mutable SharedMutex mu;
-    absl::flat_hash_map<core::ConnectionId, Slot> entries ABSL_GUARDED_BY(mu);
+    absl::flat_hash_set<Slot, SlotHash, SlotEq> entries ABSL_GUARDED_BY(mu);
     absl::flat_hash_map<core::ConnectionId, absl::flat_hash_map<uint64_t, Watcher>> watchers
         ABSL_GUARDED_BY(mu);
   };

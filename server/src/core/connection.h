@@ -13,6 +13,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "server/src/common/boxed_optional.h"
 #include "server/src/common/secret.h"
 
 namespace tb::core {
@@ -78,8 +79,8 @@ struct Connection {
   std::optional<Grant> grant;
   // A refresh of this grant was sent and its outcome is not known yet (or was lost). An
   // invalid_grant seen while it is set means the provider rotated and we lost the answer
-  // (ROTATION_LOST).
-  std::optional<RefreshIntent> refresh_intent;
+  // (ROTATION_LOST). Boxed: empty in nearly every connection, 64 bytes inline.
+  BoxedOptional<RefreshIntent> refresh_intent;
   // Grants that must still be revoked at the provider (revoke, reconnect, a refresh that lost
   // to a revoke), kept with their secrets until the provider confirms. Retried with backoff.
   std::vector<Grant> to_revoke;

@@ -49,6 +49,34 @@ TEST(ConnectionCacheTest, UseRecordsTheLastUseAcrossPublishes) {
   EXPECT_EQ(cache.LastUsed("other"), absl::InfinitePast());
 }
 
+TEST(ConnectionCacheTest, EntriesAndTheirLastUseSurviveTheTableGrowing) {
+  // Slots move when a shard's table grows or erases: each must keep its snapshot and its use.
+  ConnectionCache cache;
+  const absl::Time t0 = absl::FromUnixSeconds(1'700'000'000);
+  std::vector<Entry> first;
+  for (int i = 0; i < 100; ++i) {
+    first.push_back(Make(absl::StrCat("c", i), 1));
+    cache.Publish(first.back());
+    cache.Use(first.back()->id, t0 + absl::Seconds(i));
+  }
+  for (int i = 100; i < 20'000; ++i) {
+    cache.Publish(Make(absl::StrCat("c", i), 1));
+  }
+  for (int i = 100; i < 20'000; i += 2) {
+    const std::string id = absl::StrCat("c", i);
+    ASSERT_TRUE(cache.EraseIf(id, cache.Get(id)));
+  }
+  EXPECT_EQ(cache.size(), 10'050u);  // 100 + 9 950 odd ones of the rest
+  for (int i = 0; i < 100; ++i) {
+    EXPECT_EQ(cache.Get(first[i]->id), first[i]);
+    EXPECT_EQ(cache.LastUsed(first[i]->id), t0 + absl::Seconds(i));
+  }
+  EXPECT_EQ(cache.Get("c100"), nullptr);
+  ASSERT_NE(cache.Get("c101"), nullptr);
+  EXPECT_EQ(cache.Get("c101")->id, "c101");
+  EXPECT_EQ(cache.LastUsed("c101"), absl::InfinitePast());
+}
+
 TEST(ConnectionCacheTest, PublishIfRejectsAStaleWriter) {
   ConnectionCache cache;
   Entry v1 = Make("acme", 1);

@@ -17,6 +17,27 @@ TEST(ConnectionTest, ValidUntilIsTheEarlierOfExpiryAndRefreshAt) {
   EXPECT_EQ(g.ValidUntil(), absl::FromUnixSeconds(2000));
 }
 
+TEST(ConnectionTest, CopiesOwnTheirRefreshIntent) {
+  // refresh_intent lives on the heap (BoxedOptional) but must keep std::optional's semantics.
+  Connection a;
+  EXPECT_FALSE(a.refresh_intent.has_value());
+  a.refresh_intent = RefreshIntent{7, "fp", absl::FromUnixSeconds(10)};
+  Connection b = a;
+  ASSERT_TRUE(b.refresh_intent);
+  EXPECT_EQ(b.refresh_intent, a.refresh_intent);
+  b.refresh_intent->generation = 8;  // a deep copy: a is untouched
+  EXPECT_EQ(a.refresh_intent->generation, 7u);
+  EXPECT_FALSE(b.refresh_intent == a.refresh_intent);
+  a = b;
+  EXPECT_EQ(a.refresh_intent->generation, 8u);
+  b.refresh_intent.reset();
+  EXPECT_FALSE(b.refresh_intent.has_value());
+  EXPECT_TRUE(a.refresh_intent.has_value());
+  EXPECT_FALSE(a.refresh_intent == b.refresh_intent);
+  Connection moved = std::move(a);
+  EXPECT_EQ((*moved.refresh_intent).refresh_token_fingerprint, "fp");
+}
+
 TEST(ConnectionTest, StatusErrorForEachLifecycleState) {
   Connection c;
   c.status = ConnectionStatus::kPending;
