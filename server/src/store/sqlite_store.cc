@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <future>
 #include <iterator>
 #include <utility>
 
@@ -352,7 +353,7 @@ absl::StatusOr<int> LockFile(const std::string& db_path) {
 
 struct SqliteStore::Statements {
   StmtPtr begin, commit, rollback;
-  StmtPtr load_all, load, insert_connection, update_connection, delete_connection;
+  StmtPtr load_page, load, insert_connection, update_connection, delete_connection;
   StmtPtr put_link, get_link, rewrite_link;
   StmtPtr put_authorization, take_authorization, purge_authorizations, count_authorizations;
   StmtPtr insert_key_check;
@@ -447,8 +448,10 @@ absl::Status SqliteStore::Init() {
   TB_RETURN_IF_ERROR(Prepare(db_, "BEGIN IMMEDIATE", &s->begin));
   TB_RETURN_IF_ERROR(Prepare(db_, "COMMIT", &s->commit));
   TB_RETURN_IF_ERROR(Prepare(db_, "ROLLBACK", &s->rollback));
-  TB_RETURN_IF_ERROR(
-      Prepare(db_, absl::StrCat("SELECT ", kConnectionColumns, " FROM connections"), &s->load_all));
+  TB_RETURN_IF_ERROR(Prepare(db_,
+                             absl::StrCat("SELECT ", kConnectionColumns,
+                                          " FROM connections WHERE id > ?1 ORDER BY id LIMIT ?2"),
+                             &s->load_page));
   TB_RETURN_IF_ERROR(
       Prepare(db_, absl::StrCat("SELECT ", kConnectionColumns, " FROM connections WHERE id = ?1"),
               &s->load));
@@ -644,19 +647,55 @@ absl::Status SqliteStore::RecordKeyCheck(const std::string& key_id) {
 // ---- TokenStore ----------------------------------------------------------------------------
 
 absl::StatusOr<std::vector<core::Connection>> SqliteStore::LoadAll() {
-  MutexLock lock(&mu_);
   std::vector<core::Connection> out;
-  Query q(db_, stmts_->load_all);
-  while (true) {
-    TB_ASSIGN_OR_RETURN(const bool row, q.Step("load connections"));
-    if (!row) {
-      break;
-    }
-    const ConnectionRow r = ReadConnectionRow(q);
-    absl::StatusOr<core::Connection> c = DecodeConnection(r, cipher_);
-    out.push_back(c.ok() ? *std::move(c) : UnreadableConnection(r, c.status()));
-  }
+  TB_RETURN_IF_ERROR(LoadEach([&out](core::Connection&& c) { out.push_back(std::move(c)); }));
   return out;
+}
+
+absl::Status SqliteStore::LoadEach(const std::function<void(core::Connection&&)>& sink) {
+  // A page of rows is read (under the lock, keyset on id) while a second thread decodes the
+  // page before it, and this thread then hands that one to `sink`: decoding (AES-GCM, two
+  // protobuf parses, the allocations) is about as much work as reading and publishing, so a
+  // load of a million connections takes both cores. The lock is held per page, never while
+  // `sink` runs.
+  constexpr int kPage = 2048;
+  const auto decode = [this](std::vector<ConnectionRow> rows) {
+    std::vector<core::Connection> page;
+    page.reserve(rows.size());
+    for (const ConnectionRow& r : rows) {
+      absl::StatusOr<core::Connection> c = DecodeConnection(r, cipher_);
+      page.push_back(c.ok() ? *std::move(c) : UnreadableConnection(r, c.status()));
+    }
+    return page;
+  };
+  std::future<std::vector<core::Connection>> decoding;
+  std::string after;  // ids are never empty
+  while (true) {
+    std::vector<ConnectionRow> rows;
+    rows.reserve(kPage);
+    {
+      MutexLock lock(&mu_);
+      Query q(db_, stmts_->load_page);
+      q.Text(1, after).Int(2, kPage);
+      while (true) {
+        TB_ASSIGN_OR_RETURN(const bool row, q.Step("load connections"));
+        if (!row) {
+          break;
+        }
+        rows.push_back(ReadConnectionRow(q));
+      }
+    }
+    if (decoding.valid()) {
+      for (core::Connection& c : decoding.get()) {
+        sink(std::move(c));
+      }
+    }
+    if (rows.empty()) {
+      return absl::OkStatus();
+    }
+    after = rows.back().id;
+    decoding = std::async(std::launch::async, decode, std::move(rows));
+  }
 }
 
 absl::StatusOr<core::Connection> SqliteStore::Load(const core::ConnectionId& id) {

@@ -99,10 +99,13 @@ class SqliteStore final : public core::TokenStore, public core::FlowStore {
   SqliteStore(const SqliteStore&) = delete;
   SqliteStore& operator=(const SqliteStore&) = delete;
 
-  // core::TokenStore. LoadAll is one prepared SELECT over the table. A row whose secrets do
-  // not open, or whose metadata is unreadable, comes back with Connection::data_loss set and
-  // without secrets; it never fails the load.
+  // core::TokenStore. LoadEach reads the table in pages in id order and decodes each page on a
+  // second thread; LoadAll collects LoadEach. A row whose secrets do not open, or whose
+  // metadata is unreadable, comes back with Connection::data_loss set and without secrets; it
+  // never fails the load.
   absl::StatusOr<std::vector<core::Connection>> LoadAll() override ABSL_LOCKS_EXCLUDED(mu_);
+  absl::Status LoadEach(const std::function<void(core::Connection&&)>& sink) override
+      ABSL_LOCKS_EXCLUDED(mu_);
   absl::StatusOr<core::Connection> Load(const core::ConnectionId& id) override
       ABSL_LOCKS_EXCLUDED(mu_);
   absl::Status Create(const core::Connection& c) override ABSL_LOCKS_EXCLUDED(mu_);

@@ -17,6 +17,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "server/src/store/record_codec.h"
@@ -202,6 +203,40 @@ TEST_F(SqliteStoreTest, RestartFindsEverythingThatWasWritten) {
       store->TakeAuthorization(auth.state.Reveal(), T(1));
   ASSERT_TRUE(got_auth.ok()) << got_auth.status();
   ExpectSameAuthorization(*got_auth, auth);
+}
+
+TEST_F(SqliteStoreTest, LoadEachHandsOutEveryRowOfManyPagesInIdOrder) {
+  // LoadEach reads pages of 2048 rows and decodes them on a second thread: 5000 rows make three
+  // pages, one of them short, with an unreadable row in the middle one.
+  std::unique_ptr<SqliteStore> store = MustOpen(*cipher1_);
+  ASSERT_NE(store, nullptr);
+  constexpr int kRows = 5000;
+  std::vector<core::Connection> written;
+  for (int i = 0; i < kRows; ++i) {
+    written.push_back(FullConnection(absl::StrFormat("c%05d", i)));
+    ASSERT_TRUE(store->Create(written.back()).ok());
+  }
+  {
+    RawDb db(path());
+    ASSERT_TRUE(db.FlipBit("connections", "ciphertext", "id", "c03000").ok());
+  }
+  std::vector<core::Connection> seen;
+  ASSERT_TRUE(
+      store->LoadEach([&seen](core::Connection&& c) { seen.push_back(std::move(c)); }).ok());
+  ASSERT_EQ(seen.size(), static_cast<size_t>(kRows));
+  for (int i = 0; i < kRows; ++i) {
+    const std::string id = absl::StrFormat("c%05d", i);
+    ASSERT_EQ(seen[i].id, id);
+    if (i == 3000) {
+      EXPECT_FALSE(seen[i].data_loss.empty());
+    } else {
+      EXPECT_TRUE(seen[i].data_loss.empty()) << id << ": " << seen[i].data_loss;
+      ExpectSameConnection(seen[i], written[i]);
+    }
+  }
+  absl::StatusOr<std::vector<core::Connection>> all = store->LoadAll();
+  ASSERT_TRUE(all.ok()) << all.status();
+  EXPECT_EQ(all->size(), static_cast<size_t>(kRows));
 }
 
 TEST_F(SqliteStoreTest, ANewDatabaseIsInWalModeAtTheBinarysSchemaVersion) {
