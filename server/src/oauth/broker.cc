@@ -44,16 +44,7 @@ void Broker::Changed(const std::shared_ptr<const core::Connection>& c,
 }
 
 std::vector<std::shared_ptr<const core::Connection>> Broker::Snapshot() const {
-  std::vector<std::shared_ptr<const core::Connection>> out;
-  std::string after;
-  for (;;) {
-    cache::ConnectionCache::Page page = cache_.List({}, 10'000, after);
-    out.insert(out.end(), page.entries.begin(), page.entries.end());
-    if (page.next_after.empty()) {
-      return out;
-    }
-    after = page.next_after;
-  }
+  return cache_.All();
 }
 
 absl::StatusOr<core::RotationProgress> Broker::RotateKeys(size_t batch) {
@@ -64,8 +55,8 @@ absl::StatusOr<core::RotationProgress> Broker::RotateKeys(size_t batch) {
 }
 
 absl::Status Broker::Load() {
-  TB_ASSIGN_OR_RETURN(std::vector<core::Connection> all, store_.LoadAll());
-  for (core::Connection& c : all) {
+  // One at a time: a million connections are never held twice (a vector and the cache).
+  return store_.LoadEach([this](core::Connection&& c) {
     if (!c.data_loss.empty()) {
       data_loss_.fetch_add(1, std::memory_order_relaxed);
       if (options_.events) {
@@ -75,8 +66,7 @@ absl::Status Broker::Load() {
     auto entry = std::make_shared<const core::Connection>(std::move(c));
     cache_.Publish(entry);
     Changed(entry, entry->id);
-  }
-  return absl::OkStatus();
+  });
 }
 
 absl::Status Broker::Reload(const core::ConnectionId& id) {
