@@ -7,6 +7,7 @@
 #include <sys/resource.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -263,7 +264,9 @@ int main(int argc, char** argv) {
   tb::metrics::Registry metrics;
   // The refresh scheduler follows every published change; it is created further down, before
   // anything can publish concurrently (Load() runs after and Start() snapshots what is there).
-  tb::oauth::Refresher* refresher_hook = nullptr;
+  // Set once the store is loaded (Refresher::Start then tracks every loaded connection in one
+  // pass); read by writers on any thread.
+  std::atomic<tb::oauth::Refresher*> refresher_hook{nullptr};
   tb::oauth::BrokerOptions broker_options;
   broker_options.refresh.margin = config->refresh.margin;
   broker_options.refresh.max_jitter = config->refresh.max_jitter;
@@ -277,8 +280,8 @@ int main(int argc, char** argv) {
     return absl::Milliseconds(r % max_jitter_ms);
   };
   broker_options.on_change = [&refresher_hook](const auto& c, const auto& id) {
-    if (refresher_hook != nullptr) {
-      refresher_hook->Track(c, id);
+    if (tb::oauth::Refresher* r = refresher_hook.load(std::memory_order_acquire); r != nullptr) {
+      r->Track(c, id);
     }
   };
   broker_options.events = [](absl::string_view event, const tb::core::ConnectionId& id,
@@ -380,7 +383,6 @@ int main(int argc, char** argv) {
   };
   tb::oauth::Refresher refresher(refresher_options, providers, clock, broker, **provider_client,
                                  revoker, run_blocking, events);
-  refresher_hook = &refresher;
 
   // Who may call the main port. Insecure mode (development only) lets everyone do everything.
   std::unique_ptr<tb::auth::Authorizer> authorizer;
@@ -542,6 +544,10 @@ int main(int argc, char** argv) {
       }
     });
   });
+  // Changes from here on reach the refresher as they happen; Start() tracks everything already
+  // in the cache, including what changed during the load (Track is idempotent). Not hooked
+  // during the load itself, so that a million loaded connections are tracked once, not twice.
+  refresher_hook.store(&refresher, std::memory_order_release);
   refresher.Start();
   grpc->SetReady(true);
   spdlog::info(

@@ -100,11 +100,11 @@ void ConnectionCache::Publish(Entry next) {
   std::vector<Watcher> to_notify;
   {
     WriterLock lock(&shard.mu);
-    if (auto it = shard.entries.find(absl::string_view(next->id)); it != shard.entries.end()) {
-      it->entry = next;
-    } else {
-      shard.entries.insert(Slot(next));
+    // One probe: insert, or replace the snapshot of the slot that is already there.
+    if (auto [it, inserted] = shard.entries.insert(Slot(next)); inserted) {
       ids_version_.fetch_add(1, std::memory_order_release);
+    } else {
+      it->entry = next;
     }
     to_notify = WatchersOf(shard, next->id);
   }
@@ -148,6 +148,18 @@ void ConnectionCache::ForEach(const std::function<void(const core::Connection&)>
       fn(*slot.entry);
     }
   }
+}
+
+std::vector<ConnectionCache::Entry> ConnectionCache::All() const {
+  std::vector<Entry> out;
+  out.reserve(size());
+  for (const Shard& shard : shards_) {
+    ReaderLock lock(&shard.mu);
+    for (const Slot& slot : shard.entries) {
+      out.push_back(slot.entry);
+    }
+  }
+  return out;
 }
 
 ConnectionCache::Page ConnectionCache::List(const Filter& filter, size_t page_size,

@@ -72,10 +72,14 @@ class ConnectionCache {
   // quick and must not call back into the cache). For metrics at scrape time.
   void ForEach(const std::function<void(const core::Connection&)>& fn) const;
 
+  // Every entry, shard by shard (in no order): what a walk over all connections needs without
+  // the sorted index (Refresher::Start at a million connections).
+  std::vector<Entry> All() const;
+
   // Up to `page_size` entries with id > `after` that match `filter`, in id order. Walks a
   // sorted index of the ids, built on first use and rebuilt only after ids were added or
   // removed, so that paging through N connections costs O(N log N) once, not O(N) per page
-  // (Broker::Snapshot pages through every connection at start). The index is dropped when a
+  // (the admin API pages through every connection). The index is dropped when a
   // walk reaches the last page.
   Page List(const Filter& filter, size_t page_size, absl::string_view after) const
       ABSL_LOCKS_EXCLUDED(index_mu_);

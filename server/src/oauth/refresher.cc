@@ -642,32 +642,41 @@ void Refresher::RunRevocations(const core::ConnectionId& id, const absl::StatusO
 
 // --- Scheduling ----------------------------------------------------------------------------
 
+void Refresher::TrackLocked(const std::shared_ptr<const core::Connection>& c,
+                            const core::ConnectionId& id, absl::Time now) {
+  if (!Active(c) || !c->grant->refresh_at) {
+    tracked_.erase(id);
+    not_before_.erase(id);
+    lease_held_until_.erase(id);
+  } else {
+    const std::pair<uint64_t, absl::Time> entry{c->generation(), *c->grant->refresh_at};
+    const auto it = tracked_.find(id);
+    if (it == tracked_.end() || it->second.first != entry.first ||
+        (it->second.second != entry.second && it->second.second <= entry.second)) {
+      // A new grant, or the same grant's refresh moved later (Reschedule). A schedule entry
+      // already later than refresh_at (a retry, an idle connection's keep-alive) stays.
+      if (it == tracked_.end()) {
+        tracked_.emplace(id, entry);
+      } else {
+        it->second = entry;
+      }
+      due_.push(Due{entry.second, id, entry.first, Job::kRefresh});
+    }
+  }
+  if (c != nullptr && !c->to_revoke.empty()) {
+    const auto st = revocations_.find(id);
+    if (st == revocations_.end() || (!st->second.queued && !st->second.running)) {
+      QueueRevocation(id, now);
+    }
+  }
+}
+
 void Refresher::Track(const std::shared_ptr<const core::Connection>& c,
                       const core::ConnectionId& id) {
   const absl::Time now = clock_.Now();
   {
     MutexLock lock(&mu_);
-    if (!Active(c) || !c->grant->refresh_at) {
-      tracked_.erase(id);
-      not_before_.erase(id);
-      lease_held_until_.erase(id);
-    } else {
-      const std::pair<uint64_t, absl::Time> entry{c->generation(), *c->grant->refresh_at};
-      const auto it = tracked_.find(id);
-      if (it == tracked_.end() || it->second.first != entry.first ||
-          (it->second.second != entry.second && it->second.second <= entry.second)) {
-        // A new grant, or the same grant's refresh moved later (Reschedule). A schedule entry
-        // already later than refresh_at (a retry, an idle connection's keep-alive) stays.
-        tracked_[id] = entry;
-        due_.push(Due{entry.second, id, entry.first, Job::kRefresh});
-      }
-    }
-    if (c != nullptr && !c->to_revoke.empty()) {
-      const auto st = revocations_.find(id);
-      if (st == revocations_.end() || (!st->second.queued && !st->second.running)) {
-        QueueRevocation(id, now);
-      }
-    }
+    TrackLocked(c, id, now);
   }
   wake_.SignalAll();
   NotifyWaiters(id, nullptr);
@@ -778,8 +787,25 @@ absl::Time Refresher::RunDue() {
 }
 
 void Refresher::Start() {
-  for (const std::shared_ptr<const core::Connection>& c : broker_.Snapshot()) {
-    Track(c, c->id);
+  // Every connection in the cache, under one lock and with room made for all of them at once:
+  // at a million connections, a lock, a signal and a rehash now and then per connection were a
+  // tenth of the start.
+  const std::vector<std::shared_ptr<const core::Connection>> all = broker_.Snapshot();
+  const absl::Time now = clock_.Now();
+  std::vector<core::ConnectionId> waited;
+  {
+    MutexLock lock(&mu_);
+    tracked_.reserve(tracked_.size() + all.size());
+    for (const std::shared_ptr<const core::Connection>& c : all) {
+      TrackLocked(c, c->id, now);
+    }
+    for (const auto& [id, unused] : waiting_) {
+      waited.push_back(id);
+    }
+  }
+  wake_.SignalAll();
+  for (const core::ConnectionId& id : waited) {
+    NotifyWaiters(id, nullptr);
   }
   thread_ = std::thread([this] {
     for (;;) {

@@ -216,6 +216,10 @@ class Refresher {
   // retry with backoff if some are left.
   void RunRevocations(const core::ConnectionId& id, const absl::StatusOr<bool>* already)
       ABSL_LOCKS_EXCLUDED(mu_);
+  // Track() without the lock, the signal and the waiters (Start() tracks every connection
+  // under one lock).
+  void TrackLocked(const std::shared_ptr<const core::Connection>& c, const core::ConnectionId& id,
+                   absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void QueueRevocation(const core::ConnectionId& id, absl::Time at)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Duration RevokeBackoff(int attempts) const;
