@@ -262,10 +262,9 @@ int main(int argc, char** argv) {
   tb::cache::ConnectionCache cache;
   // Prometheus metrics, served on the admin port's /metrics.
   tb::metrics::Registry metrics;
-  // The refresh scheduler follows every published change; it is created further down, before
-  // anything can publish concurrently (Load() runs after and Start() snapshots what is there).
-  // Set once the store is loaded (Refresher::Start then tracks every loaded connection in one
-  // pass); read by writers on any thread.
+  // The refresh scheduler follows every published change once the store is loaded (set just
+  // before Refresher::Start, which tracks what the load published); read by writers on any
+  // thread.
   std::atomic<tb::oauth::Refresher*> refresher_hook{nullptr};
   tb::oauth::BrokerOptions broker_options;
   broker_options.refresh.margin = config->refresh.margin;
