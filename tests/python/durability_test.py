@@ -70,9 +70,25 @@ def log_dir():
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and below the kernel's ephemeral range: a port the kernel hands out
+    (bind to 0) can be taken by any outbound connection of a process running in parallel before
+    the broker binds it, which failed a run with "bind: Address already in use"."""
+    hi = 32767
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            hi = min(hi, int(f.read().split()[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    lo = max(1024, hi - 12000)
+    for _ in range(1000):
+        port = random.randint(lo, hi)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {lo}-{hi}")
 
 
 _recorded = set()
