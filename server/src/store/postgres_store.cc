@@ -669,11 +669,6 @@ Params ConnectionParams(const ConnectionRow& r) {
   return p;
 }
 
-core::Connection DecodeOrUnreadable(const ConnectionRow& row, const core::Cipher& cipher) {
-  absl::StatusOr<core::Connection> c = DecodeConnection(row, cipher);
-  return c.ok() ? *std::move(c) : UnreadableConnection(row, c.status());
-}
-
 struct StoredLink {
   LinkRow row;
   int64_t revision = 0;

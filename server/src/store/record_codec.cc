@@ -450,6 +450,11 @@ core::Connection UnreadableConnection(const ConnectionRow& row, const absl::Stat
   return c;
 }
 
+core::Connection DecodeOrUnreadable(const ConnectionRow& row, const core::Cipher& cipher) {
+  absl::StatusOr<core::Connection> c = DecodeConnection(row, cipher);
+  return c.ok() ? *std::move(c) : UnreadableConnection(row, c.status());
+}
+
 absl::StatusOr<core::Sealed> ResealConnection(const ConnectionRow& row,
                                               const core::Cipher& cipher) {
   TB_ASSIGN_OR_RETURN(const pb::ConnectionMeta meta, ParseMeta(row.meta));

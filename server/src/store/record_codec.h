@@ -59,6 +59,8 @@ absl::StatusOr<core::Connection> DecodeConnection(const ConnectionRow& row,
 // `data_loss` saying why, so that this connection alone answers DATA_LOSS and is never
 // dropped silently.
 core::Connection UnreadableConnection(const ConnectionRow& row, const absl::Status& why);
+// DecodeConnection, or UnreadableConnection when that fails: what every load returns per row.
+core::Connection DecodeOrUnreadable(const ConnectionRow& row, const core::Cipher& cipher);
 
 // One row of the `links` table (no secret in a link record, but sealed all the same so that
 // the same code path protects everything a store holds).

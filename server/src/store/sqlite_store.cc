@@ -663,8 +663,7 @@ absl::Status SqliteStore::LoadEach(const std::function<void(core::Connection&&)>
     std::vector<core::Connection> page;
     page.reserve(rows.size());
     for (const ConnectionRow& r : rows) {
-      absl::StatusOr<core::Connection> c = DecodeConnection(r, cipher_);
-      page.push_back(c.ok() ? *std::move(c) : UnreadableConnection(r, c.status()));
+      page.push_back(DecodeOrUnreadable(r, cipher_));
     }
     return page;
   };
@@ -710,8 +709,7 @@ absl::StatusOr<core::Connection> SqliteStore::Load(const core::ConnectionId& id)
     }
     r = ReadConnectionRow(q);
   }
-  absl::StatusOr<core::Connection> c = DecodeConnection(r, cipher_);
-  return c.ok() ? *std::move(c) : UnreadableConnection(r, c.status());
+  return DecodeOrUnreadable(r, cipher_);
 }
 
 absl::Status SqliteStore::Create(const core::Connection& c) {
