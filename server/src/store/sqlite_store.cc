@@ -353,6 +353,7 @@ absl::StatusOr<int> LockFile(const std::string& db_path) {
 
 struct SqliteStore::Statements {
   StmtPtr begin, commit, rollback;
+  StmtPtr savepoint, release_savepoint, rollback_to_savepoint;
   StmtPtr load_page, load, insert_connection, update_connection, delete_connection;
   StmtPtr put_link, get_link, rewrite_link;
   StmtPtr put_authorization, take_authorization, purge_authorizations, count_authorizations;
@@ -448,6 +449,9 @@ absl::Status SqliteStore::Init() {
   TB_RETURN_IF_ERROR(Prepare(db_, "BEGIN IMMEDIATE", &s->begin));
   TB_RETURN_IF_ERROR(Prepare(db_, "COMMIT", &s->commit));
   TB_RETURN_IF_ERROR(Prepare(db_, "ROLLBACK", &s->rollback));
+  TB_RETURN_IF_ERROR(Prepare(db_, "SAVEPOINT one_update", &s->savepoint));
+  TB_RETURN_IF_ERROR(Prepare(db_, "RELEASE one_update", &s->release_savepoint));
+  TB_RETURN_IF_ERROR(Prepare(db_, "ROLLBACK TO one_update", &s->rollback_to_savepoint));
   TB_RETURN_IF_ERROR(Prepare(db_,
                              absl::StrCat("SELECT ", kConnectionColumns,
                                           " FROM connections WHERE id > ?1 ORDER BY id LIMIT ?2"),
@@ -735,9 +739,97 @@ absl::Status SqliteStore::Create(const core::Connection& c) {
 
 absl::Status SqliteStore::Update(const core::Connection& c, uint64_t expected_revision,
                                  const core::Lease*) {
+  // Group commit: the sync of a commit costs more than everything else an update does, and the
+  // refresher runs many updates at once. An update that arrives while a batch is being written
+  // waits; when that batch is done, one of the waiters writes every update queued meanwhile.
+  QueuedUpdate mine{c, expected_revision, absl::OkStatus(), false};
+  std::vector<QueuedUpdate*> batch;
+  {
+    MutexLock lock(&group_mu_);
+    queued_.push_back(&mine);
+    while (committing_ && !mine.done) {
+      group_done_.Wait(&group_mu_);
+    }
+    if (mine.done) {
+      return mine.result;
+    }
+    committing_ = true;
+    batch.swap(queued_);
+  }
+  CommitUpdates(batch);
+  {
+    MutexLock lock(&group_mu_);
+    // The waiters own their QueuedUpdate: none is touched after this.
+    for (QueuedUpdate* u : batch) {
+      u->done = true;
+    }
+    committing_ = false;
+  }
+  group_done_.SignalAll();
+  return mine.result;
+}
+
+void SqliteStore::CommitUpdates(const std::vector<QueuedUpdate*>& batch) {
   MutexLock lock(&mu_);
+  // Fails every update that has not failed on its own (the batch did not commit).
+  const auto fail_all = [&batch](const absl::Status& s) {
+    for (QueuedUpdate* u : batch) {
+      if (u->result.ok()) {
+        u->result = s;
+      }
+    }
+  };
   Transaction txn(db_, stmts_->begin, stmts_->commit, stmts_->rollback);
-  TB_RETURN_IF_ERROR(txn.Begin());
+  if (absl::Status s = txn.Begin(); !s.ok()) {
+    fail_all(s);
+    return;
+  }
+  std::vector<std::string> sealed_with;
+  bool any_ok = false;
+  for (QueuedUpdate* u : batch) {
+    // A savepoint per update: one that fails (a revision that moved, a row that is gone, an
+    // SQLite error) leaves nothing behind, and the others still commit.
+    if (absl::Status s = Query(db_, stmts_->savepoint).Run("savepoint"); !s.ok()) {
+      fail_all(s);
+      return;
+    }
+    absl::StatusOr<std::string> key_id = UpdateLocked(u->c, u->expected_revision);
+    if (key_id.ok()) {
+      any_ok = true;
+      sealed_with.push_back(*std::move(key_id));
+    } else {
+      u->result = key_id.status();
+      if (absl::Status s = Query(db_, stmts_->rollback_to_savepoint).Run("roll back an update");
+          !s.ok()) {
+        fail_all(s);
+        return;
+      }
+    }
+    if (absl::Status s = Query(db_, stmts_->release_savepoint).Run("release savepoint"); !s.ok()) {
+      fail_all(s);
+      return;
+    }
+  }
+  if (!any_ok) {
+    return;  // nothing to commit: the transaction rolls back, without a sync
+  }
+  if (absl::Status s = txn.Commit(); !s.ok()) {
+    fail_all(s);
+    return;
+  }
+  update_commits_.fetch_add(1, std::memory_order_relaxed);
+  for (std::string& key_id : sealed_with) {
+    recorded_keys_.insert(std::move(key_id));
+  }
+}
+
+size_t SqliteStore::queued_updates() const {
+  MutexLock lock(&group_mu_);
+  return queued_.size();
+}
+
+absl::StatusOr<std::string> SqliteStore::UpdateLocked(const core::Connection& c,
+                                                      uint64_t expected_revision) {
   ConnectionRow previous;
   {
     Query q(db_, stmts_->load);
@@ -753,7 +845,7 @@ absl::Status SqliteStore::Update(const core::Connection& c, uint64_t expected_re
   }
   // Sealed under the lock because the previous row is needed to carry over what a newer
   // release wrote into it: one open and one seal of a few hundred bytes.
-  TB_ASSIGN_OR_RETURN(const ConnectionRow row, EncodeConnection(c, cipher_, &previous));
+  TB_ASSIGN_OR_RETURN(ConnectionRow row, EncodeConnection(c, cipher_, &previous));
   {
     Query q(db_, stmts_->update_connection);
     BindConnectionRow(q, row);
@@ -764,9 +856,7 @@ absl::Status SqliteStore::Update(const core::Connection& c, uint64_t expected_re
     return absl::AbortedError("connection changed concurrently; reload and retry");
   }
   TB_RETURN_IF_ERROR(RecordKeyCheck(row.sealed.key_id));
-  TB_RETURN_IF_ERROR(txn.Commit());
-  recorded_keys_.insert(row.sealed.key_id);
-  return absl::OkStatus();
+  return std::move(row.sealed.key_id);
 }
 
 absl::Status SqliteStore::Delete(const core::ConnectionId& id) {

@@ -20,6 +20,7 @@
 //   key_checks     (key_id PK, key_check): Cipher::KeyCheck of every key that ever sealed a row
 // with indexes on key_id (rotation) and on authorizations.expires_at_unix_ms (purge).
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -60,7 +61,9 @@ using RotationProgress = core::RotationProgress;
 
 // Thread-safe: one sqlite3 connection behind a mutex, statements prepared once. Every write is
 // committed, and on disk (WAL, synchronous=FULL), before the call returns, so the broker
-// publishes nothing that is not durable.
+// publishes nothing that is not durable. Updates are group-committed: those that arrive while
+// one transaction is being synced wait, and the next transaction writes all of them with one
+// sync (each in its own savepoint, so one update's failure fails only its own call).
 //
 // Errors, in addition to those of the ports: every SQLite error becomes a status with the
 // SQLite message (SQLite never puts bound values into it): SQLITE_BUSY / SQLITE_LOCKED ->
@@ -110,16 +113,18 @@ class SqliteStore final : public core::TokenStore, public core::FlowStore {
       ABSL_LOCKS_EXCLUDED(mu_);
   absl::Status Create(const core::Connection& c) override ABSL_LOCKS_EXCLUDED(mu_);
   // Compare-and-set on the stored revision; `fence` is ignored (one process owns the file).
-  // Fields a newer release wrote into the row are kept (record_codec.h).
+  // Fields a newer release wrote into the row are kept (record_codec.h). Group-committed with
+  // the updates that arrive while another commit syncs.
   absl::Status Update(const core::Connection& c, uint64_t expected_revision,
-                      const core::Lease* fence) override ABSL_LOCKS_EXCLUDED(mu_);
+                      const core::Lease* fence) override ABSL_LOCKS_EXCLUDED(mu_, group_mu_);
   absl::Status Delete(const core::ConnectionId& id) override ABSL_LOCKS_EXCLUDED(mu_);
   // Always granted (the process lock is the lease): owner "sqlite:<pid>", fence 1, expiring
   // `ttl` from now on the store's clock.
   absl::StatusOr<std::optional<core::Lease>> AcquireLease(const core::ConnectionId& id,
                                                           absl::Duration ttl) override;
   absl::Status ReleaseLease(const core::Lease& lease) override;
-  // No other process writes the file: never calls back.
+  // No other process writes the file: false, and WatchRemoteChanges never calls back.
+  bool HasOtherWriters() const override { return false; }
 
   // core::FlowStore. Links: PutLink inserts or replaces. Authorizations are keyed by
   // StateHash(state); TakeAuthorization deletes and returns the row in one statement (one
@@ -153,6 +158,11 @@ class SqliteStore final : public core::TokenStore, public core::FlowStore {
   // The database file.
   const std::string& path() const { return path_; }
 
+  // Group commit, as seen from outside (tests): transactions that committed updates so far,
+  // and updates waiting for the next transaction now.
+  uint64_t update_commits() const { return update_commits_.load(std::memory_order_relaxed); }
+  size_t queued_updates() const ABSL_LOCKS_EXCLUDED(group_mu_);
+
  private:
   struct Statements;
 
@@ -166,6 +176,18 @@ class SqliteStore final : public core::TokenStore, public core::FlowStore {
   // sealed with `key_id`.
   absl::Status RecordKeyCheck(const std::string& key_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<size_t> CountNotUnderCurrentKeyLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // One update waiting for its group commit, on its caller's stack.
+  struct QueuedUpdate {
+    const core::Connection& c;
+    const uint64_t expected_revision;
+    absl::Status result;
+    bool done = false;
+  };
+  // Writes `batch` in one transaction and sets each one's result.
+  void CommitUpdates(const std::vector<QueuedUpdate*>& batch) ABSL_LOCKS_EXCLUDED(mu_);
+  // Inside the transaction: the compare-and-set of one update. Returns the key id it sealed with.
+  absl::StatusOr<std::string> UpdateLocked(const core::Connection& c, uint64_t expected_revision)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Reads, changes and rewrites one link in one transaction.
   absl::Status ModifyLink(const std::string& link_id,
                           const std::function<void(core::LinkRecord&)>& change)
@@ -173,6 +195,15 @@ class SqliteStore final : public core::TokenStore, public core::FlowStore {
 
   const std::string path_;
   const int lock_fd_;
+
+  // Group commit of updates. Never held together with mu_.
+  mutable Mutex group_mu_;
+  CondVar group_done_;
+  // Updates waiting for the next transaction.
+  std::vector<QueuedUpdate*> queued_ ABSL_GUARDED_BY(group_mu_);
+  // A caller is writing a batch (it takes queued_ as a whole when it starts).
+  bool committing_ ABSL_GUARDED_BY(group_mu_) = false;
+  std::atomic<uint64_t> update_commits_{0};
   const core::Cipher& cipher_;
   const SqliteStoreOptions options_;
   SystemClock system_clock_;

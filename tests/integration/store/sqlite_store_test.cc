@@ -603,6 +603,66 @@ TEST_F(SqliteStoreTest, RotationReencryptsEveryRowUnderTheNewKey) {
   }
 }
 
+TEST_F(SqliteStoreTest, UpdatesThatArriveDuringACommitShareTheNextOneAndKeepTheirOwnResults) {
+  HookedCipher hooked(*cipher1_);
+  std::unique_ptr<SqliteStore> store = MustOpen(hooked);
+  ASSERT_NE(store, nullptr);
+  std::map<std::string, core::Connection> created;
+  for (const char* id : {"first", "a", "b", "c", "moved"}) {
+    created[id] = FullConnection(id);
+    ASSERT_TRUE(store->Create(created[id]).ok());
+  }
+  const auto next = [&created](const char* id, uint64_t revision, const char* access) {
+    core::Connection c = created.contains(id) ? created[id] : FullConnection(id);
+    c.grant = FullGrant(5, access);
+    c.revision = revision;
+    return c;
+  };
+  // Written while "first" is inside its transaction: "a", "b" and "c" must commit, "moved" is
+  // expected at a revision it is not at, and "gone" was never created.
+  const std::vector<core::Connection> queued = {next("a", 1, "a-1"), next("b", 1, "b-1"),
+                                                next("moved", 8, "moved-8"), next("c", 1, "c-1"),
+                                                next("gone", 1, "gone-1")};
+  const std::vector<uint64_t> expected_revisions = {0, 0, 7, 0, 0};
+  std::vector<absl::Status> results(queued.size(), absl::UnknownError("not run"));
+  std::vector<std::thread> writers;
+  bool all_queued = false;
+  hooked.RunOnceBeforeNextSeal([&] {
+    for (size_t i = 0; i < queued.size(); ++i) {
+      writers.emplace_back(
+          [&, i] { results[i] = store->Update(queued[i], expected_revisions[i], nullptr); });
+    }
+    const absl::Time give_up = absl::Now() + absl::Seconds(30);
+    while (store->queued_updates() < queued.size() && absl::Now() < give_up) {
+      absl::SleepFor(absl::Milliseconds(1));
+    }
+    all_queued = store->queued_updates() == queued.size();
+  });
+  const core::Connection first = next("first", 1, "first-1");
+  const uint64_t commits_before = store->update_commits();
+  ASSERT_TRUE(store->Update(first, 0, nullptr).ok());
+  for (std::thread& t : writers) {
+    t.join();
+  }
+  ASSERT_TRUE(all_queued) << "the updates did not wait for the commit in progress";
+  EXPECT_EQ(store->update_commits() - commits_before, 2u);  // "first", then the other five
+  EXPECT_TRUE(results[0].ok()) << results[0];
+  EXPECT_TRUE(results[1].ok()) << results[1];
+  EXPECT_EQ(results[2].code(), absl::StatusCode::kAborted) << results[2];
+  EXPECT_TRUE(results[3].ok()) << results[3];
+  EXPECT_EQ(results[4].code(), absl::StatusCode::kNotFound) << results[4];
+
+  for (const core::Connection& want : {first, queued[0], queued[1], queued[3]}) {
+    absl::StatusOr<core::Connection> got = store->Load(want.id);
+    ASSERT_TRUE(got.ok()) << got.status();
+    ExpectSameConnection(*got, want);
+  }
+  absl::StatusOr<core::Connection> moved = store->Load("moved");
+  ASSERT_TRUE(moved.ok()) << moved.status();
+  ExpectSameConnection(*moved, created["moved"]);  // the failed update left nothing
+  EXPECT_EQ(store->Load("gone").status().code(), absl::StatusCode::kNotFound);
+}
+
 TEST_F(SqliteStoreTest, AnUpdateThatRacesTheRotationIsNotLost) {
   {
     std::unique_ptr<SqliteStore> store = MustOpen(*cipher1_);
