@@ -90,6 +90,11 @@ class TokenStore {
     return RotationProgress{};
   }
 
+  // Whether other processes may write this store (replicas sharing PostgreSQL). A store with
+  // a single owning process answers false: nothing in it is newer than what its owner wrote,
+  // so the owner need not read a row back before a refresh.
+  virtual bool HasOtherWriters() const { return true; }
+
   // Calls `on_change` (on a store thread, never under a lock of the caller's) with the id of
   // each connection another process changed, as soon as the store learns of it. Stores with a
   // single owning process never call it. Call once, before serving.

@@ -90,6 +90,9 @@ class Broker {
   // Another replica changed `id` in the store: publishes the stored record if it is newer than
   // the cached one (or drops the cached one if it was deleted). Errors: store errors.
   absl::Status Reload(const core::ConnectionId& id);
+  // Whether another process may change the store (core::TokenStore::HasOtherWriters): if not,
+  // the cache is never behind it and a reload finds nothing new.
+  bool StoreHasOtherWriters() const { return store_.HasOtherWriters(); }
 
   // The refresh lease of `id` (several replicas: only its holder calls the provider).
   // nullopt: another replica holds it. Errors: store errors.

@@ -21,6 +21,7 @@ absl::StatusOr<std::vector<core::Connection>> InMemoryTokenStore::LoadAll() {
 
 absl::StatusOr<core::Connection> InMemoryTokenStore::Load(const core::ConnectionId& id) {
   MutexLock lock(&mu_);
+  ++loads_;
   if (down_) {
     return absl::UnavailableError("store down (test)");
   }
@@ -112,6 +113,21 @@ void InMemoryTokenStore::SetLeasesHeldElsewhere(bool held) {
 void InMemoryTokenStore::FailNextWrite(absl::Status status) {
   MutexLock lock(&mu_);
   next_write_failure_ = std::move(status);
+}
+
+bool InMemoryTokenStore::HasOtherWriters() const {
+  MutexLock lock(&mu_);
+  return has_other_writers_;
+}
+
+void InMemoryTokenStore::SetHasOtherWriters(bool has) {
+  MutexLock lock(&mu_);
+  has_other_writers_ = has;
+}
+
+size_t InMemoryTokenStore::loads() const {
+  MutexLock lock(&mu_);
+  return loads_;
 }
 
 size_t InMemoryTokenStore::writes() const {

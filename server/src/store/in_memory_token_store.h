@@ -27,6 +27,8 @@ class InMemoryTokenStore final : public core::TokenStore {
                                                           absl::Duration ttl) override
       ABSL_LOCKS_EXCLUDED(mu_);
   absl::Status ReleaseLease(const core::Lease& lease) override;
+  // True unless SetHasOtherWriters(false): the tests play the other replicas by writing here.
+  bool HasOtherWriters() const override ABSL_LOCKS_EXCLUDED(mu_);
 
   // Test knob: the store is unreachable; every call but AcquireLease fails UNAVAILABLE.
   void SetDown(bool down) ABSL_LOCKS_EXCLUDED(mu_);
@@ -35,6 +37,10 @@ class InMemoryTokenStore final : public core::TokenStore {
   // Test knob: the next write fails with `status` (then writes work again).
   void FailNextWrite(absl::Status status) ABSL_LOCKS_EXCLUDED(mu_);
   size_t writes() const ABSL_LOCKS_EXCLUDED(mu_);
+  // Test knob: what HasOtherWriters answers.
+  void SetHasOtherWriters(bool has) ABSL_LOCKS_EXCLUDED(mu_);
+  // Load calls so far.
+  size_t loads() const ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
   absl::Status TakeInjectedFailure() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -43,6 +49,8 @@ class InMemoryTokenStore final : public core::TokenStore {
   absl::flat_hash_map<core::ConnectionId, core::Connection> rows_ ABSL_GUARDED_BY(mu_);
   absl::Status next_write_failure_ ABSL_GUARDED_BY(mu_);
   size_t writes_ ABSL_GUARDED_BY(mu_) = 0;
+  size_t loads_ ABSL_GUARDED_BY(mu_) = 0;
+  bool has_other_writers_ ABSL_GUARDED_BY(mu_) = true;
   bool leases_held_elsewhere_ ABSL_GUARDED_BY(mu_) = false;
   bool down_ ABSL_GUARDED_BY(mu_) = false;
 };

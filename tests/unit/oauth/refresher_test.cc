@@ -679,6 +679,24 @@ TEST_F(RefresherTest, WithoutTheLeaseNoProviderCallAndCallersGetTheHoldersGenera
   EXPECT_EQ(provider_.refresh_calls(), 0);
 }
 
+TEST_F(RefresherTest, WithTheLeaseTheStoredRecordIsReadBackUnlessNoOtherProcessWritesTheStore) {
+  Connect("acme", absl::Minutes(30));
+  clock_.Advance(absl::Minutes(25));  // due
+  provider_.NextRefreshReturns(NewGrant(absl::Minutes(30)));
+  size_t loads = store_.loads();
+  RunDueAndAwait(1);
+  EXPECT_EQ(store_.loads(), loads + 1);  // another replica may have refreshed meanwhile
+
+  // A store only this process writes (SQLite) holds nothing newer than the cache.
+  store_.SetHasOtherWriters(false);
+  clock_.Advance(absl::Minutes(25));
+  provider_.NextRefreshReturns(NewGrant(absl::Minutes(30)));
+  loads = store_.loads();
+  RunDueAndAwait(2);
+  EXPECT_EQ(store_.loads(), loads);
+  EXPECT_EQ(broker_.GetConnection("acme").value()->generation(), 3u);
+}
+
 TEST_F(RefresherTest, ADeadHoldersLeaseIsTakenOverWhenItExpires) {
   Connect("acme", absl::Minutes(30));
   clock_.Advance(absl::Minutes(25));
