@@ -358,8 +358,12 @@ int main(int argc, char** argv) {
   tb::oauth::Revoker revoker(revoker_options, providers, clock, broker, **provider_client, events);
   tb::oauth::AuthorizationFlow flow(flow_options, providers, clock, random, digest, flow_store,
                                     **provider_client, broker, revoker, events);
-  // Blocking domain work (provider calls, store writes) runs here, never on io or gRPC threads.
-  tb::WorkPool work(4, "work");
+  // Blocking domain work (provider calls, store writes) runs here, never on io or gRPC threads:
+  // a thread for each scheduled refresh that may be in flight (each holds its thread through
+  // the provider call and two store writes), and kOtherWork more so that connect callbacks,
+  // revocations and refreshes on use never queue behind them.
+  constexpr int kOtherWork = 4;
+  tb::WorkPool work(config->refresh.max_concurrent + kOtherWork, "work");
   const tb::RunBlocking run_blocking = [&work](std::function<void()> task) {
     work.Post(std::move(task));
   };

@@ -34,6 +34,7 @@ BROKER = ""
 START_TIMEOUT_S = 30
 MAX_HEADER_BYTES = 2048  # the default is 8 KiB
 RATE_LIMIT_BURST = 4
+MAX_CONCURRENT_REFRESHES = 12  # the default is 16
 RETURN_URL_PREFIX = "https://admin.example.com/zendesk/"
 
 
@@ -93,6 +94,7 @@ class StateDir:
             f.write(f"http: {{max_header_bytes: {MAX_HEADER_BYTES}, rate_limit_per_minute: 6, "
                     f"rate_limit_burst: {RATE_LIMIT_BURST}}}\n")
             f.write(f'links: {{return_url_allowlist: ["{RETURN_URL_PREFIX}"]}}\n')
+            f.write(f"refresh: {{max_concurrent: {MAX_CONCURRENT_REFRESHES}}}\n")
             # A provider for minting links; nothing here ever calls it.
             f.write("providers:\n  acme:\n    preset: generic\n    client_id: tests\n")
             f.write(f'    client_secret_file: "{self.client_secret}"\n')
@@ -283,6 +285,19 @@ class BinaryTest(unittest.TestCase):
             # Leaves no connection behind for the other tests of this broker.
             admin.DeleteConnection(pb.DeleteConnectionRequest(connection_id="return-url-ok"),
                                    timeout=5, metadata=md)
+
+    def test_the_work_pool_has_a_thread_for_each_refresh_in_flight_and_four_more(self):
+        # Each scheduled refresh holds a work thread through its provider call and store writes:
+        # with fewer threads than refresh.max_concurrent, the setting would be a lie.
+        tasks = f"/proc/{self.broker.proc.pid}/task"
+        names = []
+        for tid in os.listdir(tasks):
+            try:
+                with open(f"{tasks}/{tid}/comm") as f:
+                    names.append(f.read().strip())
+            except FileNotFoundError:
+                pass  # a thread that ended meanwhile
+        self.assertEqual(names.count("work"), MAX_CONCURRENT_REFRESHES + 4, sorted(set(names)))
 
     def test_no_core_dumps(self):
         with open(f"/proc/{self.broker.proc.pid}/limits") as f:

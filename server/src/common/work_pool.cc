@@ -1,12 +1,18 @@
 #include "server/src/common/work_pool.h"
 
+#include <pthread.h>
+
 #include <utility>
 
 namespace tb {
 
 WorkPool::WorkPool(int threads, std::string name) : name_(std::move(name)) {
   for (int i = 0; i < std::max(threads, 1); ++i) {
-    threads_.emplace_back([this] { Run(); });
+    threads_.emplace_back([this] {
+      // Named, so that `top -H` and /proc/<pid>/task/*/comm show the pool (at most 15 bytes).
+      pthread_setname_np(pthread_self(), name_.substr(0, 15).c_str());
+      Run();
+    });
   }
 }
 

@@ -20,7 +20,8 @@ using RunBlocking = std::function<void(std::function<void()>)>;
 // block. Hand-written because Abseil has no public thread pool and the domain must not link
 // Asio for asio::thread_pool.
 //
-// Thread-safe. Stop() (or the destructor) runs every queued task, then joins.
+// Thread-safe. Stop() (or the destructor) runs every queued task, then joins. Its threads are
+// named `name` (the first 15 bytes).
 class WorkPool {
  public:
   explicit WorkPool(int threads, std::string name = "work");

@@ -569,8 +569,9 @@ absl::Status ValidateFields(const Config& c) {
       return absl::InvalidArgumentError(absl::StrCat("refresh.", name, " must be positive"));
     }
   }
-  if (r.max_concurrent < 1 || r.max_concurrent > 10'000) {
-    return absl::InvalidArgumentError("refresh.max_concurrent must be 1 to 10000");
+  if (r.max_concurrent < 1 || r.max_concurrent > 1'000) {
+    return absl::InvalidArgumentError(
+        "refresh.max_concurrent must be 1 to 1000 (each refresh in flight holds a thread)");
   }
   const HttpConfig& h = c.http;
   if (h.max_header_bytes < 1024 || h.max_header_bytes > 1 << 20 || h.max_body_bytes < 0 ||

@@ -51,6 +51,7 @@ refresh: {margin: 2m, max_jitter: 10s, hot_window: 15m, provider_timeout: 20s,
   EXPECT_EQ(ParseConfig("refresh: {max_wiat: 1s}").status().code(),
             absl::StatusCode::kInvalidArgument);
   for (const char* bad : {"{store: {url: 'memory:'}, refresh: {max_concurrent: 0}}",
+                          "{store: {url: 'memory:'}, refresh: {max_concurrent: 1001}}",
                           "{store: {url: 'memory:'}, refresh: {provider_timeout: 0s}}",
                           "{store: {url: 'memory:'}, grpc: {max_watch_streams: 5, "
                           "max_watch_streams_per_caller: 6}}"}) {
