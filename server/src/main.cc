@@ -360,8 +360,9 @@ int main(int argc, char** argv) {
                                     **provider_client, broker, revoker, events);
   // Blocking domain work (provider calls, store writes) runs here, never on io or gRPC threads:
   // a thread for each scheduled refresh that may be in flight (each holds its thread through
-  // the provider call and two store writes), and kOtherWork more so that connect callbacks,
-  // revocations and refreshes on use never queue behind them.
+  // the provider call and two store writes), and kOtherWork more for connect callbacks,
+  // revocations and refreshes on use (these do not count against max_concurrent, so at peaks
+  // they can still queue).
   constexpr int kOtherWork = 4;
   tb::WorkPool work(config->refresh.max_concurrent + kOtherWork, "work");
   const tb::RunBlocking run_blocking = [&work](std::function<void()> task) {

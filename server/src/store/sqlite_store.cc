@@ -13,6 +13,7 @@
 #include <iterator>
 #include <utility>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -756,16 +757,25 @@ absl::Status SqliteStore::Update(const core::Connection& c, uint64_t expected_re
     committing_ = true;
     batch.swap(queued_);
   }
-  CommitUpdates(batch);
-  {
-    MutexLock lock(&group_mu_);
-    // The waiters own their QueuedUpdate: none is touched after this.
-    for (QueuedUpdate* u : batch) {
-      u->done = true;
+  // However CommitUpdates ends (an exception such as bad_alloc included), the batch is answered
+  // and the next caller may lead: otherwise every later update would wait forever.
+  bool answered = false;
+  absl::Cleanup finish = [this, &batch, &answered] {
+    {
+      MutexLock lock(&group_mu_);
+      // The waiters own their QueuedUpdate: none is touched after this.
+      for (QueuedUpdate* u : batch) {
+        if (!answered) {
+          u->result = absl::InternalError("the update was not written (the commit failed)");
+        }
+        u->done = true;
+      }
+      committing_ = false;
     }
-    committing_ = false;
-  }
-  group_done_.SignalAll();
+    group_done_.SignalAll();
+  };
+  CommitUpdates(batch);
+  answered = true;
   return mine.result;
 }
 
@@ -799,6 +809,12 @@ void SqliteStore::CommitUpdates(const std::vector<QueuedUpdate*>& batch) {
       sealed_with.push_back(*std::move(key_id));
     } else {
       u->result = key_id.status();
+      if (sqlite3_get_autocommit(db_) != 0) {
+        // SQLite rolled the whole transaction back itself (SQLITE_FULL, SQLITE_IOERR,
+        // SQLITE_NOMEM): nothing of the batch is written, and its cause is every update's.
+        fail_all(key_id.status());
+        return;
+      }
       if (absl::Status s = Query(db_, stmts_->rollback_to_savepoint).Run("roll back an update");
           !s.ok()) {
         fail_all(s);

@@ -184,7 +184,7 @@ class SqliteStore final : public core::TokenStore, public core::FlowStore {
     bool done = false;
   };
   // Writes `batch` in one transaction and sets each one's result.
-  void CommitUpdates(const std::vector<QueuedUpdate*>& batch) ABSL_LOCKS_EXCLUDED(mu_);
+  void CommitUpdates(const std::vector<QueuedUpdate*>& batch) ABSL_LOCKS_EXCLUDED(mu_, group_mu_);
   // Inside the transaction: the compare-and-set of one update. Returns the key id it sealed with.
   absl::StatusOr<std::string> UpdateLocked(const core::Connection& c, uint64_t expected_revision)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

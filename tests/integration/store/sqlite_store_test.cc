@@ -640,10 +640,11 @@ TEST_F(SqliteStoreTest, UpdatesThatArriveDuringACommitShareTheNextOneAndKeepThei
   });
   const core::Connection first = next("first", 1, "first-1");
   const uint64_t commits_before = store->update_commits();
-  ASSERT_TRUE(store->Update(first, 0, nullptr).ok());
+  const absl::Status first_status = store->Update(first, 0, nullptr);
   for (std::thread& t : writers) {
     t.join();
   }
+  ASSERT_TRUE(first_status.ok()) << first_status;
   ASSERT_TRUE(all_queued) << "the updates did not wait for the commit in progress";
   EXPECT_EQ(store->update_commits() - commits_before, 2u);  // "first", then the other five
   EXPECT_TRUE(results[0].ok()) << results[0];
