@@ -34,6 +34,7 @@
 #include "absl/flags/parse.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "server/src/common/absl_mutex_mode.h"
 #include "tokenbroker/v1/token_broker.grpc.pb.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:0", "host:port to serve on (port 0: any free port)");
@@ -181,6 +182,7 @@ std::shared_ptr<grpc::ServerCredentials> Credentials() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  tb::UseReleaseAbslMutexMode();
   absl::ParseCommandLine(argc, argv);
   sigset_t stop_signals;
   sigemptyset(&stop_signals);

@@ -52,6 +52,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "server/src/common/absl_mutex_mode.h"
 #include "tokenbroker/v1/token_broker.grpc.pb.h"
 
 ABSL_FLAG(std::string, target, "127.0.0.1:8443", "host:port of the server");
@@ -517,6 +518,7 @@ double CpuSeconds() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  tb::UseReleaseAbslMutexMode();
   absl::ParseCommandLine(argc, argv);
   Options o;
   if (const std::string f = absl::GetFlag(FLAGS_api_key_file); !f.empty()) {

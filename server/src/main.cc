@@ -33,6 +33,7 @@
 #include "absl/time/time.h"
 #include "server/src/auth/authorizer.h"
 #include "server/src/cache/connection_cache.h"
+#include "server/src/common/absl_mutex_mode.h"
 #include "server/src/common/clock.h"
 #include "server/src/common/logging.h"
 #include "server/src/common/metrics.h"
@@ -202,6 +203,7 @@ absl::StatusOr<tb::http::HttpServerOptions> HttpOptions(const std::string& liste
 }  // namespace
 
 int main(int argc, char** argv) {
+  tb::UseReleaseAbslMutexMode();
   absl::SetProgramUsageMessage("token-broker [--config=FILE] [overrides]");
   absl::ParseCommandLine(argc, argv);
   // No core dumps: one would hold every token, refresh token and key in memory.
