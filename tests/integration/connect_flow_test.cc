@@ -13,6 +13,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "gtest/gtest.h"
 #include "server/src/common/work_pool.h"
 #include "server/src/core/provider_presets.h"
@@ -460,10 +461,14 @@ class RefreshRpcTest : public ConnectFlowTest {
 TEST_F(RefreshRpcTest, ConcurrentRefreshesOfOneGenerationRotateOnceAtTheProvider) {
   std::vector<std::thread> callers;
   std::atomic<int> ok{0};
+  std::vector<std::string> answers(20);  // what each caller got, printed when one is wrong
   for (int i = 0; i < 20; ++i) {
-    callers.emplace_back([&] {
+    callers.emplace_back([&, i] {
       v1::Token t;
-      if (Refresh(1, &t).ok() && t.generation() == 2) {
+      const grpc::Status s = Refresh(1, &t);
+      answers[i] =
+          absl::StrCat(s.error_code(), " '", s.error_message(), "' generation ", t.generation());
+      if (s.ok() && t.generation() == 2) {
         ok++;
       }
     });
@@ -471,7 +476,7 @@ TEST_F(RefreshRpcTest, ConcurrentRefreshesOfOneGenerationRotateOnceAtTheProvider
   for (std::thread& t : callers) {
     t.join();
   }
-  EXPECT_EQ(ok.load(), 20);
+  EXPECT_EQ(ok.load(), 20) << absl::StrJoin(answers, "; ");
   EXPECT_EQ(fake_->calls(CallKind::kTokenRefresh), 1);
   v1::Token now;
   ASSERT_TRUE(GetToken("acme", &now).ok());
