@@ -60,10 +60,6 @@ RPC_TIMEOUT_S = 10
 CONNECT_THREADS = 4
 # Clock reads of the test and the broker on one machine: a few milliseconds apart at most.
 SLACK_S = 0.005
-# Every promise is judged from the moment the request was sent, not from when the answer came
-# back: the broker answered somewhere in between, and its min_ttl counts from its answer, so only
-# the send time is a moment the promise must cover. On a busy machine an answer can take hundreds
-# of milliseconds to reach the test after the broker sent it.
 # A provider check goes out this long before the answer's min_ttl runs out.
 CHECK_LEAD_S = 0.1
 PROGRESS_EVERY_S = 30
@@ -318,6 +314,8 @@ class Load:
                                  t_send]
                 else:
                     g[2] = max(g[2], t_send)
+                # From t_send, not t_recv: the broker answered in between, and on a busy machine
+                # its answer can take hundreds of milliseconds to arrive.
                 if seconds(tok.valid_for) < self.min_ttl - 1e-6 or \
                         epoch(tok.valid_until) < t_send + self.min_ttl - SLACK_S:
                     with self.lock:
