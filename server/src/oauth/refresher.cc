@@ -1,6 +1,7 @@
 #include "server/src/oauth/refresher.h"
 
 #include <algorithm>
+#include <limits>
 #include <utility>
 
 #include "absl/strings/cord.h"
@@ -265,37 +266,50 @@ void Refresher::Refresh(const core::ConnectionId& id, uint64_t if_generation, Do
     done(broker_.GetToken(id));  // someone already refreshed past what the caller saw
     return;
   }
-  const absl::Time now = clock_.Now();
-  {
-    MutexLock lock(&mu_);
-    if (!in_flight_.contains(id)) {
-      const auto last = last_caller_refresh_.find(id);
-      if (last != last_caller_refresh_.end() &&
-          now - last->second < options_.caller_refresh_interval) {
-        done(absl::ResourceExhaustedError(
-            absl::StrCat("connection was refreshed on request less than ",
-                         absl::FormatDuration(options_.caller_refresh_interval), " ago")));
-        return;
-      }
-      last_caller_refresh_[id] = now;
-    }
+  if (Join(id, Trigger::kCaller, std::move(done),
+           if_generation == 0 ? std::numeric_limits<uint64_t>::max() : if_generation)) {
+    return;
   }
-  Join(id, Trigger::kCaller, std::move(done));
+  // Refused as too soon. The flight that set the limit may have ended between our read above
+  // and Join's look at in_flight_: a flight publishes its generation before it leaves
+  // in_flight_, so read again. A caller who saw the old generation gets the new one.
+  c = broker_.GetConnection(id);
+  if (c.ok() && core::StatusErrorFor(**c).ok() && if_generation != 0 &&
+      (*c)->generation() > if_generation) {
+    done(broker_.GetToken(id));
+    return;
+  }
+  done(absl::ResourceExhaustedError(
+      absl::StrCat("connection was refreshed on request less than ",
+                   absl::FormatDuration(options_.caller_refresh_interval), " ago")));
 }
 
-void Refresher::Join(const core::ConnectionId& id, Trigger trigger, Done done) {
+bool Refresher::Join(const core::ConnectionId& id, Trigger trigger, Done&& done,
+                     uint64_t early_through) {
   const absl::Time now = clock_.Now();
   bool start = false;
   {
     MutexLock lock(&mu_);
-    if (trigger == Trigger::kUse && !in_flight_.contains(id)) {
-      const auto nb = not_before_.find(id);
-      if (nb != not_before_.end() && now < nb->second) {
-        return;  // a refresh failed moments ago; the scheduled retry comes at not_before
+    if (!in_flight_.contains(id)) {
+      if (trigger == Trigger::kUse) {
+        const auto nb = not_before_.find(id);
+        if (nb != not_before_.end() && now < nb->second) {
+          return false;  // a refresh failed moments ago; the scheduled retry comes at not_before
+        }
+        const auto held = lease_held_until_.find(id);
+        if (held != lease_held_until_.end() && now < held->second) {
+          return false;  // another replica is refreshing; its result arrives through the store
+        }
       }
-      const auto held = lease_held_until_.find(id);
-      if (held != lease_held_until_.end() && now < held->second) {
-        return;  // another replica is refreshing; its result arrives through the store
+      if (trigger == Trigger::kCaller) {
+        // Checked and taken under the same lock as the flight is entered: a second caller
+        // sees either the flight or the limit of a flight that has ended.
+        const auto last = last_caller_refresh_.find(id);
+        if (last != last_caller_refresh_.end() &&
+            now - last->second < options_.caller_refresh_interval) {
+          return false;
+        }
+        last_caller_refresh_[id] = now;
       }
     }
     std::vector<Done>& waiters = in_flight_[id];
@@ -307,10 +321,14 @@ void Refresher::Join(const core::ConnectionId& id, Trigger trigger, Done done) {
   }
   if (start) {
     // Detached: the call runs to its own timeout whatever happens to the callers. Only a
-    // caller's Refresh may cut a generation short; the others refresh a due token only.
-    const bool early_ok = trigger == Trigger::kCaller;
-    run_blocking_([this, id, early_ok] { Finish(id, RefreshNow(id, early_ok)); });
+    // caller's Refresh may cut a generation short (the one the caller saw: another flight may
+    // have ended since it looked); the others refresh a due token only.
+    if (trigger != Trigger::kCaller) {
+      early_through = 0;
+    }
+    run_blocking_([this, id, early_through] { Finish(id, RefreshNow(id, early_through)); });
   }
+  return true;
 }
 
 void Refresher::Finish(const core::ConnectionId& id, const absl::StatusOr<TokenView>& result) {
@@ -395,7 +413,8 @@ void Refresher::FinishLeaseHeld(const core::ConnectionId& id, absl::Time now, ui
   }
 }
 
-absl::StatusOr<TokenView> Refresher::RefreshNow(const core::ConnectionId& id, bool early_ok) {
+absl::StatusOr<TokenView> Refresher::RefreshNow(const core::ConnectionId& id,
+                                                uint64_t early_through) {
   absl::StatusOr<std::shared_ptr<const core::Connection>> got = broker_.GetConnection(id);
   if (!got.ok()) {
     return got.status();
@@ -453,7 +472,7 @@ absl::StatusOr<TokenView> Refresher::RefreshNow(const core::ConnectionId& id, bo
     absl::StatusOr<TokenView> now_served = broker_.GetToken(id);
     return now_served.ok() ? now_served : LeaseHeldError(generation);
   }
-  if (!early_ok && c->grant->refresh_at && clock_.Now() < *c->grant->refresh_at) {
+  if (generation > early_through && c->grant->refresh_at && clock_.Now() < *c->grant->refresh_at) {
     // The promise made with this token still holds (the schedule that triggered this flight
     // was for an older state): never refresh before valid_until on our own.
     return broker_.GetToken(id);

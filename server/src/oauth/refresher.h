@@ -190,12 +190,17 @@ class Refresher {
   };
 
   // Joins or starts the single flight of `id`. `kind` tells who asked: only scheduled flights
-  // count against max_concurrent; flights on use wait out a recent failure.
+  // count against max_concurrent; flights on use wait out a recent failure; a caller's flight
+  // starts at most once per caller_refresh_interval. False: refused for one of those reasons
+  // (`done` not taken, not called).
   enum class Trigger { kScheduled, kUse, kCaller };
-  void Join(const core::ConnectionId& id, Trigger trigger, Done done) ABSL_LOCKS_EXCLUDED(mu_);
-  // The flight itself, on a work thread. `early_ok`: a caller asked (Refresh RPC), so the
-  // token may be refreshed before its refresh_at.
-  absl::StatusOr<TokenView> RefreshNow(const core::ConnectionId& id, bool early_ok);
+  // `early_through`: for a caller's flight (Refresh RPC), the newest generation it may
+  // refresh before its refresh_at (the one the caller saw); other triggers never do.
+  bool Join(const core::ConnectionId& id, Trigger trigger, Done&& done, uint64_t early_through = 0)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // The flight itself, on a work thread: refreshes a due token, or one of generation
+  // `early_through` or older before it is due.
+  absl::StatusOr<TokenView> RefreshNow(const core::ConnectionId& id, uint64_t early_through);
   void Finish(const core::ConnectionId& id, const absl::StatusOr<TokenView>& result)
       ABSL_LOCKS_EXCLUDED(mu_);
   // The flight found another replica holding the lease: its callers wait for that replica's

@@ -202,6 +202,70 @@ TEST_F(RefresherTest, HundredConcurrentRefreshesOfOneGenerationMakeOneProviderCa
   EXPECT_EQ(provider_.refresh_calls(), 1);
 }
 
+// The provider answers at once, so late callers of a round arrive just as its flight ends:
+// one that read generation g before the flight published g + 1 and looks for the flight after
+// it left must still get g + 1 (it once got "refreshed on request less than 10s ago"), and
+// none may start a second refresh of the new generation.
+TEST_F(RefresherTest, CallersArrivingAsTheFlightEndsGetItsGenerationAndStartNoOther) {
+  Connect("acme");
+  constexpr int kRounds = 300;
+  constexpr int kCallers = 6;
+  for (uint64_t g = 1; g <= kRounds; ++g) {
+    clock_.Advance(absl::Seconds(11));  // past the caller rate limit
+    provider_.NextRefreshReturns(NewGrant(absl::Minutes(30)));
+    std::vector<std::unique_ptr<Result>> results;
+    for (int i = 0; i < kCallers; ++i) {
+      results.push_back(std::make_unique<Result>());
+    }
+    std::vector<std::thread> callers;
+    for (int i = 0; i < kCallers; ++i) {
+      callers.emplace_back([&, i] { refresher_->Refresh("acme", g, results[i]->Callback()); });
+    }
+    for (std::thread& t : callers) {
+      t.join();
+    }
+    for (auto& r : results) {
+      absl::StatusOr<TokenView> v = r->Wait();
+      ASSERT_TRUE(v.ok()) << "round " << g << ": " << v.status();
+      ASSERT_EQ(v->grant().generation, g + 1) << "round " << g;
+    }
+    ASSERT_EQ(provider_.refresh_calls(), static_cast<int>(g)) << "round " << g;
+    work_.Drain();
+  }
+}
+
+// The same race with a scheduled flight, which sets no caller rate limit: a caller that read
+// generation g while the schedule was refreshing it, and finds no flight any more, starts one
+// that must not refresh g + 1 before it is due (that would be a second provider call).
+TEST_F(RefresherTest, CallersRacingAScheduledRefreshGetItsGenerationAndStartNoOther) {
+  Connect("acme");
+  constexpr int kRounds = 300;
+  constexpr int kCallers = 4;
+  for (uint64_t g = 1; g <= kRounds; ++g) {
+    clock_.Advance(absl::Minutes(25));  // due: the schedule refreshes it
+    provider_.NextRefreshReturns(NewGrant(absl::Minutes(30)));
+    std::vector<std::unique_ptr<Result>> results;
+    for (int i = 0; i < kCallers; ++i) {
+      results.push_back(std::make_unique<Result>());
+    }
+    std::vector<std::thread> threads;
+    threads.emplace_back([&] { refresher_->RunDue(); });
+    for (int i = 0; i < kCallers; ++i) {
+      threads.emplace_back([&, i] { refresher_->Refresh("acme", g, results[i]->Callback()); });
+    }
+    for (std::thread& t : threads) {
+      t.join();
+    }
+    for (auto& r : results) {
+      absl::StatusOr<TokenView> v = r->Wait();
+      ASSERT_TRUE(v.ok()) << "round " << g << ": " << v.status();
+      ASSERT_EQ(v->grant().generation, g + 1) << "round " << g;
+    }
+    work_.Drain();
+    ASSERT_EQ(provider_.refresh_calls(), static_cast<int>(g)) << "round " << g;
+  }
+}
+
 TEST_F(RefresherTest, CallerTriggeredRefreshesAreRateLimited) {
   Connect("acme");
   provider_.NextRefreshReturns(NewGrant(absl::Minutes(30)));
