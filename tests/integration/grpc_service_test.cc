@@ -6,6 +6,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <memory>
 #include <set>
 #include <string>
@@ -665,6 +667,97 @@ TEST_F(GrpcServiceTest, WatchTokenStreamsAreLimitedInAll) {
   first_ctx.TryCancel();
   first->Finish();
   (*limited)->Shutdown(absl::Now() + absl::Seconds(5));
+}
+
+// The names of this process's threads (/proc/self/task/*/comm).
+std::multiset<std::string> ThreadNames() {
+  std::multiset<std::string> names;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream comm(task.path() / "comm");
+    std::string name;
+    if (std::getline(comm, name)) {
+      names.insert(name);
+    }
+  }
+  return names;
+}
+
+// gRPC 1.51 starts its callback threads (`nexting_thread`) with the first server that has a
+// callback method, and they poll beside the CQ threads for as long as it lives; every service,
+// on both ports, must run on the completion queues instead. This test process starts no other
+// server.
+TEST_F(GrpcServiceTest, EveryServiceRunsOnTheCompletionQueuesWithoutCallbackThreads) {
+  v1::GetTokenResponse token;
+  ASSERT_TRUE(GetToken(testing::kActiveId, &token).ok());
+  {
+    grpc::ClientContext ctx;
+    v1::RefreshRequest req;
+    req.set_connection_id("no-such-connection");
+    v1::RefreshResponse resp;
+    EXPECT_EQ(tokens_->Refresh(&ctx, req, &resp).error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::ListConnectionsRequest req;
+    v1::ListConnectionsResponse resp;
+    ASSERT_TRUE(admin_->ListConnections(&ctx, req, &resp).ok());
+    EXPECT_GT(resp.connections_size(), 0);
+  }
+  EXPECT_EQ(Health(channel_, ""), HealthCheckResponse::SERVING);
+  EXPECT_EQ(Health(probe_channel_, "liveness"), HealthCheckResponse::SERVING);
+  grpc::ClientContext watch_ctx;
+  v1::WatchTokenRequest watch_req;
+  watch_req.set_connection_id(testing::kActiveId);
+  auto watch = tokens_->WatchToken(&watch_ctx, watch_req);
+  v1::WatchTokenResponse msg;
+  ASSERT_TRUE(watch->Read(&msg));
+  grpc::ClientContext health_ctx;
+  auto health_stub = grpc::health::v1::Health::NewStub(probe_channel_);
+  auto health = health_stub->Watch(&health_ctx, HealthCheckRequest());
+  HealthCheckResponse status;
+  ASSERT_TRUE(health->Read(&status));
+
+  const std::multiset<std::string> names = ThreadNames();
+  EXPECT_EQ(names.count("nexting_thread"), 0u) << "gRPC's callback threads are running";
+
+  watch_ctx.TryCancel();
+  watch->Finish();
+  health_ctx.TryCancel();
+  health->Finish();
+}
+
+// Streams still open at shutdown end (health first, WatchToken when the grace runs out), and
+// Shutdown returns once every call the services took has been answered.
+TEST_F(GrpcServiceTest, ShutdownEndsOpenStreamsOnBothPorts) {
+  grpc::ClientContext watch_ctx;
+  v1::WatchTokenRequest watch_req;
+  watch_req.set_connection_id(testing::kActiveId);
+  auto watch = tokens_->WatchToken(&watch_ctx, watch_req);
+  v1::WatchTokenResponse msg;
+  ASSERT_TRUE(watch->Read(&msg));
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
+  std::vector<std::unique_ptr<grpc::ClientReader<HealthCheckResponse>>> health;
+  std::vector<std::unique_ptr<grpc::health::v1::Health::Stub>> stubs;
+  for (const auto& ch : {channel_, probe_channel_}) {
+    stubs.push_back(grpc::health::v1::Health::NewStub(ch));
+    contexts.push_back(std::make_unique<grpc::ClientContext>());
+    health.push_back(stubs.back()->Watch(contexts.back().get(), HealthCheckRequest()));
+    HealthCheckResponse status;
+    ASSERT_TRUE(health.back()->Read(&status));
+    EXPECT_EQ(status.status(), HealthCheckResponse::SERVING);
+  }
+
+  server_->Shutdown(absl::Now() + absl::Milliseconds(200));
+
+  EXPECT_FALSE(watch->Read(&msg));
+  EXPECT_FALSE(watch->Finish().ok());
+  for (auto& h : health) {
+    HealthCheckResponse status;
+    while (h->Read(&status)) {  // NOT_SERVING may come first
+      EXPECT_EQ(status.status(), HealthCheckResponse::NOT_SERVING);
+    }
+    EXPECT_EQ(h->Finish().error_code(), grpc::StatusCode::UNAVAILABLE);
+  }
 }
 
 }  // namespace

@@ -21,15 +21,7 @@ namespace {
 
 constexpr int kDefaultPageSize = 100;
 
-grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* ctx, RpcMetrics::Method* m,
-                               absl::Time start, const grpc::Status& status) {
-  RpcMetrics::Record(m, static_cast<absl::StatusCode>(status.error_code()), absl::Now() - start);
-  grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
-  r->Finish(status);
-  return r;
-}
-
-void Finish(grpc::ServerUnaryReactor* r, RpcMetrics::Method* m, absl::Time start,
+void Finish(cq::UnaryReply* r, RpcMetrics::Method* m, absl::Time start,
             const grpc::Status& status) {
   RpcMetrics::Record(m, static_cast<absl::StatusCode>(status.error_code()), absl::Now() - start);
   r->Finish(status);
@@ -70,22 +62,68 @@ AdminService::AdminService(oauth::Broker& broker, oauth::AuthorizationFlow& flow
   }
 }
 
-grpc::ServerUnaryReactor* AdminService::CreateConnectLink(grpc::CallbackServerContext* ctx,
-                                                          const v1::CreateConnectLinkRequest* req,
-                                                          v1::CreateConnectLinkResponse* resp) {
+namespace {
+
+// A ConnectionAdmin method served on `queues` by one of AdminService's member functions.
+template <class Req, class Resp>
+using AdminMethod = cq::UnaryMethod<v1::ConnectionAdmin::AsyncService, Req, Resp>;
+
+template <class Req, class Resp>
+void Serve(AdminService* self, v1::ConnectionAdmin::AsyncService* service,
+           typename AdminMethod<Req, Resp>::RequestFn request,
+           void (AdminService::*handler)(grpc::ServerContext*, const Req*, Resp*, cq::UnaryReply*),
+           cq::Queues& queues, std::vector<std::shared_ptr<void>>& keep) {
+  auto m = std::make_shared<AdminMethod<Req, Resp>>(AdminMethod<Req, Resp>{
+      service, request,
+      [self, handler](grpc::ServerContext* ctx, const Req* req, Resp* resp, cq::UnaryReply* r) {
+        (self->*handler)(ctx, req, resp, r);
+      },
+      &queues, 1});
+  queues.OnStart([m = m.get()](grpc::ServerCompletionQueue* q) {
+    cq::UnaryCall<v1::ConnectionAdmin::AsyncService, Req, Resp>::Arm(m, q);
+  });
+  keep.push_back(std::move(m));
+}
+
+}  // namespace
+
+void AdminService::RegisterWith(grpc::ServerBuilder& builder, cq::Queues& queues) {
+  using S = v1::ConnectionAdmin::AsyncService;
+  builder.RegisterService(&service_);
+  Serve<v1::CreateConnectLinkRequest, v1::CreateConnectLinkResponse>(
+      this, &service_, &S::RequestCreateConnectLink, &AdminService::CreateConnectLink, queues,
+      methods_);
+  Serve<v1::RevokeConnectLinkRequest, v1::RevokeConnectLinkResponse>(
+      this, &service_, &S::RequestRevokeConnectLink, &AdminService::RevokeConnectLink, queues,
+      methods_);
+  Serve<v1::GetConnectionRequest, v1::Connection>(this, &service_, &S::RequestGetConnection,
+                                                  &AdminService::GetConnection, queues, methods_);
+  Serve<v1::ListConnectionsRequest, v1::ListConnectionsResponse>(
+      this, &service_, &S::RequestListConnections, &AdminService::ListConnections, queues,
+      methods_);
+  Serve<v1::DeleteConnectionRequest, v1::DeleteConnectionResponse>(
+      this, &service_, &S::RequestDeleteConnection, &AdminService::DeleteConnection, queues,
+      methods_);
+  Serve<v1::RotateKeysRequest, v1::RotateKeysResponse>(this, &service_, &S::RequestRotateKeys,
+                                                       &AdminService::RotateKeys, queues, methods_);
+}
+
+void AdminService::CreateConnectLink(grpc::ServerContext* ctx,
+                                     const v1::CreateConnectLinkRequest* req,
+                                     v1::CreateConnectLinkResponse* resp, cq::UnaryReply* r) {
   const ScopedRequestId request(RequestIdOf(*ctx));
   const absl::Time start = absl::Now();
   RpcMetrics::Method* const m = metrics_.at("CreateConnectLink");
   if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
           Authorize(*ctx, authorizer_, auth::Permission::kAdmin, "CreateConnectLink", "");
       !caller.ok()) {
-    return Done(ctx, m, start, ToGrpcStatus(caller.status()));
+    return Finish(r, m, start, ToGrpcStatus(caller.status()));
   }
   if (req->ttl().seconds() < 0 || req->ttl().nanos() < 0) {
-    return Done(ctx, m, start,
-                grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "ttl must not be negative"));
+    return Finish(r, m, start,
+                  grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "ttl must not be negative"));
   }
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  cq::UnaryReply* const reactor = r;
   // Request and response stay valid until Finish.
   run_blocking_(WithCurrentRequestId([this, m, start, reactor, req, resp] {
     const std::map<std::string, std::string> params(req->params().begin(), req->params().end());
@@ -104,72 +142,69 @@ grpc::ServerUnaryReactor* AdminService::CreateConnectLink(grpc::CallbackServerCo
     resp->mutable_expires_at()->set_seconds(absl::ToUnixSeconds(link->expires_at));
     Finish(reactor, m, start, grpc::Status::OK);
   }));
-  return reactor;
 }
 
-grpc::ServerUnaryReactor* AdminService::RevokeConnectLink(grpc::CallbackServerContext* ctx,
-                                                          const v1::RevokeConnectLinkRequest* req,
-                                                          v1::RevokeConnectLinkResponse*) {
+void AdminService::RevokeConnectLink(grpc::ServerContext* ctx,
+                                     const v1::RevokeConnectLinkRequest* req,
+                                     v1::RevokeConnectLinkResponse*, cq::UnaryReply* r) {
   const ScopedRequestId request(RequestIdOf(*ctx));
   const absl::Time start = absl::Now();
   RpcMetrics::Method* const m = metrics_.at("RevokeConnectLink");
   if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
           Authorize(*ctx, authorizer_, auth::Permission::kAdmin, "RevokeConnectLink", "");
       !caller.ok()) {
-    return Done(ctx, m, start, ToGrpcStatus(caller.status()));
+    return Finish(r, m, start, ToGrpcStatus(caller.status()));
   }
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  cq::UnaryReply* const reactor = r;
   run_blocking_(WithCurrentRequestId([this, m, start, reactor, req] {
     const absl::Status s = flow_.RevokeLink(req->link_id());
     spdlog::info("RevokeConnectLink code={}", absl::StatusCodeToString(s.code()));
     Finish(reactor, m, start, ToGrpcStatus(s));
   }));
-  return reactor;
 }
 
-grpc::ServerUnaryReactor* AdminService::GetConnection(grpc::CallbackServerContext* ctx,
-                                                      const v1::GetConnectionRequest* req,
-                                                      v1::Connection* resp) {
+void AdminService::GetConnection(grpc::ServerContext* ctx, const v1::GetConnectionRequest* req,
+                                 v1::Connection* resp, cq::UnaryReply* r) {
   const ScopedRequestId request(RequestIdOf(*ctx));
   const absl::Time start = absl::Now();
   RpcMetrics::Method* const m = metrics_.at("GetConnection");
   if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
           Authorize(*ctx, authorizer_, auth::Permission::kAdmin, "GetConnection", "");
       !caller.ok()) {
-    return Done(ctx, m, start, ToGrpcStatus(caller.status()));
+    return Finish(r, m, start, ToGrpcStatus(caller.status()));
   }
   if (absl::Status s = core::ValidateConnectionId(req->connection_id()); !s.ok()) {
-    return Done(ctx, m, start, ToGrpcStatus(s));
+    return Finish(r, m, start, ToGrpcStatus(s));
   }
   absl::StatusOr<std::shared_ptr<const core::Connection>> c =
       broker_.GetConnection(req->connection_id());
   if (!c.ok()) {
-    return Done(ctx, m, start, ToGrpcStatus(c.status()));
+    return Finish(r, m, start, ToGrpcStatus(c.status()));
   }
   ToProto(**c, resp);
-  return Done(ctx, m, start, grpc::Status::OK);
+  return Finish(r, m, start, grpc::Status::OK);
 }
 
-grpc::ServerUnaryReactor* AdminService::ListConnections(grpc::CallbackServerContext* ctx,
-                                                        const v1::ListConnectionsRequest* req,
-                                                        v1::ListConnectionsResponse* resp) {
+void AdminService::ListConnections(grpc::ServerContext* ctx, const v1::ListConnectionsRequest* req,
+                                   v1::ListConnectionsResponse* resp, cq::UnaryReply* r) {
   const ScopedRequestId request(RequestIdOf(*ctx));
   const absl::Time start = absl::Now();
   RpcMetrics::Method* const m = metrics_.at("ListConnections");
   if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
           Authorize(*ctx, authorizer_, auth::Permission::kAdmin, "ListConnections", "");
       !caller.ok()) {
-    return Done(ctx, m, start, ToGrpcStatus(caller.status()));
+    return Finish(r, m, start, ToGrpcStatus(caller.status()));
   }
   if (req->page_size() < 0) {
-    return Done(ctx, m, start,
-                grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "page_size must not be negative"));
+    return Finish(
+        r, m, start,
+        grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "page_size must not be negative"));
   }
   std::string after;
   if (!req->page_token().empty()) {
     absl::StatusOr<std::string> decoded = DecodePageToken(req->page_token());
     if (!decoded.ok()) {
-      return Done(ctx, m, start, ToGrpcStatus(decoded.status()));
+      return Finish(r, m, start, ToGrpcStatus(decoded.status()));
     }
     after = *std::move(decoded);
   }
@@ -180,7 +215,7 @@ grpc::ServerUnaryReactor* AdminService::ListConnections(grpc::CallbackServerCont
   absl::StatusOr<cache::ConnectionCache::Page> page =
       broker_.ListConnections(filter, page_size, after);
   if (!page.ok()) {
-    return Done(ctx, m, start, ToGrpcStatus(page.status()));
+    return Finish(r, m, start, ToGrpcStatus(page.status()));
   }
   for (const cache::ConnectionCache::Entry& e : page->entries) {
     ToProto(*e, resp->add_connections());
@@ -188,50 +223,48 @@ grpc::ServerUnaryReactor* AdminService::ListConnections(grpc::CallbackServerCont
   if (!page->next_after.empty()) {
     resp->set_next_page_token(EncodePageToken(page->next_after));
   }
-  return Done(ctx, m, start, grpc::Status::OK);
+  return Finish(r, m, start, grpc::Status::OK);
 }
 
-grpc::ServerUnaryReactor* AdminService::DeleteConnection(grpc::CallbackServerContext* ctx,
-                                                         const v1::DeleteConnectionRequest* req,
-                                                         v1::DeleteConnectionResponse*) {
+void AdminService::DeleteConnection(grpc::ServerContext* ctx,
+                                    const v1::DeleteConnectionRequest* req,
+                                    v1::DeleteConnectionResponse*, cq::UnaryReply* r) {
   const ScopedRequestId request(RequestIdOf(*ctx));
   const absl::Time start = absl::Now();
   RpcMetrics::Method* const m = metrics_.at("DeleteConnection");
   if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
           Authorize(*ctx, authorizer_, auth::Permission::kAdmin, "DeleteConnection", "");
       !caller.ok()) {
-    return Done(ctx, m, start, ToGrpcStatus(caller.status()));
+    return Finish(r, m, start, ToGrpcStatus(caller.status()));
   }
   if (absl::Status s = core::ValidateConnectionId(req->connection_id()); !s.ok()) {
-    return Done(ctx, m, start, ToGrpcStatus(s));
+    return Finish(r, m, start, ToGrpcStatus(s));
   }
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  cq::UnaryReply* const reactor = r;
   run_blocking_(WithCurrentRequestId([this, m, start, reactor, req] {
     const absl::Status s = flow_.DeleteConnection(req->connection_id());
     spdlog::info("DeleteConnection connection={} code={}", req->connection_id(),
                  absl::StatusCodeToString(s.code()));
     Finish(reactor, m, start, ToGrpcStatus(s));
   }));
-  return reactor;
 }
 
-grpc::ServerUnaryReactor* AdminService::RotateKeys(grpc::CallbackServerContext* ctx,
-                                                   const v1::RotateKeysRequest* req,
-                                                   v1::RotateKeysResponse* resp) {
+void AdminService::RotateKeys(grpc::ServerContext* ctx, const v1::RotateKeysRequest* req,
+                              v1::RotateKeysResponse* resp, cq::UnaryReply* r) {
   const ScopedRequestId request(RequestIdOf(*ctx));
   const absl::Time start = absl::Now();
   RpcMetrics::Method* const m = metrics_.at("RotateKeys");
   if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
           Authorize(*ctx, authorizer_, auth::Permission::kAdmin, "RotateKeys", "");
       !caller.ok()) {
-    return Done(ctx, m, start, ToGrpcStatus(caller.status()));
+    return Finish(r, m, start, ToGrpcStatus(caller.status()));
   }
   if (req->batch_size() < 0 || req->batch_size() > 10'000) {
-    return Done(
-        ctx, m, start,
+    return Finish(
+        r, m, start,
         grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "batch_size must be 0 (500) to 10000"));
   }
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  cq::UnaryReply* const reactor = r;
   run_blocking_(WithCurrentRequestId([this, m, start, reactor, req, resp] {
     const size_t batch = req->batch_size() == 0 ? 500 : static_cast<size_t>(req->batch_size());
     absl::StatusOr<core::RotationProgress> p = broker_.RotateKeys(batch);
@@ -247,7 +280,6 @@ grpc::ServerUnaryReactor* AdminService::RotateKeys(grpc::CallbackServerContext* 
     resp->set_unreadable(p->unreadable);
     Finish(reactor, m, start, grpc::Status::OK);
   }));
-  return reactor;
 }
 
 }  // namespace tb::grpc_api

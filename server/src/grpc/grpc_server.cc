@@ -100,10 +100,7 @@ class GrpcServer::Impl {
         authorizer_(domain.authorizer != nullptr ? *domain.authorizer : *allow_all_),
         token_service_({domain.broker, domain.cache, domain.flow, domain.refresher,
                         domain.run_blocking, authorizer_},
-                       {options.cq_threads > 0
-                            ? options.cq_threads
-                            : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())),
-                        options.max_watch_streams, options.max_watch_streams_per_caller,
+                       {options.max_watch_streams, options.max_watch_streams_per_caller,
                         options.metrics, &rpc_metrics_}),
         admin_service_(domain.broker, domain.flow, std::move(domain.run_blocking), authorizer_,
                        &rpc_metrics_) {}
@@ -126,21 +123,25 @@ class GrpcServer::Impl {
       builder.SetOption(std::make_unique<WithoutReflection>());
     }
     builder.AddListeningPort(options_.listen, *creds, &port_);
-    token_service_.RegisterWith(builder);
-    builder.RegisterService(&admin_service_);
-    builder.RegisterService(&health_);
+    main_queues_.AddTo(builder,
+                       options_.cq_threads > 0
+                           ? options_.cq_threads
+                           : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+    token_service_.RegisterWith(builder, main_queues_);
+    admin_service_.RegisterWith(builder, main_queues_);
+    health_.RegisterWith(builder, main_queues_);
     main_ = builder.BuildAndStart();
     if (main_ == nullptr || port_ == 0) {
       return absl::UnavailableError(
           absl::StrCat("cannot listen for gRPC on ", options_.listen, " (address in use?)"));
     }
-    token_service_.Start();
-    token_service_started_ = true;
+    main_queues_.Start();
 
     grpc::ServerBuilder probe_builder;
     probe_builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
     probe_builder.SetOption(std::make_unique<WithoutReflection>());
-    probe_builder.RegisterService(&health_);
+    probe_queues_.AddTo(probe_builder, 1);
+    health_.RegisterWith(probe_builder, probe_queues_);
     probe_builder.AddListeningPort(options_.probe_listen, grpc::InsecureServerCredentials(),
                                    &probe_port_);
     probe_ = probe_builder.BuildAndStart();
@@ -148,6 +149,7 @@ class GrpcServer::Impl {
       return absl::UnavailableError(absl::StrCat("cannot listen for gRPC probes on ",
                                                  options_.probe_listen, " (address in use?)"));
     }
+    probe_queues_.Start();
     health_.SetServing(kLivenessService, true);
     health_.SetServing(kStoreService, true);
     health_.SetServing("", false);
@@ -202,12 +204,12 @@ class GrpcServer::Impl {
     if (main_ != nullptr) {
       main_->Shutdown(d);
     }
-    if (token_service_started_) {
-      token_service_.Shutdown();
-    }
+    token_service_.Shutdown();
+    main_queues_.Shutdown();
     if (probe_ != nullptr) {
       probe_->Shutdown(d);
     }
+    probe_queues_.Shutdown();
   }
 
   int port() const { return port_; }
@@ -221,11 +223,13 @@ class GrpcServer::Impl {
   HealthService health_;
   TokenService token_service_;
   AdminService admin_service_;
+  // Before the servers: freed after them.
+  cq::Queues main_queues_;
+  cq::Queues probe_queues_;
   std::unique_ptr<grpc::Server> main_;
   std::unique_ptr<grpc::Server> probe_;
   int port_ = 0;
   int probe_port_ = 0;
-  bool token_service_started_ = false;
 
   mutable Mutex mu_;
   bool ready_ ABSL_GUARDED_BY(mu_) = false;

@@ -10,11 +10,15 @@ using grpc::health::v1::HealthCheckRequest;
 using grpc::health::v1::HealthCheckResponse;
 
 // One Watch stream: sends the status, then every change; one write in flight at a time, with
-// changes arriving meanwhile coalesced into the next write.
-class HealthService::WatchReactor final : public grpc::ServerWriteReactor<HealthCheckResponse> {
+// changes arriving meanwhile coalesced into the next write. StartWrite and Finish are called
+// under mu_, so that a write decided on one thread cannot start after another ended the stream.
+class HealthService::WatchReactor final : public cq::WriteReactor<HealthCheckResponse> {
  public:
-  WatchReactor(HealthService& health, std::string service)
-      : health_(health), service_(std::move(service)) {}
+  WatchReactor(HealthService& health, std::string service,
+               cq::ServerStream<HealthCheckResponse>* stream)
+      : cq::WriteReactor<HealthCheckResponse>(stream),
+        health_(health),
+        service_(std::move(service)) {}
 
   static WatchReactor* Begin(std::shared_ptr<WatchReactor> self) {
     WatchReactor* raw = self.get();
@@ -59,13 +63,11 @@ class HealthService::WatchReactor final : public grpc::ServerWriteReactor<Health
   }
 
   void End(const grpc::Status& status) {
-    {
-      MutexLock lock(&mu_);
-      if (finished_) {
-        return;
-      }
-      finished_ = true;
+    MutexLock lock(&mu_);
+    if (finished_) {
+      return;
     }
+    finished_ = true;
     Finish(status);
   }
 
@@ -78,16 +80,14 @@ class HealthService::WatchReactor final : public grpc::ServerWriteReactor<Health
     if (status == HealthCheckResponse::UNKNOWN) {
       status = HealthCheckResponse::SERVICE_UNKNOWN;
     }
-    {
-      MutexLock lock(&mu_);
-      if (finished_ || writing_ || (sent_any_ && status == last_sent_)) {
-        return;
-      }
-      sent_any_ = true;
-      last_sent_ = status;
-      writing_ = true;
-      response_.set_status(status);
+    MutexLock lock(&mu_);
+    if (finished_ || writing_ || (sent_any_ && status == last_sent_)) {
+      return;
     }
+    sent_any_ = true;
+    last_sent_ = status;
+    writing_ = true;
+    response_.set_status(status);
     StartWrite(&response_);
   }
 
@@ -102,7 +102,7 @@ class HealthService::WatchReactor final : public grpc::ServerWriteReactor<Health
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool sent_any_ ABSL_GUARDED_BY(mu_) = false;
   Status last_sent_ ABSL_GUARDED_BY(mu_) = HealthCheckResponse::UNKNOWN;
-  HealthCheckResponse response_;  // owned by the write in flight while writing_
+  HealthCheckResponse response_ ABSL_GUARDED_BY(mu_);  // the write in flight's while writing_
 };
 
 HealthService::~HealthService() { Shutdown(); }
@@ -149,27 +149,41 @@ void HealthService::Shutdown() {
   }
 }
 
-grpc::ServerUnaryReactor* HealthService::Check(grpc::CallbackServerContext* ctx,
-                                               const HealthCheckRequest* req,
-                                               HealthCheckResponse* resp) {
+void HealthService::RegisterWith(grpc::ServerBuilder& builder, cq::Queues& queues) {
+  auto ep = std::make_unique<Endpoint>();
+  ep->check = {&ep->service, &AsyncService::RequestCheck,
+               [this](grpc::ServerContext*, const Request* req, Response* resp,
+                      cq::UnaryReply* reply) { Check(*req, resp, reply); },
+               &queues};
+  ep->watch = {&ep->service, &AsyncService::RequestWatch,
+               [this](grpc::ServerContext*, const Request* req,
+                      cq::ServerStream<Response>* stream) { return Watch(*req, stream); },
+               &queues, 2};
+  builder.RegisterService(&ep->service);
+  queues.OnStart([e = ep.get()](grpc::ServerCompletionQueue* q) {
+    cq::UnaryCall<AsyncService, Request, Response>::Arm(&e->check, q);
+    cq::StreamCall<AsyncService, Request, Response>::Arm(&e->watch, q);
+  });
+  endpoints_.push_back(std::move(ep));
+}
+
+void HealthService::Check(const Request& req, Response* resp, cq::UnaryReply* reply) {
   Status status;
   {
     MutexLock lock(&mu_);
-    status = StatusOf(req->service());
+    status = StatusOf(req.service());
   }
-  grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
   if (status == HealthCheckResponse::UNKNOWN) {
-    r->Finish(grpc::Status(grpc::StatusCode::NOT_FOUND, "unknown service"));
+    reply->Finish(grpc::Status(grpc::StatusCode::NOT_FOUND, "unknown service"));
   } else {
     resp->set_status(status);
-    r->Finish(grpc::Status::OK);
+    reply->Finish(grpc::Status::OK);
   }
-  return r;
 }
 
-grpc::ServerWriteReactor<HealthCheckResponse>* HealthService::Watch(grpc::CallbackServerContext*,
-                                                                    const HealthCheckRequest* req) {
-  return WatchReactor::Begin(std::make_shared<WatchReactor>(*this, req->service()));
+cq::WriteReactor<HealthCheckResponse>* HealthService::Watch(const Request& req,
+                                                            cq::ServerStream<Response>* stream) {
+  return WatchReactor::Begin(std::make_shared<WatchReactor>(*this, req.service(), stream));
 }
 
 }  // namespace tb::grpc_api

@@ -82,7 +82,7 @@ absl::string_view RequestIdOf(const grpc::ServerContextBase& ctx) {
 
 // Who opened a stream, for per-caller limits: the authenticated peer identity when there is
 // one, else the peer's address without its port.
-std::string CallerKey(const grpc::CallbackServerContext* ctx) {
+std::string CallerKey(const grpc::ServerContextBase* ctx) {
   if (std::shared_ptr<const grpc::AuthContext> auth = ctx->auth_context();
       auth != nullptr && auth->IsPeerAuthenticated()) {
     const std::vector<grpc::string_ref> ids = auth->GetPeerIdentity();
@@ -99,7 +99,7 @@ std::string CallerKey(const grpc::CallbackServerContext* ctx) {
 
 }  // namespace
 
-class TokenService::Impl final : public TokenService::Service {
+class TokenService::Impl final {
  public:
   Impl(Deps deps, Options options)
       : broker_(deps.broker),
@@ -108,7 +108,6 @@ class TokenService::Impl final : public TokenService::Service {
         run_blocking_(std::move(deps.run_blocking)),
         authorizer_(deps.authorizer),
         options_(options),
-        cq_threads_(std::max(1, options.cq_threads)),
         get_token_metrics_(MethodMetrics(options.rpc_metrics, "GetToken")),
         refresh_metrics_(MethodMetrics(options.rpc_metrics, "Refresh")),
         revoke_metrics_(MethodMetrics(options.rpc_metrics, "Revoke")),
@@ -122,43 +121,25 @@ class TokenService::Impl final : public TokenService::Service {
     }
   }
 
-  void RegisterWith(grpc::ServerBuilder& builder) {
-    authorizer_.set_on_replace([this] { RecheckStreams(); });
-    builder.RegisterService(this);
-    for (int i = 0; i < cq_threads_; ++i) {
-      cqs_.push_back(builder.AddCompletionQueue());
-    }
-  }
+  void RegisterWith(grpc::ServerBuilder& builder, cq::Queues& queues);
 
-  void Start();
-
-  void Shutdown() {
-    AnswerWaitingCalls();
-    for (auto& cq : cqs_) {
-      cq->Shutdown();
-    }
-    for (std::thread& t : threads_) {
-      t.join();
-    }
-    threads_.clear();
-  }
+  void Shutdown() { AnswerWaitingCalls(); }
 
   // Refresh: joins (or starts) the connection's single refresh flight and answers from its
   // completion; nothing blocks a gRPC thread. A caller whose deadline passes gets
   // DEADLINE_EXCEEDED from gRPC while the flight goes on.
-  grpc::ServerUnaryReactor* Refresh(grpc::CallbackServerContext* ctx, const v1::RefreshRequest* req,
-                                    v1::RefreshResponse* resp) override {
+  void Refresh(grpc::ServerContext* ctx, const v1::RefreshRequest* req, v1::RefreshResponse* resp,
+               cq::UnaryReply* r) {
     const ScopedRequestId request(RequestIdOf(*ctx));
-    grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
     if (absl::StatusOr<std::shared_ptr<const auth::Caller>> caller = Authorize(
             *ctx, authorizer_, auth::Permission::kRefresh, "Refresh", req->connection_id());
         !caller.ok()) {
       r->Finish(ToGrpcStatus(caller.status()));
-      return r;
+      return;
     }
     if (absl::Status s = core::ValidateConnectionId(req->connection_id()); !s.ok()) {
       r->Finish(ToGrpcStatus(s));
-      return r;
+      return;
     }
     refresher_.Refresh(req->connection_id(), req->if_generation(),
                        [this, r, resp, start = absl::Now()](absl::StatusOr<oauth::TokenView> v) {
@@ -171,23 +152,21 @@ class TokenService::Impl final : public TokenService::Service {
                          ToProto(*v, resp->mutable_token());
                          r->Finish(grpc::Status::OK);
                        });
-    return r;
   }
 
   // Revoke: stops serving at once, then revokes at the provider, on the work pool.
-  grpc::ServerUnaryReactor* Revoke(grpc::CallbackServerContext* ctx, const v1::RevokeRequest* req,
-                                   v1::RevokeResponse* resp) override {
+  void Revoke(grpc::ServerContext* ctx, const v1::RevokeRequest* req, v1::RevokeResponse* resp,
+              cq::UnaryReply* r) {
     const ScopedRequestId request(RequestIdOf(*ctx));
-    grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
     absl::StatusOr<std::shared_ptr<const auth::Caller>> caller =
         Authorize(*ctx, authorizer_, auth::Permission::kRevoke, "Revoke", req->connection_id());
     if (!caller.ok()) {
       r->Finish(ToGrpcStatus(caller.status()));
-      return r;
+      return;
     }
     if (absl::Status s = core::ValidateConnectionId(req->connection_id()); !s.ok()) {
       r->Finish(ToGrpcStatus(s));
-      return r;
+      return;
     }
     // Answered from the refresher's thread: the request id goes along for the lines it logs.
     auto done = [this, r, resp, id = req->connection_id(), who = (*caller)->name,
@@ -208,19 +187,15 @@ class TokenService::Impl final : public TokenService::Service {
       r->Finish(grpc::Status::OK);
     };
     refresher_.Revoke(req->connection_id(), WithCurrentRequestId(std::move(done)));
-    return r;
   }
 
-  grpc::ServerWriteReactor<v1::WatchTokenResponse>* WatchToken(
-      grpc::CallbackServerContext* ctx, const v1::WatchTokenRequest* req) override;
+  cq::WriteReactor<v1::WatchTokenResponse>* WatchToken(
+      grpc::ServerContext* ctx, const v1::WatchTokenRequest* req,
+      cq::ServerStream<v1::WatchTokenResponse>* stream);
 
  private:
   class GetTokenCall;
   class WatchReactor;
-
-  // One CQ thread: takes events and advances calls. The loop owns every call object: a call
-  // returns false from Proceed when it is over and the loop destroys it.
-  void Drive(grpc::ServerCompletionQueue* cq);
 
   // GetToken calls that wait: registered with the refresher, answered from its callback.
   void Wait(GetTokenCall* call, absl::Duration min_ttl) ABSL_LOCKS_EXCLUDED(wait_mu_);
@@ -242,9 +217,13 @@ class TokenService::Impl final : public TokenService::Service {
   const RunBlocking run_blocking_;
   auth::Authorizer& authorizer_;
   const Options options_;
-  const int cq_threads_;
-  std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> cqs_;
-  std::vector<std::thread> threads_;
+  v1::TokenBroker::AsyncService service_;
+  cq::UnaryMethod<v1::TokenBroker::AsyncService, v1::RefreshRequest, v1::RefreshResponse>
+      refresh_method_;
+  cq::UnaryMethod<v1::TokenBroker::AsyncService, v1::RevokeRequest, v1::RevokeResponse>
+      revoke_method_;
+  cq::StreamMethod<v1::TokenBroker::AsyncService, v1::WatchTokenRequest, v1::WatchTokenResponse>
+      watch_method_;
 
   static RpcMetrics::Method* MethodMetrics(RpcMetrics* m, const std::string& name) {
     return m == nullptr ? nullptr : m->For(name);
@@ -271,23 +250,25 @@ class TokenService::Impl final : public TokenService::Service {
       ABSL_GUARDED_BY(watch_mu_);
 };
 
-// A GetToken in flight on the CQ model: requested -> (waiting ->) finishing -> done.
+// A GetToken in flight: requested -> (waiting ->) finishing -> done. Not a cq::UnaryCall: its
+// own class keeps the hot path free of std::function and of the open-call count (a GetToken
+// that waits is answered by AnswerWaitingCalls at shutdown instead).
 //
-// Lifetime: the CQ loop owns the call and deletes it when its Finish tag comes back. Each CQ has
-// exactly one thread, so that tag cannot be processed while Proceed() still runs on it: a call
-// that starts waiting inside Proceed() may be answered from another thread at once, and
-// Proceed() touches nothing of it afterwards.
-class TokenService::Impl::GetTokenCall {
+// Lifetime: the CQ thread owns the call and deletes it when its Finish tag comes back. Each CQ
+// has exactly one thread, so that tag cannot be processed while Run() still runs on it: a call
+// that starts waiting inside Run() may be answered from another thread at once, and Run()
+// touches nothing of it afterwards.
+class TokenService::Impl::GetTokenCall final : public cq::Tag {
  public:
   GetTokenCall(Impl& impl, grpc::ServerCompletionQueue* cq)
       : impl_(impl), cq_(cq), responder_(&ctx_) {
-    impl_.RequestGetToken(&ctx_, &request_, &responder_, cq_, cq_, this);
+    impl_.service_.RequestGetToken(&ctx_, &request_, &responder_, cq_, cq_, this);
   }
 
-  // Advances the call on a CQ event; false when the call is over.
-  bool Proceed(bool ok) {
+  void Run(bool ok) override {
     if (finishing_ || !ok) {
-      return false;  // Finish completed, or the server is shutting down.
+      delete this;  // Finish completed, or the server is shutting down.
+      return;
     }
     new GetTokenCall(impl_, cq_);  // keep a request armed for the next caller
     finishing_ = true;
@@ -298,7 +279,7 @@ class TokenService::Impl::GetTokenCall {
                       request_.connection_id());
         !caller.ok()) {
       Finish(ToGrpcStatus(caller.status()));
-      return true;
+      return;
     }
     absl::Duration min_ttl;
     if (std::optional<grpc::Status> status =
@@ -307,13 +288,12 @@ class TokenService::Impl::GetTokenCall {
         impl_.cache_hits_->Increment();
       }
       Finish(*status);
-      return true;
+      return;
     }
     if (impl_.cache_misses_ != nullptr) {
       impl_.cache_misses_->Increment();
     }
     impl_.Wait(this, min_ttl);  // answered later, from the refresher's callback
-    return true;
   }
 
   void Finish(const grpc::Status& status) {
@@ -448,38 +428,49 @@ void TokenService::Impl::ReleaseStream(const std::string& caller) {
   }
 }
 
-void TokenService::Impl::Start() {
-  for (auto& cq : cqs_) {
+void TokenService::Impl::RegisterWith(grpc::ServerBuilder& builder, cq::Queues& queues) {
+  using S = v1::TokenBroker::AsyncService;
+  authorizer_.set_on_replace([this] { RecheckStreams(); });
+  builder.RegisterService(&service_);
+  refresh_method_ = {
+      &service_, &S::RequestRefresh,
+      [this](grpc::ServerContext* ctx, const v1::RefreshRequest* req, v1::RefreshResponse* resp,
+             cq::UnaryReply* r) { Refresh(ctx, req, resp, r); },
+      &queues};
+  revoke_method_ = {
+      &service_, &S::RequestRevoke,
+      [this](grpc::ServerContext* ctx, const v1::RevokeRequest* req, v1::RevokeResponse* resp,
+             cq::UnaryReply* r) { Revoke(ctx, req, resp, r); },
+      &queues};
+  watch_method_ = {&service_, &S::RequestWatchToken,
+                   [this](grpc::ServerContext* ctx, const v1::WatchTokenRequest* req,
+                          cq::ServerStream<v1::WatchTokenResponse>* stream) {
+                     return WatchToken(ctx, req, stream);
+                   },
+                   &queues, 16};
+  queues.OnStart([this](grpc::ServerCompletionQueue* q) {
     for (int i = 0; i < kPendingCallsPerQueue; ++i) {
-      new GetTokenCall(*this, cq.get());  // owned by the CQ loop from here on
+      new GetTokenCall(*this, q);  // owned by the queue's thread from here on
     }
-    threads_.emplace_back([this, q = cq.get()] { Drive(q); });
-  }
-}
-
-void TokenService::Impl::Drive(grpc::ServerCompletionQueue* cq) {
-  void* tag = nullptr;
-  bool ok = false;
-  while (cq->Next(&tag, &ok)) {
-    auto* call = static_cast<GetTokenCall*>(tag);
-    if (!call->Proceed(ok)) {
-      std::unique_ptr<GetTokenCall> done(call);
-    }
-  }
+    cq::UnaryCall<S, v1::RefreshRequest, v1::RefreshResponse>::Arm(&refresh_method_, q);
+    cq::UnaryCall<S, v1::RevokeRequest, v1::RevokeResponse>::Arm(&revoke_method_, q);
+    cq::StreamCall<S, v1::WatchTokenRequest, v1::WatchTokenResponse>::Arm(&watch_method_, q);
+  });
 }
 
 // WatchToken: the current token, then each new generation. Notifications come from the
 // cache's writer threads; one write is in flight at a time and notifications that arrive
-// meanwhile coalesce, so a slow reader only ever gets the latest generation. Decisions are made
-// under mu_, gRPC calls (StartWrite, Finish) after releasing it, since the library may run
-// reactions on other threads at once.
-class TokenService::Impl::WatchReactor final
-    : public grpc::ServerWriteReactor<v1::WatchTokenResponse> {
+// meanwhile coalesce, so a slow reader only ever gets the latest generation. Decisions and the
+// stream calls they lead to (StartWrite, Finish) are made under mu_, so that a write decided on
+// a writer thread cannot start after another thread ended the stream (cq::WriteReactor never
+// runs a reaction inline, so this cannot deadlock).
+class TokenService::Impl::WatchReactor final : public cq::WriteReactor<v1::WatchTokenResponse> {
  public:
   // `release` runs once when the stream is over (the stream-limit accounting); empty: none.
-  WatchReactor(cache::ConnectionCache& cache, const oauth::Broker& broker, std::string id,
-               std::function<void()> release)
-      : cache_(cache),
+  WatchReactor(cq::ServerStream<v1::WatchTokenResponse>* stream, cache::ConnectionCache& cache,
+               const oauth::Broker& broker, std::string id, std::function<void()> release)
+      : cq::WriteReactor<v1::WatchTokenResponse>(stream),
+        cache_(cache),
         broker_(broker),
         id_(std::move(id)),
         request_id_(CurrentRequestId()),
@@ -567,29 +558,25 @@ class TokenService::Impl::WatchReactor final
       return;  // awaiting its refresh: the next publish brings it
     }
     const oauth::TokenView& view = found.view;
-    {
-      MutexLock lock(&mu_);
-      if (finished_ || writing_ || view.grant().generation <= last_sent_) {
-        return;  // a write in flight re-checks when it completes
-      }
-      last_sent_ = view.grant().generation;
-      writing_ = true;
-      response_.Clear();
-      ToProto(view, response_.mutable_token());
+    MutexLock lock(&mu_);
+    if (finished_ || writing_ || view.grant().generation <= last_sent_) {
+      return;  // a write in flight re-checks when it completes
     }
+    last_sent_ = view.grant().generation;
+    writing_ = true;
+    response_.Clear();
+    ToProto(view, response_.mutable_token());
     spdlog::debug("WatchToken connection={} generation={} token={}", id_, view.grant().generation,
                   view.grant().access_token);
     StartWrite(&response_);
   }
 
   void End(const grpc::Status& status) {
-    {
-      MutexLock lock(&mu_);
-      if (finished_) {
-        return;
-      }
-      finished_ = true;
+    MutexLock lock(&mu_);
+    if (finished_) {
+      return;
     }
+    finished_ = true;
     Finish(status);
   }
 
@@ -607,11 +594,12 @@ class TokenService::Impl::WatchReactor final
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t last_sent_ ABSL_GUARDED_BY(mu_) = 0;
   // Owned by the write in flight while writing_ is true; written only when it is false.
-  v1::WatchTokenResponse response_;
+  v1::WatchTokenResponse response_ ABSL_GUARDED_BY(mu_);
 };
 
-grpc::ServerWriteReactor<v1::WatchTokenResponse>* TokenService::Impl::WatchToken(
-    grpc::CallbackServerContext* ctx, const v1::WatchTokenRequest* req) {
+cq::WriteReactor<v1::WatchTokenResponse>* TokenService::Impl::WatchToken(
+    grpc::ServerContext* ctx, const v1::WatchTokenRequest* req,
+    cq::ServerStream<v1::WatchTokenResponse>* stream) {
   const ScopedRequestId request(RequestIdOf(*ctx));
   absl::StatusOr<std::shared_ptr<const auth::Caller>> who =
       Authorize(*ctx, authorizer_, auth::Permission::kGetToken, "WatchToken", req->connection_id());
@@ -620,7 +608,7 @@ grpc::ServerWriteReactor<v1::WatchTokenResponse>* TokenService::Impl::WatchToken
   }
   if (!who.ok()) {
     return WatchReactor::Begin(
-        std::make_shared<WatchReactor>(cache_, broker_, req->connection_id(), nullptr),
+        std::make_shared<WatchReactor>(stream, cache_, broker_, req->connection_id(), nullptr),
         ToGrpcStatus(who.status()));
   }
   // Limits are per authenticated caller; in insecure mode everyone is the same caller, so the
@@ -629,11 +617,12 @@ grpc::ServerWriteReactor<v1::WatchTokenResponse>* TokenService::Impl::WatchToken
   if (!AcquireStream(caller)) {
     spdlog::warn("WatchToken refused: stream limit reached caller={}", caller);
     return WatchReactor::Begin(
-        std::make_shared<WatchReactor>(cache_, broker_, req->connection_id(), nullptr),
+        std::make_shared<WatchReactor>(stream, cache_, broker_, req->connection_id(), nullptr),
         grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                      "too many WatchToken streams open; close some or use fewer"));
   }
-  auto reactor = std::make_shared<WatchReactor>(cache_, broker_, req->connection_id(), nullptr);
+  auto reactor =
+      std::make_shared<WatchReactor>(stream, cache_, broker_, req->connection_id(), nullptr);
   WatchReactor* raw = reactor.get();
   reactor->SetIdentity(IdentityOf(*ctx));
   {
@@ -670,8 +659,9 @@ TokenService::TokenService(Deps deps, Options options)
 
 TokenService::~TokenService() = default;
 
-void TokenService::RegisterWith(grpc::ServerBuilder& builder) { impl_->RegisterWith(builder); }
-void TokenService::Start() { impl_->Start(); }
+void TokenService::RegisterWith(grpc::ServerBuilder& builder, cq::Queues& queues) {
+  impl_->RegisterWith(builder, queues);
+}
 void TokenService::Shutdown() { impl_->Shutdown(); }
 
 }  // namespace tb::grpc_api

@@ -4,13 +4,12 @@
 #include <grpcpp/grpcpp.h>
 
 #include <memory>
-#include <thread>
-#include <vector>
 
 #include "server/src/auth/authorizer.h"
 #include "server/src/cache/connection_cache.h"
 #include "server/src/common/metrics.h"
 #include "server/src/common/work_pool.h"
+#include "server/src/grpc/cq_calls.h"
 #include "server/src/grpc/rpc_metrics.h"
 #include "server/src/oauth/authorization_flow.h"
 #include "server/src/oauth/broker.h"
@@ -21,25 +20,19 @@ namespace tb::grpc_api {
 
 // tokenbroker.v1.TokenBroker.
 //
-// GetToken, the hot path, runs on the completion-queue async model (one CQ and one thread per
-// core): it answers from the broker's in-memory cache and completes inline, never blocking a CQ
-// thread. A GetToken that must wait (min_ttl, min_generation) becomes a callback in the
-// refresher and is completed from whichever thread publishes its token. WatchToken, Refresh and
-// Revoke use the callback API, which costs more per call but is simpler for streams and for calls
-// that wait on the domain.
+// Every method runs on the completion-queue model, on the server's queues (cq_calls.h).
+// GetToken, the hot path, answers from the broker's in-memory cache and completes inline, never
+// blocking a CQ thread. A GetToken that must wait (min_ttl, min_generation) becomes a callback
+// in the refresher and is completed from whichever thread publishes its token; Refresh and
+// Revoke are answered from the refresher the same way, and WatchToken streams write from the
+// cache's writer threads.
 //
-// Lifecycle: construct, RegisterWith(builder) before BuildAndStart, Start() after, and
-// Shutdown() after the server's Shutdown(). `broker` and `cache` must outlive it.
+// Lifecycle: construct, RegisterWith(builder, queues) before BuildAndStart (the queues start
+// the calls), Shutdown() after the server's Shutdown() and before the queues' Shutdown().
+// `broker` and `cache` must outlive it.
 class TokenService {
  public:
-  using Service = tokenbroker::v1::TokenBroker::WithAsyncMethod_GetToken<
-      tokenbroker::v1::TokenBroker::WithCallbackMethod_Refresh<
-          tokenbroker::v1::TokenBroker::WithCallbackMethod_Revoke<
-              tokenbroker::v1::TokenBroker::WithCallbackMethod_WatchToken<
-                  tokenbroker::v1::TokenBroker::Service>>>>;
-
   struct Options {
-    int cq_threads = 1;
     // Open WatchToken streams at most, in all and per caller (RESOURCE_EXHAUSTED beyond).
     size_t max_watch_streams = 10'000;
     size_t max_watch_streams_per_caller = 1'000;
@@ -62,12 +55,9 @@ class TokenService {
   TokenService(Deps deps, Options options);
   ~TokenService();
 
-  // Registers the service and creates its completion queues.
-  void RegisterWith(grpc::ServerBuilder& builder);
-  // Starts the CQ threads. Call after the server is built.
-  void Start();
-  // Answers every GetToken still waiting (UNAVAILABLE), then drains and joins the CQ threads.
-  // Call after grpc::Server::Shutdown().
+  // Registers the service and the calls it serves on `queues` (which must outlive the server).
+  void RegisterWith(grpc::ServerBuilder& builder, cq::Queues& queues);
+  // Answers every GetToken still waiting (UNAVAILABLE). Call after grpc::Server::Shutdown().
   void Shutdown();
 
  private:
