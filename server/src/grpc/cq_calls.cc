@@ -1,6 +1,11 @@
 #include "server/src/grpc/cq_calls.h"
 
+#include <pthread.h>
+
+#include <string>
 #include <utility>
+
+#include "absl/time/clock.h"
 
 namespace tb::grpc_api::cq {
 
@@ -21,7 +26,15 @@ void Queues::Start() {
     for (const auto& arm : arms_) {
       arm(cq.get());
     }
-    threads_.emplace_back([q = cq.get()] { Drive(q); });
+    std::string name = name_ + "-" + std::to_string(threads_.size());
+    threads_.emplace_back([q = cq.get(), name = std::move(name), every = look_every_] {
+      pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
+      if (every == absl::ZeroDuration()) {
+        Drive(q);
+      } else {
+        Look(q, every);
+      }
+    });
   }
 }
 
@@ -71,6 +84,24 @@ void Queues::Drive(grpc::ServerCompletionQueue* cq) {
   bool ok = false;
   while (cq->Next(&tag, &ok)) {
     static_cast<Tag*>(tag)->Run(ok);
+  }
+}
+
+void Queues::Look(grpc::ServerCompletionQueue* cq, absl::Duration every) {
+  void* tag = nullptr;
+  bool ok = false;
+  for (;;) {
+    // A deadline already past: take what is there, never wait for more inside gRPC.
+    switch (cq->AsyncNext(&tag, &ok, gpr_time_0(GPR_CLOCK_MONOTONIC))) {
+      case grpc::CompletionQueue::GOT_EVENT:
+        static_cast<Tag*>(tag)->Run(ok);
+        break;
+      case grpc::CompletionQueue::TIMEOUT:
+        absl::SleepFor(every);
+        break;
+      case grpc::CompletionQueue::SHUTDOWN:
+        return;
+    }
   }
 }
 

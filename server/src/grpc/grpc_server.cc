@@ -224,8 +224,9 @@ class GrpcServer::Impl {
   TokenService token_service_;
   AdminService admin_service_;
   // Before the servers: freed after them.
-  cq::Queues main_queues_;
-  cq::Queues probe_queues_;
+  cq::Queues main_queues_{"grpc-cq"};
+  // Probes are seconds apart and may wait 20 ms; the main port's load may not pay for them.
+  cq::Queues probe_queues_{"grpc-probe", absl::Milliseconds(20)};
   std::unique_ptr<grpc::Server> main_;
   std::unique_ptr<grpc::Server> probe_;
   int port_ = 0;
