@@ -54,6 +54,27 @@ def loadavg():
         return [float(x) for x in f.read().split()[:3]]
 
 
+def cpu_ticks():
+    """The machine's CPU time so far, from /proc/stat's first line: user nice system idle
+    iowait irq softirq steal (guest time is already inside user)."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:9]]
+
+
+def steal_pct(since, until=None):
+    """Share of the CPU time between two cpu_ticks() that the hypervisor gave to other guests.
+    The load average cannot see it: a guest whose host is oversubscribed looks idle and runs
+    slowly."""
+    d = [b - a for a, b in zip(since, until or cpu_ticks())]
+    return round(100.0 * d[7] / sum(d), 1) if sum(d) > 0 else 0.0
+
+
+def sample_steal(seconds=5):
+    t0 = cpu_ticks()
+    time.sleep(seconds)
+    return steal_pct(t0)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -382,13 +403,18 @@ def machine():
     }
 
 
-def wait_for_quiet(max_wait, threshold):
-    """Waits (up to max_wait s) until the 1-minute load average is below threshold."""
+def wait_for_quiet(max_wait, threshold, max_steal):
+    """Waits (up to max_wait s) until the 1-minute load average is below threshold and the
+    hypervisor steals less than max_steal percent of the CPU (sampled over 5 s).
+    Returns (load average, steal percent)."""
     t0 = time.monotonic()
-    while loadavg()[0] >= threshold and time.monotonic() - t0 < max_wait:
-        log(f"  load average {loadavg()}: waiting for a quieter machine")
-        time.sleep(15)
-    return loadavg()
+    while True:
+        steal = sample_steal()
+        if (loadavg()[0] < threshold and steal < max_steal) or time.monotonic() - t0 >= max_wait:
+            return loadavg(), steal
+        log(f"  load average {loadavg()}, {steal}% of the CPU stolen by the hypervisor: "
+            "waiting for a quieter machine")
+        time.sleep(10)
 
 
 def save(name, data):
@@ -421,6 +447,7 @@ def pair_runs(env, echo, broker, channels, inflight, reps, window, warmup, conne
               label, echo_extra=None, broker_extra=None, broker_ids=None):
     """reps x (echo, broker) alternately at one setting; medians of each."""
     runs = {"echo": [], "broker": []}
+    ticks0 = cpu_ticks()
     for _ in range(reps):
         for kind, server in (("echo", echo), ("broker", broker)):
             extra = dict((echo_extra if kind == "echo" else broker_extra) or {})
@@ -434,6 +461,9 @@ def pair_runs(env, echo, broker, channels, inflight, reps, window, warmup, conne
                 f"rps={r['rps']:8.0f} p50={r['p50_us']:6.0f}us p99={r['p99_us']:6.0f}us "
                 f"p999={r['p999_us']:6.0f}us srv_cpu={r.get('server_cpu_us_per_call', 0):5.1f}us "
                 f"err={r['errors']}")
+    steal = steal_pct(ticks0)
+    if steal:
+        log(f"    {steal}% of the CPU was stolen by the hypervisor during these runs")
     med = {}
     for kind in runs:
         rs = runs[kind]
@@ -449,6 +479,7 @@ def pair_runs(env, echo, broker, channels, inflight, reps, window, warmup, conne
         if med["echo"]["rps"] else 0,
         "p99_ratio": round(med["broker"]["p99_us"] / med["echo"]["p99_us"], 3)
         if med["echo"]["p99_us"] else 0,
+        "steal_pct": steal,
         "runs": runs,
     }
 
@@ -474,9 +505,10 @@ def cmd_rpc(args):
         attempt = 0
         while True:
             attempt += 1
-            before = wait_for_quiet(args.quiet_wait, args.quiet_load)
-            log(f"rpc: attempt {attempt}, load average {before}")
-            att = {"load_before": before, "started": machine()["date"]}
+            before, steal = wait_for_quiet(args.quiet_wait, args.quiet_load, args.quiet_steal)
+            log(f"rpc: attempt {attempt}, load average {before}, {steal}% stolen")
+            att = {"load_before": before, "steal_pct_before": steal, "started": machine()["date"]}
+            ticks0 = cpu_ticks()
             broker = env.start_broker("stable", stable_cfg, stable_ports)
             broker.port = stable_ports["grpc"]
             att["broker_ready_s"] = round(broker.ready_after, 2)
@@ -520,6 +552,7 @@ def cmd_rpc(args):
             churn_metrics = env.metrics(churn)
             churn.stop()
             att["load_after"] = loadavg()
+            att["steal_pct"] = steal_pct(ticks0)
             att["echo_1x16_rps"] = next(p["echo"]["rps"] for p in att["cached"]
                                         if p["channels"] == 1 and p["inflight"] == 16)
             att["broker_metrics_sample"] = [
@@ -529,6 +562,9 @@ def cmd_rpc(args):
                                                           "tb_refresh_attempts_total")
             if att["echo_1x16_rps"] < args.void_below and not args.smoke:
                 att["void"] = "echo below 60k RPS at 1x16 during the run"
+            elif att["steal_pct"] > args.void_steal and not args.smoke:
+                att["void"] = f"the hypervisor stole {att['steal_pct']}% of the CPU during the run"
+            if "void" in att:
                 log(f"  void: {att['void']}; retrying")
                 result["attempts"].append(att)
                 if attempt >= args.attempts:
@@ -544,7 +580,7 @@ def cmd_rpc(args):
                               "connections": n, "watchers": args.watchers,
                               "churn_connections": args.churn_connections,
                               "churn_lifetime_s": args.churn_lifetime,
-                              "load_gen_threads": 2}
+                              "load_gen_threads": 2, "void_steal_pct": args.void_steal}
         print_rpc(result)
         if not args.smoke:
             save("rpc", result)
@@ -591,6 +627,7 @@ def cmd_scale(args):
                 while f.read(1 << 24):
                     pass
             before = loadavg()
+            ticks0 = cpu_ticks()
             broker = env.start_broker(f"scale-{token_bytes}", cfg, ports)
             load_s = broker_load_seconds(env.path(f"scale-{token_bytes}-broker.log"))
             rss_ready = broker.status("VmRSS")
@@ -602,6 +639,7 @@ def cmd_scale(args):
             probe = env.load(ports["grpc"], broker, label="scale probe", channels=1, inflight=16,
                              duration="2s", warmup="1s", connections=args.count)
             broker.stop()
+            steal = steal_pct(ticks0)
             run = {
                 "connections": args.count, "token_bytes": token_bytes, "refresh_token_bytes": 64,
                 "seed": seed, "db_bytes": db_bytes, "load_before": before,
@@ -610,7 +648,7 @@ def cmd_scale(args):
                 "rss_ready_bytes": rss_ready, "rss_after_5s_bytes": rss_idle,
                 "rss_peak_bytes": hwm, "cpu_s_at_ready": round(cpu_ready, 2),
                 "rss_per_connection_bytes": round(rss_idle / max(1, args.count)),
-                "probe_rps": probe["rps"], "probe_errors": probe["errors"],
+                "probe_rps": probe["rps"], "probe_errors": probe["errors"], "steal_pct": steal,
             }
             log(f"  {token_bytes} B tokens: ready after {run['ready_after_s']} s "
                 f"(load {load_s} s: {run['load_rate_per_s']}/s), RSS {rss_idle / 2**20:.0f} MiB "
@@ -685,6 +723,7 @@ def cmd_churn(args):
         result["seed"] = env.seed(cfg, env.path("churn.db"), args.count, id_format="churn-%06d",
                                   provider="churn", from_provider=True, threads=args.seed_threads)
         result["load_before"] = loadavg()
+        ticks0 = cpu_ticks()
         broker = env.start_broker("churn", cfg, ports)
         result["ready_after_s"] = round(broker.ready_after, 2)
         # Let the start-up backlog (grants that aged while seeding) clear, then measure.
@@ -747,6 +786,7 @@ def cmd_churn(args):
             generations_out=final)
         broker.stop(sig=signal.SIGKILL)
         result["load_after"] = loadavg()
+        result["steal_pct"] = steal_pct(ticks0)
         broker2 = env.start_broker("churn-restart", cfg, ports)
         after = env.path("generations-after-restart.txt")
         result["sweep_after_restart"] = env.load(
@@ -846,6 +886,7 @@ def cmd_client(args):
     env = Env(args.build, keep=args.keep)
     try:
         out = {"kind": "client", "machine": machine(), "load_before": loadavg()}
+        ticks0 = cpu_ticks()
         for name in ("client_bench", "metrics_bench"):
             p = subprocess.run([env.bin[name], f"--benchmark_min_time={args.min_time}",
                                 "--benchmark_format=json"], stdout=subprocess.PIPE,
@@ -858,6 +899,7 @@ def cmd_client(args):
             for b in out[name]:
                 log(f"  {b['name']:50} {b['real_ns']:8.1f} ns")
         out["load_after"] = loadavg()
+        out["steal_pct"] = steal_pct(ticks0)
         if not args.smoke:
             save("client", out)
         return out
@@ -876,7 +918,7 @@ def cmd_smoke(args):
     cmd_client(a)
     a.connections, a.reps, a.window, a.warmup, a.watchers = 50, 1, "1s", "0.2s", 20
     a.churn_connections, a.churn_lifetime, a.attempts = 20, 4, 1
-    a.quiet_wait, a.quiet_load, a.void_below = 0, 99, 0
+    a.quiet_wait, a.quiet_load, a.quiet_steal, a.void_steal, a.void_below = 0, 99, 100, 100, 0
     rpc = cmd_rpc(a)
     a.count, a.token_bytes = 2000, [1024]
     cmd_scale(a)
@@ -928,6 +970,11 @@ def main():
     r.add_argument("--attempts", type=int, default=3)
     r.add_argument("--quiet_wait", type=int, default=600)
     r.add_argument("--quiet_load", type=float, default=1.0)
+    r.add_argument("--quiet_steal", type=float, default=5.0,
+                   help="wait until the hypervisor steals less than this percent of the CPU")
+    r.add_argument("--void_steal", type=float, default=10.0,
+                   help="a run during which the hypervisor stole more than this percent of "
+                        "the CPU is void")
     r.add_argument("--void_below", type=float, default=VOID_ECHO_RPS,
                    help="echo RPS at 1x16 below which a run is void (issue 8: 60000); a "
                         "lower value records the run anyway and RESULTS.md marks it void by "

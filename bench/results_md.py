@@ -29,6 +29,20 @@ def pair(final, group, ch, inflight):
     return None
 
 
+def stolen(r, name):
+    """The hypervisor's steal time during a benchmark, which the load average cannot show."""
+    if name == "rpc":
+        pct = (r.get("final") or {}).get("steal_pct")
+    elif name == "scale":
+        pcts = [x["steal_pct"] for x in r.get("runs", []) if "steal_pct" in x]
+        pct = max(pcts) if pcts else None
+    else:
+        pct = r.get("steal_pct")
+    if pct is None:
+        return "CPU stolen by the hypervisor: not measured, the run predates that measurement"
+    return f"CPU stolen by the hypervisor during the run: {pct}%"
+
+
 def write(results, out_path):
     rpc = load(results, "rpc")
     scale = load(results, "scale")
@@ -46,7 +60,8 @@ def write(results, out_path):
         lines += [f"**The RPC figures below are void by issue 8's rule**: the echo server gave "
                   f"{final['echo_1x16_rps']:.0f} RPS at 1 channel x 16 in flight, under the "
                   f"60k below which a run counts as void, although the machine was quiet (load "
-                  f"average {final['load_before']} before the run). They were recorded with "
+                  f"average {final['load_before']} before the run; {stolen(rpc, 'rpc')}). They "
+                  f"were recorded with "
                   f"`--void_below={rpc['settings'].get('void_below_rps', 60000):.0f}`, so read "
                   f"them for the broker/echo ratios only, not as absolute speeds.", ""]
     lines += ["| target | measured | |", "|---|---|---|"]
@@ -118,7 +133,7 @@ def write(results, out_path):
                 r.get("load_before") or (r.get("runs") or [{}])[0].get("load_before"))
             lines.append(f"- `{name}`: run {mm.get('date')} at commit {mm.get('commit')}"
                          f"{' (plus uncommitted changes)' if mm.get('dirty') else ''}; "
-                         f"1/5/15-minute load average before: {load_before}")
+                         f"1/5/15-minute load average before: {load_before}; {stolen(r, name)}")
     lines += ["", "## Commands", "", "```sh",
               "bash scripts/bench.sh all      # = client, rpc, scale, churn, report",
               "bash scripts/bench.sh client   # build/bench/bench/client_bench "
@@ -135,7 +150,11 @@ def write(results, out_path):
               "--threads=2` (TLS, `authorization: Bearer`, a 5 s deadline per call), run "
               "alternately against echo_server and token-broker, three times each; the "
               "figures are medians. Server CPU per call is the server's utime+stime over "
-              "load_gen's measured window divided by the calls in it.", ""]
+              "load_gen's measured window divided by the calls in it. CPU stolen is the share "
+              "of the machine's CPU time that the hypervisor gave to other guests meanwhile "
+              "(`steal` in /proc/stat), which the load average does not show; an `rpc` "
+              "attempt waits until less than 5% is stolen, and one during which more than "
+              "10% was stolen is void.", ""]
 
     # ---- rpc ----------------------------------------------------------------------------
     if final:
@@ -152,8 +171,8 @@ def write(results, out_path):
                   f"for those connections); the echo side is the plain echo.", "",
                   "| scenario | channels | in flight | RPS ratio | p99 ratio | echo RPS | broker "
                   "RPS | echo p50 / p99 / p999 (us) | broker p50 / p99 / p999 (us) | server "
-                  "CPU per call echo / broker (us) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "CPU per call echo / broker (us) | CPU stolen |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for group in ("cached", "watchers", "churn"):
             for p in final.get(group, []):
                 e, b = p["echo"], p["broker"]
@@ -162,7 +181,8 @@ def write(results, out_path):
                     f"| **{p['p99_ratio']:.2f}** | {e['rps']:.0f} | {b['rps']:.0f} | "
                     f"{e['p50_us']:.0f} / {e['p99_us']:.0f} / {e['p999_us']:.0f} | "
                     f"{b['p50_us']:.0f} / {b['p99_us']:.0f} / {b['p999_us']:.0f} | "
-                    f"{e['server_cpu_us_per_call']:.1f} / {b['server_cpu_us_per_call']:.1f} |")
+                    f"{e['server_cpu_us_per_call']:.1f} / {b['server_cpu_us_per_call']:.1f} | "
+                    f"{str(p['steal_pct']) + '%' if 'steal_pct' in p else 'not measured'} |")
         voids = [a for a in rpc["attempts"] if "void" in a]
         lines += ["", f"Attempts: {len(rpc['attempts'])} ({len(voids)} void: "
                   f"{'; '.join(a['void'] + ' at load ' + str(a['load_before']) for a in voids) or 'none'}). "
