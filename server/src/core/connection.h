@@ -14,6 +14,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "server/src/common/boxed_optional.h"
+#include "server/src/common/rarely_set.h"
 #include "server/src/common/secret.h"
 
 namespace tb::core {
@@ -75,7 +76,7 @@ struct Connection {
   std::map<std::string, std::string> params;  // e.g. {"subdomain": "acme"}
   ConnectionStatus status = ConnectionStatus::kPending;
   Reason reason = Reason::kNotConnected;  // why it is not serving, kNone when active
-  std::string last_error;                 // operator-facing detail, never a secret
+  RarelySet<std::string> last_error;      // operator-facing detail, never a secret
   std::optional<Grant> grant;
   // A refresh of this grant was sent and its outcome is not known yet (or was lost). An
   // invalid_grant seen while it is set means the provider rotated and we lost the answer
@@ -83,10 +84,11 @@ struct Connection {
   BoxedOptional<RefreshIntent> refresh_intent;
   // Grants that must still be revoked at the provider (revoke, reconnect, a refresh that lost
   // to a revoke), kept with their secrets until the provider confirms. Retried with backoff.
-  std::vector<Grant> to_revoke;
+  // Like the two strings here, empty in nearly every connection, hence RarelySet.
+  RarelySet<std::vector<Grant>> to_revoke;
   // Non-empty: the stored secrets of this record could not be read back (wrong key, corrupted
   // ciphertext); it answers DATA_LOSS until reconnected. Says why, never a secret.
-  std::string data_loss;
+  RarelySet<std::string> data_loss;
   // Increases with every stored write of this record; the store's compare-and-set key. Set by
   // the broker (current + 1) before each write.
   uint64_t revision = 0;

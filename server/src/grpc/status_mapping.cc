@@ -98,7 +98,7 @@ void ToProto(const core::Connection& c, v1::Connection* out) {
   }
   out->set_status(ToProto(c.status));
   out->set_reason(std::string(core::ReasonName(c.reason)));
-  out->set_last_error(c.last_error);
+  out->set_last_error(c.last_error.get());
   if (c.grant) {
     for (const std::string& s : c.grant->scopes) {
       out->add_scopes(s);

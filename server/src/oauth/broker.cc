@@ -60,7 +60,7 @@ absl::Status Broker::Load() {
     if (!c.data_loss.empty()) {
       data_loss_.fetch_add(1, std::memory_order_relaxed);
       if (options_.events) {
-        options_.events("data_loss", c.id, absl::DataLossError(c.data_loss));
+        options_.events("data_loss", c.id, absl::DataLossError(c.data_loss.get()));
       }
     }
     auto entry = std::make_shared<const core::Connection>(std::move(c));
@@ -349,7 +349,8 @@ absl::StatusOr<std::shared_ptr<const core::Connection>> Broker::Activate(
   grant.generation = current->generation() + 1;
   Schedule(grant);
   if (current->grant && !current->grant->access_token.empty()) {
-    next->to_revoke.push_back(*current->grant);  // the reconnected account's old grant
+    next->to_revoke.mutable_value().push_back(
+        *current->grant);  // the reconnected account's old grant
   }
   next->data_loss.clear();
   next->grant = std::move(grant);
@@ -498,7 +499,7 @@ absl::Status Broker::AddRevocation(const core::ConnectionId& id, core::Grant gra
         return false;
       }
     }
-    c.to_revoke.push_back(grant);
+    c.to_revoke.mutable_value().push_back(grant);
     return true;
   });
 }
@@ -506,21 +507,30 @@ absl::Status Broker::AddRevocation(const core::ConnectionId& id, core::Grant gra
 absl::Status Broker::ReplaceRevocation(const core::ConnectionId& id, const core::Grant& old,
                                        core::Grant replacement) {
   return Modify(id, [&](core::Connection& c) {
-    for (core::Grant& g : c.to_revoke) {
+    for (core::Grant& g : c.to_revoke.mutable_value()) {
       if (SameGrant(g, old)) {
         g = replacement;
         return true;
       }
     }
-    c.to_revoke.push_back(replacement);  // whatever became of `old`, this one is owed too
+    c.to_revoke.mutable_value().push_back(
+        replacement);  // whatever became of `old`, this one is owed too
     return true;
   });
 }
 
 absl::Status Broker::ResolveRevocation(const core::ConnectionId& id, const core::Grant& revoked) {
   return Modify(id, [&](core::Connection& c) {
-    return std::erase_if(c.to_revoke, [&](const core::Grant& g) { return SameGrant(g, revoked); }) >
-           0;
+    if (c.to_revoke.empty()) {
+      return false;
+    }
+    const bool resolved = std::erase_if(c.to_revoke.mutable_value(), [&](const core::Grant& g) {
+                            return SameGrant(g, revoked);
+                          }) > 0;
+    if (c.to_revoke.empty()) {
+      c.to_revoke.clear();  // give the box back
+    }
+    return resolved;
   });
 }
 
@@ -553,7 +563,7 @@ absl::Status Broker::MarkRevoked(const core::ConnectionId& id) {
   // until the provider confirms their revocation.
   if (next->grant) {
     if (!next->grant->access_token.empty()) {
-      next->to_revoke.push_back(*next->grant);
+      next->to_revoke.mutable_value().push_back(*next->grant);
     }
     core::Grant tombstone;
     tombstone.generation = next->grant->generation;

@@ -282,7 +282,7 @@ pb::ConnectionMeta MetaToProto(const core::Connection& c) {
   ParamsToProto(c.params, m.mutable_params());
   m.set_status(ToProto(c.status));
   m.set_reason(ToProto(c.reason));
-  m.set_last_error(c.last_error);
+  m.set_last_error(c.last_error.get());
   m.set_created_at_unix_us(ToUs(c.created_at));
   m.set_updated_at_unix_us(ToUs(c.updated_at));
   if (c.grant) {
@@ -422,11 +422,14 @@ absl::StatusOr<core::Connection> DecodeConnection(const ConnectionRow& row,
   if (c.grant) {
     GrantSecretsFromProto(secrets.grant(), &*c.grant);
   }
-  c.to_revoke.reserve(secrets.to_revoke_size());
-  for (const pb::RevocableGrant& r : secrets.to_revoke()) {
-    core::Grant g = GrantMetaFromProto(r.meta());
-    GrantSecretsFromProto(r.secrets(), &g);
-    c.to_revoke.push_back(std::move(g));
+  if (secrets.to_revoke_size() > 0) {
+    std::vector<core::Grant>& to_revoke = c.to_revoke.mutable_value();
+    to_revoke.reserve(secrets.to_revoke_size());
+    for (const pb::RevocableGrant& r : secrets.to_revoke()) {
+      core::Grant g = GrantMetaFromProto(r.meta());
+      GrantSecretsFromProto(r.secrets(), &g);
+      to_revoke.push_back(std::move(g));
+    }
   }
   return c;
 }

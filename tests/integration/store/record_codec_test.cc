@@ -87,7 +87,7 @@ TEST_F(RecordCodecTest, ABlobUnderAnUnknownKeyIsDataLossForThatConnection) {
   ASSERT_TRUE(row.ok());
   absl::StatusOr<core::Connection> c = DecodeConnection(*row, *cipher_);
   ASSERT_TRUE(c.ok()) << c.status();
-  EXPECT_TRUE(absl::StrContains(c->data_loss, "k2"));
+  EXPECT_TRUE(absl::StrContains(c->data_loss.get(), "k2"));
 }
 
 TEST_F(RecordCodecTest, UnreadableMetadataIsDataLossAndStillNamesTheConnection) {

@@ -230,7 +230,7 @@ TEST_F(SqliteStoreTest, LoadEachHandsOutEveryRowOfManyPagesInIdOrder) {
     if (i == 3000) {
       EXPECT_FALSE(seen[i].data_loss.empty());
     } else {
-      EXPECT_TRUE(seen[i].data_loss.empty()) << id << ": " << seen[i].data_loss;
+      EXPECT_TRUE(seen[i].data_loss.empty()) << id << ": " << seen[i].data_loss.get();
       ExpectSameConnection(seen[i], written[i]);
     }
   }
@@ -393,7 +393,7 @@ TEST_F(SqliteStoreTest, TheRawFilesHoldNoTokenVerifierOrState) {
     }
     // A refresh: the new grant is written, the old one goes to to_revoke.
     core::Connection next = c;
-    next.to_revoke.push_back(*c.grant);
+    next.to_revoke.mutable_value().push_back(*c.grant);
     next.grant = FullGrant(8, absl::StrCat(id, "-next"));
     next.revision = 1;
     ASSERT_TRUE(store->Update(next, 0, nullptr).ok());

@@ -169,8 +169,8 @@ inline core::Connection FullConnection(const core::ConnectionId& id) {
   intent.recorded_at = T(900);
   c.refresh_intent = intent;
   c.to_revoke = {FullGrant(5, absl::StrCat(id, "-old5")), FullGrant(6, absl::StrCat(id, "-old6"))};
-  c.to_revoke[1].refresh_token.reset();
-  c.to_revoke[1].expires_at.reset();
+  c.to_revoke.mutable_value()[1].refresh_token.reset();
+  c.to_revoke.mutable_value()[1].expires_at.reset();
   c.revision = 0;
   c.created_at = T(0);
   c.updated_at = T(905);
@@ -237,7 +237,7 @@ inline void ExpectSameConnection(const core::Connection& a, const core::Connecti
   EXPECT_EQ(a.params, b.params);
   EXPECT_EQ(a.status, b.status);
   EXPECT_EQ(a.reason, b.reason);
-  EXPECT_EQ(a.last_error, b.last_error);
+  EXPECT_EQ(a.last_error.get(), b.last_error.get());
   ASSERT_EQ(a.grant.has_value(), b.grant.has_value());
   if (a.grant) {
     ExpectSameGrant(*a.grant, *b.grant);
@@ -245,9 +245,9 @@ inline void ExpectSameConnection(const core::Connection& a, const core::Connecti
   EXPECT_EQ(a.refresh_intent, b.refresh_intent);
   ASSERT_EQ(a.to_revoke.size(), b.to_revoke.size());
   for (size_t i = 0; i < a.to_revoke.size(); ++i) {
-    ExpectSameGrant(a.to_revoke[i], b.to_revoke[i]);
+    ExpectSameGrant(a.to_revoke.get()[i], b.to_revoke.get()[i]);
   }
-  EXPECT_EQ(a.data_loss, b.data_loss);
+  EXPECT_EQ(a.data_loss.get(), b.data_loss.get());
   EXPECT_EQ(a.revision, b.revision);
   EXPECT_EQ(a.created_at, b.created_at);
   EXPECT_EQ(a.updated_at, b.updated_at);

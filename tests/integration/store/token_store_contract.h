@@ -416,7 +416,7 @@ TEST_P(DurableStoreContractTest, UnreadableSecretsGiveDataLossForThatConnectionO
     if (c.id == "bad") {
       EXPECT_FALSE(c.data_loss.empty());
     } else {
-      EXPECT_TRUE(c.data_loss.empty()) << c.id << ": " << c.data_loss;
+      EXPECT_TRUE(c.data_loss.empty()) << c.id << ": " << c.data_loss.get();
     }
   }
   absl::StatusOr<core::Connection> loaded = tokens().Load("bad");

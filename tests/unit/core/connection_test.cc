@@ -38,6 +38,53 @@ TEST(ConnectionTest, CopiesOwnTheirRefreshIntent) {
   EXPECT_EQ((*moved.refresh_intent).refresh_token_fingerprint, "fp");
 }
 
+TEST(ConnectionTest, RarelySetFieldsKeepValueSemanticsAndStayOutOfLine) {
+  // last_error, data_loss and to_revoke live on the heap only while set (RarelySet).
+  static_assert(sizeof(RarelySet<std::string>) == sizeof(void*));
+  static_assert(sizeof(RarelySet<std::vector<Grant>>) == sizeof(void*));
+  Connection a;
+  EXPECT_TRUE(a.last_error.empty());
+  EXPECT_EQ(a.last_error.get(), "");
+  EXPECT_TRUE(a.to_revoke.empty());
+  EXPECT_EQ(a.to_revoke.size(), 0u);
+  a.last_error = "provider answered 503";
+  a.data_loss = std::string("wrong key");
+  Grant g;
+  g.generation = 3;
+  a.to_revoke.mutable_value().push_back(g);
+
+  Connection b = a;  // a deep copy
+  EXPECT_EQ(b.last_error.get(), "provider answered 503");
+  EXPECT_EQ(b.data_loss.get(), "wrong key");
+  ASSERT_EQ(b.to_revoke.size(), 1u);
+  b.to_revoke.mutable_value()[0].generation = 4;
+  b.last_error.mutable_value() += "!";
+  EXPECT_EQ(a.to_revoke.get()[0].generation, 3u);
+  EXPECT_EQ(a.last_error.get(), "provider answered 503");
+  EXPECT_FALSE(a.last_error == b.last_error);
+
+  a = b;
+  EXPECT_EQ(a.to_revoke.get()[0].generation, 4u);
+  EXPECT_TRUE(a.last_error == b.last_error);
+  uint64_t sum = 0;
+  for (const Grant& owed : a.to_revoke) {
+    sum += owed.generation;
+  }
+  EXPECT_EQ(sum, 4u);
+
+  // Empty is the same as unset, whichever way it got empty.
+  b.last_error = "";
+  EXPECT_TRUE(b.last_error.empty());
+  EXPECT_TRUE(b.last_error == Connection().last_error);
+  b.to_revoke.mutable_value().clear();
+  EXPECT_TRUE(b.to_revoke.empty());
+  b.data_loss.clear();
+  EXPECT_TRUE(b.data_loss.empty());
+
+  Connection moved = std::move(a);
+  EXPECT_EQ(moved.data_loss.get(), "wrong key");
+}
+
 TEST(ConnectionTest, StatusErrorForEachLifecycleState) {
   Connection c;
   c.status = ConnectionStatus::kPending;

@@ -140,7 +140,7 @@ TEST_F(BrokerTest, RevokeKeepsTheTokensOnlyForTheProviderRevocation) {
   std::shared_ptr<const core::Connection> c = *broker_.GetConnection("acme");
   EXPECT_TRUE(c->grant->access_token.empty());
   ASSERT_EQ(c->to_revoke.size(), 1u);
-  EXPECT_EQ(c->to_revoke[0].access_token, g.access_token);
+  EXPECT_EQ(c->to_revoke.get()[0].access_token, g.access_token);
   EXPECT_EQ(store_.Load("acme")->to_revoke.size(), 1u);  // durable
   ASSERT_TRUE(broker_.ResolveRevocation("acme", g).ok());
   EXPECT_TRUE(broker_.GetConnection("acme").value()->to_revoke.empty());
@@ -153,7 +153,7 @@ TEST_F(BrokerTest, ReconnectQueuesThePreviousGrantForRevocationInTheSameWrite) {
   ASSERT_TRUE(broker_.Activate("acme", NewGrant(absl::Hours(1))).ok());
   const core::Connection stored = *store_.Load("acme");
   ASSERT_EQ(stored.to_revoke.size(), 1u);
-  EXPECT_EQ(stored.to_revoke[0].access_token, old.access_token);
+  EXPECT_EQ(stored.to_revoke.get()[0].access_token, old.access_token);
   EXPECT_EQ(stored.generation(), 2u);
 }
 
