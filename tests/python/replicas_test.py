@@ -138,6 +138,28 @@ class TestDatabase:
         psql(self.server, f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
 
 
+def tcp_ports_of(pid, remote_port):
+    """Local ports of the TCP connections process `pid` has open to `remote_port` (its database
+    connections): the socket inodes among its file descriptors, looked up in /proc/net/tcp{,6}."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[9] in inodes and int(fields[2].rsplit(":", 1)[1], 16) == remote_port:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 class PsqlSession:
     """One psql process kept open, for queries that must answer within a millisecond or two
     (which replica holds leases right now)."""
@@ -911,6 +933,20 @@ class LeaseHolderKillTest(ReplicaTestBase):
                 return i
         return None
 
+    def wait_for_backends_to_end(self, client_ports, timeout=30):
+        """Waits until no database backend serves one of these client ports; returns how long
+        that took."""
+        t0 = time.time()
+        if not client_ports:
+            return 0.0
+        ports = ",".join(str(p) for p in sorted(client_ports))
+        while time.time() < t0 + timeout:
+            if not self.session.query(
+                    f"SELECT pid FROM pg_stat_activity WHERE client_port IN ({ports})"):
+                return time.time() - t0
+            time.sleep(0.01)
+        self.fail(f"the killed replica's database backends still run after {timeout} s")
+
     def kill_a_lease_holder(self):
         """Kills, with SIGKILL, a replica at a moment it holds refresh leases. Returns (index,
         kill time, {connection id: lease expiry} of the leases it held when it died). A replica
@@ -930,10 +966,18 @@ class LeaseHolderKillTest(ReplicaTestBase):
                     victim = held.most_common(1)[0][0]
             self.assertIsNotNone(victim, "no replica held a refresh lease for 20 s")
             b = c.brokers[victim]
+            ports = tcp_ports_of(b.pid, urllib.parse.urlsplit(c.db.url).port)
             b.proc.send_signal(signal.SIGKILL)
             killed_at = time.time()
             self.load.kill(victim)
             b.proc.wait()
+            # Statements the replica wrote to its sockets before the signal still run: the
+            # database reads them before it sees the connection close. A lease release among
+            # them lands after the kill, so the leases it held are known only once its
+            # backends have ended.
+            waited = self.wait_for_backends_to_end(ports)
+            print(f"  {b.name}'s {len(ports)} database connections ended {waited * 1000:.0f} ms "
+                  "after the kill was seen", flush=True)
             rows = self.session.query(
                 "SELECT connection_id, extract(epoch from expires_at) FROM refresh_leases "
                 f"WHERE owner LIKE '%:{b.pid}:%' AND expires_at > clock_timestamp()")
