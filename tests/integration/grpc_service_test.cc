@@ -582,9 +582,14 @@ TEST_F(GrpcServiceTest, ShutdownAnswersGetTokensStillWaiting) {
     waited = tokens_->GetToken(&ctx, req, &resp);
   });
   ASSERT_TRUE(Eventually([&] { return flow_parts_.refresher.waiters() == 1; }));
-  server_->Shutdown(absl::Now() + absl::Milliseconds(200));
+  // A grace far longer than the bound below: the waiting call is answered before the server
+  // shuts down, not cancelled when the grace runs out.
+  const absl::Time t0 = absl::Now();
+  server_->Shutdown(t0 + absl::Seconds(120));
   waiter_thread.join();
-  EXPECT_FALSE(waited.ok());
+  EXPECT_LT(absl::Now() - t0, absl::Seconds(30));
+  EXPECT_EQ(waited.error_code(), grpc::StatusCode::UNAVAILABLE) << waited.error_message();
+  EXPECT_EQ(waited.error_message(), "the broker is shutting down");
   EXPECT_EQ(flow_parts_.refresher.waiters(), 0u);
 }
 
@@ -747,10 +752,16 @@ TEST_F(GrpcServiceTest, ShutdownEndsOpenStreamsOnBothPorts) {
     EXPECT_EQ(status.status(), HealthCheckResponse::SERVING);
   }
 
-  server_->Shutdown(absl::Now() + absl::Milliseconds(200));
+  // A grace far longer than the bound below: the streams are ended, not waited for and then
+  // cancelled.
+  const absl::Time t0 = absl::Now();
+  server_->Shutdown(t0 + absl::Seconds(120));
+  EXPECT_LT(absl::Now() - t0, absl::Seconds(30));
 
   EXPECT_FALSE(watch->Read(&msg));
-  EXPECT_FALSE(watch->Finish().ok());
+  const grpc::Status ended = watch->Finish();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAVAILABLE) << ended.error_message();
+  EXPECT_EQ(ended.error_message(), "the broker is shutting down");
   for (auto& h : health) {
     HealthCheckResponse status;
     while (h->Read(&status)) {  // NOT_SERVING may come first

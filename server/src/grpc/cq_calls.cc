@@ -45,7 +45,7 @@ void Queues::Shutdown() {
   shut_down_ = true;
   {
     MutexLock lock(&mu_);
-    while (open_calls_ > 0) {
+    while (calls_ > 0) {
       idle_.Wait(&mu_);
     }
   }
@@ -63,19 +63,15 @@ void Queues::Shutdown() {
   threads_.clear();
 }
 
-void Queues::CallBegan() {
+void Queues::CallArmed() {
   MutexLock lock(&mu_);
-  ++open_calls_;
+  ++calls_;
 }
 
-void Queues::CallFinished() {
-  bool idle = false;
-  {
-    MutexLock lock(&mu_);
-    idle = --open_calls_ == 0;
-  }
-  if (idle) {
-    idle_.SignalAll();
+void Queues::CallDeleted() {
+  MutexLock lock(&mu_);
+  if (--calls_ == 0) {
+    idle_.SignalAll();  // under the lock: Shutdown may free this object as soon as it sees 0
   }
 }
 

@@ -5,6 +5,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <utility>
@@ -31,8 +32,11 @@ class Tag {
   ~Tag() = default;
 };
 
-// One server's completion queues, a thread for each, and the calls they have handed to
-// handlers but that have not finished yet.
+// One server's completion queues, a thread for each, and a count of the call objects that still
+// have a tag with gRPC: from the moment a call is requested (armed) until the object is deleted
+// on its queue's thread. A call that gRPC has delivered but no thread has picked up yet still
+// counts, so a queue is never shut down under a call that would then request its successor or
+// start its Finish on it (gRPC aborts on either).
 //
 // Lifecycle: AddTo(builder) before BuildAndStart; OnStart(arm) for each method; Start() after
 // BuildAndStart; Shutdown() after the server's Shutdown(). The queues are freed with this
@@ -56,14 +60,16 @@ class Queues {
   // `arm` requests a method's first calls on one queue; Start runs it for every queue.
   void OnStart(std::function<void(grpc::ServerCompletionQueue*)> arm);
   void Start();
-  // Waits until every call handed to a handler has started its Finish (the domain answers
-  // them; GetToken's waiting calls are answered before this), then shuts the queues down,
-  // drains them and joins the threads. Idempotent.
+  // Waits until every call object is gone (after the server's Shutdown every armed request
+  // comes back failed; the domain answers the calls it holds, and GetToken's waiting calls and
+  // the open streams are answered before that Shutdown), then shuts the queues down, drains
+  // them and joins the threads. Idempotent.
   void Shutdown() ABSL_LOCKS_EXCLUDED(mu_);
 
-  // A handler took a call / the call's Finish was started (the queue is still open then).
-  void CallBegan() ABSL_LOCKS_EXCLUDED(mu_);
-  void CallFinished() ABSL_LOCKS_EXCLUDED(mu_);
+  // A call object is about to be requested on one of these queues / was deleted on its queue's
+  // thread.
+  void CallArmed() ABSL_LOCKS_EXCLUDED(mu_);
+  void CallDeleted() ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
   static void Drive(grpc::ServerCompletionQueue* cq);
@@ -78,7 +84,7 @@ class Queues {
 
   Mutex mu_;
   CondVar idle_;
-  size_t open_calls_ ABSL_GUARDED_BY(mu_) = 0;
+  size_t calls_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // How a unary handler answers: Finish once, from any thread. The request and response the
@@ -123,27 +129,27 @@ class UnaryCall final : public Tag, public UnaryReply {
 
   void Run(bool ok) override {
     if (!ok || started_) {
+      Queues* const queues = m_->queues;
       delete this;  // the answer went out, or the server is shutting down
+      queues->CallDeleted();
       return;
     }
     started_ = true;
-    new UnaryCall(m_, cq_);  // the next caller finds a request waiting
-    m_->queues->CallBegan();
+    new UnaryCall(m_, cq_);                   // the next caller finds a request waiting
     m_->handler(&ctx_, &req_, &resp_, this);  // may finish from another thread at once
   }
 
   void Finish(const grpc::Status& status) override {
-    Queues* const queues = m_->queues;  // `this` may be gone as soon as the op is started
     if (status.ok()) {
       responder_.Finish(resp_, status, this);
     } else {
       responder_.FinishWithError(status, this);
     }
-    queues->CallFinished();
   }
 
  private:
   UnaryCall(const Method* m, grpc::ServerCompletionQueue* cq) : m_(m), cq_(cq), responder_(&ctx_) {
+    m_->queues->CallArmed();
     (m_->service->*m_->request)(&ctx_, &req_, &responder_, cq_, cq_, this);
   }
 
@@ -160,8 +166,9 @@ template <class Resp>
 class ServerStream;
 
 // The callback API's ServerWriteReactor, on a CQ stream. One write in flight at a time; Finish
-// once, also after OnCancel (the stream is not over before), allowed with a write in flight;
-// nothing after Finish. StartWrite and Finish may be called from any thread and never run a
+// once, also after OnCancel (the stream is not over before), allowed with a write in flight
+// (the stream starts it when the write completes: gRPC's async writer takes no Finish beside a
+// write); nothing after Finish. StartWrite and Finish may be called from any thread and never run a
 // reaction inline, so a reactor may call them under its own lock, which it must do when another
 // thread may call Finish meanwhile (or the stream may be over before the write starts). The
 // On* reactions run on the stream's CQ thread, never two at once. OnDone comes last, when
@@ -233,9 +240,14 @@ class StreamCall final : public ServerStream<Resp> {
   }
 
   void Finish(const grpc::Status& status) override {
-    Queues* const queues = m_->queues;
+    {
+      MutexLock lock(&mu_);
+      if (writing_) {
+        deferred_finish_ = status;  // OnWriteDone starts it
+        return;
+      }
+    }
     writer_.Finish(status, &finish_done_);
-    queues->CallFinished();
   }
 
  private:
@@ -258,24 +270,29 @@ class StreamCall final : public ServerStream<Resp> {
         write_done_(this, &StreamCall::OnWriteDone),
         finish_done_(this, &StreamCall::OnFinishDone),
         call_done_(this, &StreamCall::OnCallDone) {
+    m_->queues->CallArmed();
     ctx_.AsyncNotifyWhenDone(&call_done_);  // delivered only once the call has started
     (m_->service->*m_->request)(&ctx_, &req_, &writer_, cq_, cq_, &arrived_);
   }
 
   void OnArrived(bool ok) {
     if (!ok) {
-      delete this;  // the server is shutting down; the call never started
+      Delete();  // the server is shutting down; the call never started
       return;
     }
     new StreamCall(m_, cq_);
-    m_->queues->CallBegan();
     reactor_ = m_->handler(&ctx_, &req_, this);
   }
 
   void OnWriteDone(bool ok) {
+    std::optional<grpc::Status> finish;
     {
       MutexLock lock(&mu_);
       writing_ = false;
+      finish.swap(deferred_finish_);
+    }
+    if (finish) {
+      writer_.Finish(*finish, &finish_done_);
     }
     reactor_->OnWriteDone(ok);
     MaybeDone();
@@ -309,7 +326,13 @@ class StreamCall final : public ServerStream<Resp> {
       }
     }
     reactor_->OnDone();
+    Delete();
+  }
+
+  void Delete() {
+    Queues* const queues = m_->queues;
     delete this;
+    queues->CallDeleted();
   }
 
   const Method* const m_;
@@ -325,6 +348,7 @@ class StreamCall final : public ServerStream<Resp> {
 
   Mutex mu_;
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  std::optional<grpc::Status> deferred_finish_ ABSL_GUARDED_BY(mu_);  // Finish during a write
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   bool call_done_seen_ ABSL_GUARDED_BY(mu_) = false;
 };

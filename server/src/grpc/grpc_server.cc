@@ -199,12 +199,14 @@ class GrpcServer::Impl {
     }
     health_.SetServing("", false);
     health_.SetServing(kTokenBrokerService, false);
+    // The streams end and the waiting calls are answered first: the server's Shutdown would
+    // wait its whole deadline for them, then cancel them. In-flight unary calls finish.
     health_.Shutdown();
+    token_service_.Shutdown();
     const auto d = absl::ToChronoTime(deadline);
     if (main_ != nullptr) {
       main_->Shutdown(d);
     }
-    token_service_.Shutdown();
     main_queues_.Shutdown();
     if (probe_ != nullptr) {
       probe_->Shutdown(d);

@@ -122,7 +122,10 @@ class TokenService::Impl final {
 
   void RegisterWith(grpc::ServerBuilder& builder, cq::Queues& queues);
 
-  void Shutdown() { AnswerWaitingCalls(); }
+  void Shutdown() {
+    EndStreams();
+    AnswerWaitingCalls();
+  }
 
   // Refresh: joins (or starts) the connection's single refresh flight and answers from its
   // completion; nothing blocks a gRPC thread. A caller whose deadline passes gets
@@ -205,9 +208,14 @@ class TokenService::Impl final {
 
   // Rules were reloaded: every open WatchToken stream checks its caller again.
   void RecheckStreams() ABSL_LOCKS_EXCLUDED(watch_mu_);
+  // At shutdown: every open WatchToken stream ends, and new ones are refused.
+  void EndStreams() ABSL_LOCKS_EXCLUDED(watch_mu_);
+  std::vector<std::shared_ptr<WatchReactor>> OpenStreams() ABSL_LOCKS_EXCLUDED(watch_mu_);
 
-  // WatchToken stream accounting. Acquire returns false when a limit is reached.
-  bool AcquireStream(const std::string& caller) ABSL_LOCKS_EXCLUDED(watch_mu_);
+  // WatchToken stream accounting and registration, in one critical section (so that a stream
+  // is either refused or seen by EndStreams). Not OK: refused, with the status to end it with.
+  grpc::Status AcquireStream(const std::string& caller, const std::shared_ptr<WatchReactor>& r)
+      ABSL_LOCKS_EXCLUDED(watch_mu_);
   void ReleaseStream(const std::string& caller) ABSL_LOCKS_EXCLUDED(watch_mu_);
 
   oauth::Broker& broker_;
@@ -217,6 +225,7 @@ class TokenService::Impl final {
   auth::Authorizer& authorizer_;
   const Options options_;
   v1::TokenBroker::AsyncService service_;
+  cq::Queues* queues_ = nullptr;  // set by RegisterWith; GetTokenCall counts itself there
   cq::UnaryMethod<v1::TokenBroker::AsyncService, v1::RefreshRequest, v1::RefreshResponse>
       refresh_method_;
   cq::UnaryMethod<v1::TokenBroker::AsyncService, v1::RevokeRequest, v1::RevokeResponse>
@@ -243,6 +252,7 @@ class TokenService::Impl final {
   bool shutting_down_ ABSL_GUARDED_BY(wait_mu_) = false;
 
   Mutex watch_mu_;
+  bool streams_ended_ ABSL_GUARDED_BY(watch_mu_) = false;
   size_t watch_streams_ ABSL_GUARDED_BY(watch_mu_) = 0;
   absl::flat_hash_map<std::string, size_t> watch_streams_by_caller_ ABSL_GUARDED_BY(watch_mu_);
   absl::flat_hash_map<WatchReactor*, std::weak_ptr<WatchReactor>> watches_
@@ -261,12 +271,15 @@ class TokenService::Impl::GetTokenCall final : public cq::Tag {
  public:
   GetTokenCall(Impl& impl, grpc::ServerCompletionQueue* cq)
       : impl_(impl), cq_(cq), responder_(&ctx_) {
+    impl_.queues_->CallArmed();
     impl_.service_.RequestGetToken(&ctx_, &request_, &responder_, cq_, cq_, this);
   }
 
   void Run(bool ok) override {
     if (finishing_ || !ok) {
+      cq::Queues* const queues = impl_.queues_;
       delete this;  // Finish completed, or the server is shutting down.
+      queues->CallDeleted();
       return;
     }
     new GetTokenCall(impl_, cq_);  // keep a request armed for the next caller
@@ -357,11 +370,9 @@ void TokenService::Impl::CompleteWait(GetTokenCall* call, absl::StatusOr<oauth::
     status = ToGrpcStatus(result.status());
   }
   call->Finish(status);
-  {
-    MutexLock lock(&wait_mu_);
-    --completing_;
-  }
-  wait_cv_.SignalAll();
+  MutexLock lock(&wait_mu_);
+  --completing_;
+  wait_cv_.SignalAll();  // under the lock: AnswerWaitingCalls may return as soon as it sees 0
 }
 
 void TokenService::Impl::AnswerWaitingCalls() {
@@ -403,19 +414,26 @@ void TokenService::Impl::AnswerWaitingCalls() {
   }
 }
 
-bool TokenService::Impl::AcquireStream(const std::string& caller) {
+grpc::Status TokenService::Impl::AcquireStream(const std::string& caller,
+                                               const std::shared_ptr<WatchReactor>& r) {
   MutexLock lock(&watch_mu_);
+  if (streams_ended_) {
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the broker is shutting down");
+  }
   size_t& mine = watch_streams_by_caller_[caller];
   if (watch_streams_ >= options_.max_watch_streams ||
       mine >= options_.max_watch_streams_per_caller) {
     if (mine == 0) {
       watch_streams_by_caller_.erase(caller);
     }
-    return false;
+    spdlog::warn("WatchToken refused: stream limit reached caller={}", caller);
+    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                        "too many WatchToken streams open; close some or use fewer");
   }
   ++mine;
   ++watch_streams_;
-  return true;
+  watches_.emplace(r.get(), r);
+  return grpc::Status::OK;
 }
 
 void TokenService::Impl::ReleaseStream(const std::string& caller) {
@@ -429,6 +447,7 @@ void TokenService::Impl::ReleaseStream(const std::string& caller) {
 
 void TokenService::Impl::RegisterWith(grpc::ServerBuilder& builder, cq::Queues& queues) {
   using S = v1::TokenBroker::AsyncService;
+  queues_ = &queues;
   authorizer_.set_on_replace([this] { RecheckStreams(); });
   builder.RegisterService(&service_);
   refresh_method_ = {
@@ -531,6 +550,16 @@ class TokenService::Impl::WatchReactor final : public cq::WriteReactor<v1::Watch
 
   void OnCancel() override { End(grpc::Status::CANCELLED); }
 
+  // Ends the stream with `status` unless it has ended already. Any thread.
+  void End(const grpc::Status& status) {
+    MutexLock lock(&mu_);
+    if (finished_) {
+      return;
+    }
+    finished_ = true;
+    Finish(status);
+  }
+
   void OnDone() override {
     if (handle_ != 0) {
       cache_.Unsubscribe(id_, handle_);
@@ -570,15 +599,6 @@ class TokenService::Impl::WatchReactor final : public cq::WriteReactor<v1::Watch
     StartWrite(&response_);
   }
 
-  void End(const grpc::Status& status) {
-    MutexLock lock(&mu_);
-    if (finished_) {
-      return;
-    }
-    finished_ = true;
-    Finish(status);
-  }
-
   cache::ConnectionCache& cache_;
   const oauth::Broker& broker_;
   const std::string id_;
@@ -613,21 +633,15 @@ cq::WriteReactor<v1::WatchTokenResponse>* TokenService::Impl::WatchToken(
   // Limits are per authenticated caller; in insecure mode everyone is the same caller, so the
   // peer's address stands in.
   std::string caller = authorizer_.allows_all() ? CallerKey(ctx) : (*who)->name;
-  if (!AcquireStream(caller)) {
-    spdlog::warn("WatchToken refused: stream limit reached caller={}", caller);
-    return WatchReactor::Begin(
-        std::make_shared<WatchReactor>(stream, cache_, broker_, req->connection_id(), nullptr),
-        grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                     "too many WatchToken streams open; close some or use fewer"));
-  }
   auto reactor =
       std::make_shared<WatchReactor>(stream, cache_, broker_, req->connection_id(), nullptr);
+  if (grpc::Status refused = AcquireStream(caller, reactor); !refused.ok()) {
+    return WatchReactor::Begin(std::move(reactor), refused);
+  }
   WatchReactor* raw = reactor.get();
   reactor->SetIdentity(IdentityOf(*ctx));
-  {
-    MutexLock lock(&watch_mu_);
-    watches_.emplace(raw, reactor);
-  }
+  // EndStreams may already have ended it: the stream's reactions run on this CQ thread after
+  // this handler returns, so the release is in place before OnDone.
   reactor->SetRelease([this, raw, caller = std::move(caller)] {
     {
       MutexLock lock(&watch_mu_);
@@ -638,18 +652,30 @@ cq::WriteReactor<v1::WatchTokenResponse>* TokenService::Impl::WatchToken(
   return WatchReactor::Begin(std::move(reactor), grpc::Status::OK);
 }
 
-void TokenService::Impl::RecheckStreams() {
+std::vector<std::shared_ptr<TokenService::Impl::WatchReactor>> TokenService::Impl::OpenStreams() {
   std::vector<std::shared_ptr<WatchReactor>> open;
-  {
-    MutexLock lock(&watch_mu_);
-    for (const auto& [raw, weak] : watches_) {
-      if (std::shared_ptr<WatchReactor> r = weak.lock()) {
-        open.push_back(std::move(r));
-      }
+  MutexLock lock(&watch_mu_);
+  for (const auto& [raw, weak] : watches_) {
+    if (std::shared_ptr<WatchReactor> r = weak.lock()) {
+      open.push_back(std::move(r));
     }
   }
-  for (const std::shared_ptr<WatchReactor>& r : open) {
+  return open;
+}
+
+void TokenService::Impl::RecheckStreams() {
+  for (const std::shared_ptr<WatchReactor>& r : OpenStreams()) {
     r->Recheck(authorizer_);
+  }
+}
+
+void TokenService::Impl::EndStreams() {
+  {
+    MutexLock lock(&watch_mu_);
+    streams_ended_ = true;  // from here on AcquireStream refuses, so the list below is complete
+  }
+  for (const std::shared_ptr<WatchReactor>& r : OpenStreams()) {
+    r->End(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the broker is shutting down"));
   }
 }
 

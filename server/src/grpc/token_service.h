@@ -28,7 +28,8 @@ namespace tb::grpc_api {
 // cache's writer threads.
 //
 // Lifecycle: construct, RegisterWith(builder, queues) before BuildAndStart (the queues start
-// the calls), Shutdown() after the server's Shutdown() and before the queues' Shutdown().
+// the calls), Shutdown() before the server's Shutdown() (which would otherwise wait out its
+// deadline for the open streams and the waiting calls, then cancel them).
 // `broker` and `cache` must outlive it.
 class TokenService {
  public:
@@ -57,7 +58,10 @@ class TokenService {
 
   // Registers the service and the calls it serves on `queues` (which must outlive the server).
   void RegisterWith(grpc::ServerBuilder& builder, cq::Queues& queues);
-  // Answers every GetToken still waiting (UNAVAILABLE). Call after grpc::Server::Shutdown().
+  // Ends every open WatchToken stream and answers every GetToken still waiting, both with
+  // UNAVAILABLE ("the broker is shutting down", so clients retry elsewhere); from then on new
+  // streams and waits are refused the same way, while cached GetTokens, Refresh and Revoke are
+  // still served until the server shuts down. Idempotent.
   void Shutdown();
 
  private:
