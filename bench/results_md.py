@@ -45,6 +45,7 @@ def stolen(r, name):
 
 def write(results, out_path):
     rpc = load(results, "rpc")
+    rpc_void = load(results, "rpc-void")  # the latest rpc run whose every attempt was void
     scale = load(results, "scale")
     churn = load(results, "churn")
     client = load(results, "client")
@@ -64,6 +65,13 @@ def write(results, out_path):
                   f"were recorded with "
                   f"`--void_below={rpc['settings'].get('void_below_rps', 60000):.0f}`, so read "
                   f"them for the broker/echo ratios only, not as absolute speeds.", ""]
+    if rpc_void and (not rpc or rpc_void["machine"]["date"] > rpc["machine"]["date"]):
+        tries = "; ".join(f"{a['echo_sanity_rps']:.0f} RPS at load {a['load_before'][0]} and "
+                          f"{a['steal_pct_before']}% stolen"
+                          for a in rpc_void["attempts"] if "echo_sanity_rps" in a)
+        lines += [f"A later `rpc` run ({rpc_void['machine']['date']}, commit "
+                  f"{rpc_void['machine']['commit']}) recorded no figures: every attempt was "
+                  f"void (echo at 1x16: {tries}); `bench/results/rpc-void.json` has it.", ""]
     lines += ["| target | measured | |", "|---|---|---|"]
     if final:
         for inflight in (16, 64):
