@@ -66,12 +66,12 @@ def write(results, out_path):
                   f"`--void_below={rpc['settings'].get('void_below_rps', 60000):.0f}`, so read "
                   f"them for the broker/echo ratios only, not as absolute speeds.", ""]
     if rpc_void and (not rpc or rpc_void["machine"]["date"] > rpc["machine"]["date"]):
-        tries = "; ".join(f"{a['echo_sanity_rps']:.0f} RPS at load {a['load_before'][0]} and "
-                          f"{a['steal_pct_before']}% stolen"
-                          for a in rpc_void["attempts"] if "echo_sanity_rps" in a)
+        tries = "; ".join(f"{a['void']}, echo {a['echo_sanity_rps']:.0f} RPS at 1x16 at load "
+                          f"{a['load_before'][0]} and {a['steal_pct_before']}% stolen"
+                          for a in rpc_void["attempts"])
         lines += [f"A later `rpc` run ({rpc_void['machine']['date']}, commit "
                   f"{rpc_void['machine']['commit']}) recorded no figures: every attempt was "
-                  f"void (echo at 1x16: {tries}); `bench/results/rpc-void.json` has it.", ""]
+                  f"void ({tries}); `bench/results/rpc-void.json` has it.", ""]
     lines += ["| target | measured | |", "|---|---|---|"]
     if final:
         for inflight in (16, 64):
