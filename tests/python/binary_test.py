@@ -114,15 +114,15 @@ class Broker:
 
     def __init__(self, state, *extra):
         self.ports = {name: free_port() for name in ("grpc", "probe", "public", "admin")}
-        log_dir = os.environ.get("TB_TEST_LOG_DIR", "")
+        # The log goes to the whole-run secret scan's directory when there is one.
+        log_dir = os.environ.get("TB_TEST_LOG_DIR", "") or state.path
+        self.log_path = os.path.join(log_dir, f"token-broker-{os.getpid()}-{time.time_ns()}.log")
         args = [BROKER, f"--config={state.config}",
                 f"--grpc_listen=127.0.0.1:{self.ports['grpc']}",
                 f"--probe_listen=127.0.0.1:{self.ports['probe']}",
                 f"--public_listen=127.0.0.1:{self.ports['public']}",
                 f"--admin_listen=127.0.0.1:{self.ports['admin']}",
-                "--log_level=trace", *extra]
-        if log_dir:
-            args.append(f"--log_file={log_dir}/token-broker-{os.getpid()}-{time.time_ns()}.log")
+                "--log_level=trace", f"--log_file={self.log_path}", *extra]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def wait_ready(self):
@@ -200,6 +200,21 @@ class BinaryTest(unittest.TestCase):
             admin = pb_grpc.ConnectionAdminStub(ch)
             self.assertEqual(len(admin.ListConnections(pb.ListConnectionsRequest(), timeout=5,
                                                        metadata=md).connections), 0)
+
+    def test_failed_get_tokens_are_logged_at_debug_without_caller_garbage(self):
+        with self.channel(self.broker.ports["grpc"]) as ch:
+            stub = pb_grpc.TokenBrokerStub(ch)
+            md = self.state.credentials()
+            for connection_id in ("nobody-logged", "forged\n2026-01-01 I a fake line"):
+                with self.assertRaises(grpc.RpcError):
+                    stub.GetToken(pb.GetTokenRequest(connection_id=connection_id), timeout=5,
+                                  metadata=md)
+        with open(self.broker.log_path) as f:
+            log = f.read()
+        self.assertIn("GetToken failed connection=nobody-logged code=NOT_FOUND", log)
+        self.assertIn("GetToken failed connection=(not a valid id) code=INVALID_ARGUMENT "
+                      "message=connection id must be", log)
+        self.assertNotIn("a fake line", log)
 
     def test_main_port_refuses_callers_without_a_known_key(self):
         with self.channel(self.broker.ports["grpc"]) as ch:

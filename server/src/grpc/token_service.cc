@@ -8,11 +8,13 @@
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "server/src/common/logging.h"
 #include "server/src/common/mutex.h"
 #include "server/src/common/secret_format.h"
+#include "server/src/core/connection.h"
 #include "server/src/core/errors.h"
 #include "server/src/grpc/caller_auth.h"
 #include "server/src/grpc/rpc_metrics.h"
@@ -309,8 +311,16 @@ class TokenService::Impl::GetTokenCall final : public cq::Tag {
   }
 
   void Finish(const grpc::Status& status) {
-    RpcMetrics::Record(impl_.get_token_metrics_, static_cast<absl::StatusCode>(status.error_code()),
-                       absl::Now() - start_);
+    const auto code = static_cast<absl::StatusCode>(status.error_code());
+    RpcMetrics::Record(impl_.get_token_metrics_, code, absl::Now() - start_);
+    if (!status.ok() && spdlog::should_log(spdlog::level::debug)) {
+      // A caller's id is printed only once it is known to be well-formed: a newline in it
+      // would forge a line of the text format.
+      const std::string& id = request_.connection_id();
+      spdlog::debug("GetToken failed connection={} code={} message={}",
+                    core::ValidateConnectionId(id).ok() ? id : "(not a valid id)",
+                    absl::StatusCodeToString(code), status.error_message());
+    }
     if (status.ok()) {
       responder_.Finish(response_, status, this);
     } else {
