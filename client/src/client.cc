@@ -2,16 +2,38 @@
 
 #include <grpcpp/client_context.h>
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/hash/hash.h"
+#include "absl/random/distributions.h"
+#include "absl/random/random.h"
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 
 namespace tokenbroker {
+namespace {
+
+constexpr absl::Duration kFirstReconnectDelay = absl::Milliseconds(200);
+// A stream that stayed up this long was healthy: its backoff starts afresh. A shorter one
+// (accepted, then cut at once, e.g. by a proxy) keeps growing it, so it cannot spin.
+constexpr absl::Duration kHealthyStream = absl::Seconds(10);
+
+const tb::SystemClock kSystemClock;
+
+// The broker ended the stream because the connection stopped serving, or this caller may not
+// see it: the cached token must go, and reopening the stream would only be refused again.
+bool EndsTheConnection(absl::StatusCode code) {
+  return code == absl::StatusCode::kNotFound || code == absl::StatusCode::kFailedPrecondition ||
+         code == absl::StatusCode::kPermissionDenied || code == absl::StatusCode::kDataLoss;
+}
+
+}  // namespace
 
 // One connection's WatchToken stream on its own thread, reopened with backoff until the client
-// is destroyed. A thread per watched connection: services watch the handful of accounts they
-// talk to, and a blocking stream loop is far simpler to get right than a callback reactor.
+// is destroyed or the broker says the connection stopped serving. A thread per watched
+// connection (at most max_watches): services watch the handful of accounts they talk to, and a
+// blocking stream loop is far simpler to get right than a callback reactor.
 class Client::Watch {
  public:
   Watch(Client& client, std::string id) : client_(client), id_(std::move(id)) {
@@ -29,9 +51,15 @@ class Client::Watch {
     thread_.join();
   }
 
+  // Whether the stream is open and has delivered the connection's current token.
+  bool live() const { return live_.load(std::memory_order_acquire); }
+  // Whether the stream ended for good (the connection stopped serving).
+  bool finished() const { return finished_.load(std::memory_order_acquire); }
+
  private:
   void Run() {
-    absl::Duration delay = absl::Milliseconds(200);
+    absl::Duration delay = kFirstReconnectDelay;
+    absl::BitGen random;
     for (;;) {
       grpc::ClientContext ctx;
       {
@@ -41,36 +69,50 @@ class Client::Watch {
         }
         ctx_ = &ctx;
       }
-      bool got_any = false;
+      const absl::Time opened = absl::Now();
       const absl::Status s = client_.rpc_->Watch(
           id_,
           [&](const v1::Token& t) {
-            got_any = true;
             client_.watch_updates_.fetch_add(1, std::memory_order_relaxed);
-            client_.Put(client_.FromProto(t));
+            client_.Put(client_.FromProto(t, /*watched=*/true, /*short_lived=*/false));
+            live_.store(true, std::memory_order_release);
             return true;
           },
           ctx);
+      live_.store(false, std::memory_order_release);
       tb::MutexLock lock(&mu_);
       ctx_ = nullptr;
       if (stop_) {
         return;
       }
-      // A stream that ended with the connection's own error (revoked, deleted...) is not
-      // reopened in a hurry; one that worked for a while starts its backoff afresh.
-      delay = got_any ? absl::Milliseconds(200)
-                      : std::min(delay * 2, client_.options_.max_reconnect_delay);
-      if (s.code() == absl::StatusCode::kFailedPrecondition ||
-          s.code() == absl::StatusCode::kNotFound ||
-          s.code() == absl::StatusCode::kPermissionDenied) {
+      if (EndsTheConnection(s.code())) {
+        client_.Drop(id_);
+        finished_.store(true, std::memory_order_release);
+        return;
+      }
+      // Nobody pushes to this connection's token now: it is used at most unwatched_recheck
+      // more before Get asks the broker again.
+      client_.CapUnwatched(id_);
+      if (absl::Now() - opened >= kHealthyStream) {
+        delay = kFirstReconnectDelay;
+      } else {
+        delay = std::min(delay * 2, client_.options_.max_reconnect_delay);
+      }
+      // Refused for load or credentials: waiting less would only be refused again.
+      if (s.code() == absl::StatusCode::kResourceExhausted ||
+          s.code() == absl::StatusCode::kUnauthenticated) {
         delay = client_.options_.max_reconnect_delay;
       }
-      cv_.WaitFor(&mu_, absl::ToChronoMilliseconds(delay));
+      // Jitter, so that the instances of a service do not all come back at the same moment.
+      const absl::Duration wait = delay * absl::Uniform(random, 0.5, 1.0);
+      cv_.WaitFor(&mu_, absl::ToChronoMilliseconds(wait));
     }
   }
 
   Client& client_;
   const std::string id_;
+  std::atomic<bool> live_{false};
+  std::atomic<bool> finished_{false};
   tb::Mutex mu_;
   tb::CondVar cv_;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
@@ -79,6 +121,18 @@ class Client::Watch {
 };
 
 absl::StatusOr<std::unique_ptr<Client>> Client::Create(ClientOptions options) {
+  if (options.broker.target.empty()) {
+    return absl::InvalidArgumentError("broker.target is empty: set the broker's host:port");
+  }
+  if (options.margin < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("margin must not be negative");
+  }
+  if (options.rpc_timeout <= absl::ZeroDuration() ||
+      options.max_reconnect_delay <= absl::ZeroDuration() ||
+      options.unwatched_recheck <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        "rpc_timeout, max_reconnect_delay and unwatched_recheck must be positive");
+  }
   absl::StatusOr<std::unique_ptr<tb::client::TokenClient>> rpc =
       tb::client::TokenClient::Create(options.broker);
   if (!rpc.ok()) {
@@ -88,10 +142,12 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(ClientOptions options) {
 }
 
 Client::Client(ClientOptions options, std::unique_ptr<tb::client::TokenClient> rpc)
-    : options_(std::move(options)), rpc_(std::move(rpc)) {}
+    : options_(std::move(options)),
+      clock_(options_.clock != nullptr ? *options_.clock : kSystemClock),
+      rpc_(std::move(rpc)) {}
 
 Client::~Client() {
-  std::vector<std::unique_ptr<Watch>> watches;
+  absl::flat_hash_map<std::string, std::unique_ptr<Watch>> watches;
   {
     tb::MutexLock lock(&watch_mu_);
     stopping_ = true;
@@ -100,96 +156,216 @@ Client::~Client() {
   watches.clear();  // joins their threads, outside the lock they do not take
 }
 
-Client::Shard& Client::ShardFor(absl::string_view id) {
+Client::Shard& Client::ShardFor(absl::string_view id) const {
   return shards_[absl::HashOf(id) % shards_.size()];
 }
 
-std::shared_ptr<const Token> Client::FromProto(const v1::Token& t) const {
+Client::TokenPtr Client::FromProto(const v1::Token& t, bool watched, bool short_lived) const {
   auto out = std::make_shared<Token>();
   out->connection_id = t.connection_id();
   out->access_token = t.access_token();
   out->token_type = t.token_type();
   out->generation = t.generation();
+  const absl::Time now = clock_.Now();
   if (t.has_valid_for()) {
     // valid_for was measured on the broker's clock when it answered; counting it from now on
     // ours only ever shortens it (the answer took time to arrive).
     const absl::Duration valid_for =
         absl::Seconds(t.valid_for().seconds()) + absl::Nanoseconds(t.valid_for().nanos());
-    out->use_until = absl::Now() + valid_for - options_.margin;
+    out->use_until = now + (short_lived ? valid_for / 2 : valid_for - options_.margin);
+  }
+  if (!watched) {
+    out->use_until = std::min(out->use_until, now + options_.unwatched_recheck);
   }
   return out;
 }
 
-void Client::Put(std::shared_ptr<const Token> t) {
+Client::TokenPtr Client::Cached(absl::string_view id) const {
+  const Shard& shard = ShardFor(id);
+  tb::ReaderLock lock(&shard.mu);
+  if (const auto it = shard.entries.find(id); it != shard.entries.end() &&
+                                              it->second.token != nullptr &&
+                                              clock_.Now() < it->second.token->use_until) {
+    return it->second.token;
+  }
+  return nullptr;
+}
+
+void Client::Put(const TokenPtr& t) {
   Shard& shard = ShardFor(t->connection_id);
   tb::WriterLock lock(&shard.mu);
-  auto [it, inserted] = shard.tokens.try_emplace(t->connection_id, t);
-  if (!inserted && it->second->generation <= t->generation) {
-    it->second = std::move(t);
+  Entry& e = shard.entries[t->connection_id];
+  if (t->generation <= e.refused_through) {
+    return;
+  }
+  // Of two copies of one generation (one from GetToken, one from the watch), the one usable
+  // longer wins: an unwatched copy must not cut short the watched one.
+  if (e.token == nullptr || clock_.Now() >= e.token->use_until ||
+      e.token->generation < t->generation ||
+      (e.token->generation == t->generation && t->use_until >= e.token->use_until)) {
+    e.token = t;
   }
 }
 
-absl::StatusOr<std::shared_ptr<const Token>> Client::Get(absl::string_view connection_id) {
-  {
-    Shard& shard = ShardFor(connection_id);
-    tb::ReaderLock lock(&shard.mu);
-    if (const auto it = shard.tokens.find(connection_id);
-        it != shard.tokens.end() && absl::Now() < it->second->use_until) {
-      hits_.fetch_add(1, std::memory_order_relaxed);
-      return it->second;
-    }
+void Client::Drop(absl::string_view id) {
+  Shard& shard = ShardFor(id);
+  tb::WriterLock lock(&shard.mu);
+  if (const auto it = shard.entries.find(id); it != shard.entries.end()) {
+    shard.entries.erase(it);
   }
+}
+
+void Client::CapUnwatched(absl::string_view id) {
+  Shard& shard = ShardFor(id);
+  tb::WriterLock lock(&shard.mu);
+  const auto it = shard.entries.find(id);
+  if (it == shard.entries.end() || it->second.token == nullptr) {
+    return;
+  }
+  const absl::Time cap = clock_.Now() + options_.unwatched_recheck;
+  if (it->second.token->use_until > cap) {
+    auto capped = std::make_shared<Token>(*it->second.token);
+    capped->use_until = cap;
+    it->second.token = std::move(capped);
+  }
+}
+
+absl::StatusOr<Client::TokenPtr> Client::Shared(
+    const std::string& key, const std::function<absl::StatusOr<TokenPtr>()>& rpc) {
+  std::shared_ptr<Flight> flight;
+  {
+    tb::MutexLock lock(&flights_mu_);
+    auto [it, leader] = flights_.try_emplace(key);
+    if (!leader) {
+      flight = it->second;
+      shared_.fetch_add(1, std::memory_order_relaxed);
+      while (!flight->done) {
+        flights_cv_.Wait(&flights_mu_);
+      }
+      return flight->result;
+    }
+    it->second = flight = std::make_shared<Flight>();
+  }
+  absl::StatusOr<TokenPtr> result = rpc();
+  {
+    tb::MutexLock lock(&flights_mu_);
+    flight->result = result;
+    flight->done = true;
+    flights_.erase(key);
+  }
+  flights_cv_.SignalAll();
+  return result;
+}
+
+absl::StatusOr<std::shared_ptr<const Token>> Client::Get(absl::string_view connection_id) {
+  if (TokenPtr t = Cached(connection_id); t != nullptr) {
+    hits_.fetch_add(1, std::memory_order_relaxed);
+    return t;
+  }
+  return Shared(absl::StrCat("get/", connection_id), [&]() -> absl::StatusOr<TokenPtr> {
+    // Another caller's RPC may have filled the cache between the miss and this flight.
+    if (TokenPtr t = Cached(connection_id); t != nullptr) {
+      return t;
+    }
+    return Fetch(connection_id);
+  });
+}
+
+absl::StatusOr<Client::TokenPtr> Client::Fetch(absl::string_view connection_id) {
   rpcs_.fetch_add(1, std::memory_order_relaxed);
-  // Ask for a token that lives past the margin (the broker waits for its scheduled refresh if
-  // the current one is nearly over); connections whose tokens are never promised that long get
-  // whatever is current.
+  // Ask for a token that lives past the margin. If the current one does not, the broker waits
+  // for its scheduled refresh, so that call gets `margin` more time.
+  bool short_lived = false;
   absl::StatusOr<v1::Token> t =
-      rpc_->GetToken(connection_id, options_.margin, options_.rpc_timeout);
+      rpc_->GetToken(connection_id, options_.margin, options_.rpc_timeout + options_.margin);
   if (t.status().code() == absl::StatusCode::kOutOfRange) {
+    // No token of this connection will live that long (it cannot be refreshed): take the
+    // current one, and ask again when half of what is left of it has gone.
+    rpcs_.fetch_add(1, std::memory_order_relaxed);
+    short_lived = true;
     t = rpc_->GetToken(connection_id, absl::ZeroDuration(), options_.rpc_timeout);
   }
   if (!t.ok()) {
+    if (EndsTheConnection(t.status().code())) {
+      Drop(connection_id);  // also forgets refused generations: a recreated one starts at 1
+    }
     return t.status();
   }
-  std::shared_ptr<const Token> token = FromProto(*t);
+  const bool watched = options_.watch && EnsureWatch(connection_id);
+  TokenPtr token = FromProto(*t, watched, short_lived);
   Put(token);
-  if (options_.watch) {
-    EnsureWatch(connection_id);
-  }
   return token;
 }
 
 absl::StatusOr<std::shared_ptr<const Token>> Client::Invalidate(absl::string_view connection_id,
                                                                 uint64_t generation) {
+  if (generation == 0) {
+    return absl::InvalidArgumentError("generation 0 is no token's: pass the refused token's");
+  }
   {
     Shard& shard = ShardFor(connection_id);
     tb::WriterLock lock(&shard.mu);
-    if (const auto it = shard.tokens.find(connection_id);
-        it != shard.tokens.end() && it->second->generation <= generation) {
-      shard.tokens.erase(it);
+    Entry& e = shard.entries[connection_id];
+    if (e.token != nullptr && e.token->generation > generation &&
+        clock_.Now() < e.token->use_until) {
+      hits_.fetch_add(1, std::memory_order_relaxed);
+      return e.token;  // a newer generation has arrived already
+    }
+    e.refused_through = std::max(e.refused_through, generation);
+    if (e.token != nullptr && e.token->generation <= generation) {
+      e.token = nullptr;
     }
   }
-  rpcs_.fetch_add(1, std::memory_order_relaxed);
-  absl::StatusOr<v1::Token> t = rpc_->Refresh(connection_id, generation, options_.rpc_timeout);
-  if (!t.ok()) {
-    return t.status();
-  }
-  std::shared_ptr<const Token> token = FromProto(*t);
-  Put(token);
-  return token;
+  return Shared(absl::StrCat("refresh/", generation, "/", connection_id),
+                [&]() -> absl::StatusOr<TokenPtr> {
+                  rpcs_.fetch_add(1, std::memory_order_relaxed);
+                  absl::StatusOr<v1::Token> t =
+                      rpc_->Refresh(connection_id, generation, options_.rpc_timeout);
+                  if (!t.ok()) {
+                    if (EndsTheConnection(t.status().code())) {
+                      Drop(connection_id);
+                    }
+                    return t.status();
+                  }
+                  TokenPtr token = FromProto(*t, options_.watch && EnsureWatch(connection_id),
+                                             /*short_lived=*/false);
+                  Put(token);
+                  return token;
+                });
 }
 
-void Client::EnsureWatch(absl::string_view connection_id) {
+bool Client::EnsureWatch(absl::string_view connection_id) {
   tb::MutexLock lock(&watch_mu_);
-  if (stopping_ || !watched_.insert(std::string(connection_id)).second) {
-    return;
+  if (stopping_) {
+    return false;
   }
-  watches_.push_back(std::make_unique<Watch>(*this, std::string(connection_id)));
+  if (const auto it = watches_.find(connection_id); it != watches_.end()) {
+    if (!it->second->finished()) {
+      return it->second->live();
+    }
+    watches_.erase(it);  // the connection serves again (reconnected): watch it afresh
+  }
+  if (watches_.size() >= options_.max_watches) {
+    // Finished streams do not count against the limit.
+    absl::erase_if(watches_, [](const auto& w) { return w.second->finished(); });
+    if (watches_.size() >= options_.max_watches) {
+      return false;
+    }
+  }
+  watches_.emplace(connection_id, std::make_unique<Watch>(*this, std::string(connection_id)));
+  return false;  // not live before its first message, which replaces this token
 }
 
 Client::Stats Client::stats() const {
-  return {hits_.load(std::memory_order_relaxed), rpcs_.load(std::memory_order_relaxed),
-          watch_updates_.load(std::memory_order_relaxed)};
+  Stats s;
+  s.cache_hits = hits_.load(std::memory_order_relaxed);
+  s.rpcs = rpcs_.load(std::memory_order_relaxed);
+  s.shared = shared_.load(std::memory_order_relaxed);
+  s.watch_updates = watch_updates_.load(std::memory_order_relaxed);
+  tb::MutexLock lock(&watch_mu_);
+  s.watches = static_cast<uint64_t>(std::count_if(
+      watches_.begin(), watches_.end(), [](const auto& w) { return !w.second->finished(); }));
+  return s;
 }
 
 }  // namespace tokenbroker

@@ -1,6 +1,7 @@
 // tokenbroker::Client against the real gRPC server and broker (in-memory store, fake clock on
 // the server side, scriptable provider client): the local cache, watch pushes, the 401 path,
-// and the watch stream coming back after the server restarts.
+// one RPC for many concurrent misses, revocations and deletions reaching the cache, the
+// recheck of unwatched tokens, and the watch stream coming back after the server restarts.
 
 #include "tokenbroker/client.h"
 
@@ -9,6 +10,7 @@
 #include <chrono>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
@@ -51,13 +53,24 @@ class ClientTest : public ::testing::Test {
     parts_.providers.Put("zendesk", zendesk);
     ASSERT_TRUE(testing::SeedEveryStatus(broker_, clock_.Now()).ok());
     StartServer("127.0.0.1:0");
+    client_ = NewClient(Options());
+    ASSERT_NE(client_, nullptr);
+  }
+  tokenbroker::ClientOptions Options() const {
     tokenbroker::ClientOptions o;
     o.broker.target = absl::StrCat("127.0.0.1:", port_);
     o.margin = absl::Seconds(30);
     o.max_reconnect_delay = absl::Milliseconds(200);
+    return o;
+  }
+  static std::unique_ptr<tokenbroker::Client> NewClient(const tokenbroker::ClientOptions& o) {
     auto c = tokenbroker::Client::Create(o);
-    ASSERT_TRUE(c.ok()) << c.status();
-    client_ = *std::move(c);
+    EXPECT_TRUE(c.ok()) << c.status();
+    return c.ok() ? *std::move(c) : nullptr;
+  }
+  // The operators' view of the same server (Revoke, DeleteConnection).
+  std::unique_ptr<tb::client::TokenClient> Admin() const {
+    return tb::client::TokenClient::Insecure(absl::StrCat("127.0.0.1:", port_));
   }
   void TearDown() override {
     client_.reset();
@@ -96,7 +109,152 @@ TEST_F(ClientTest, CachedGetsMakeNoRpc) {
   }
   EXPECT_EQ(client_->stats().rpcs, 1u);
   EXPECT_EQ(client_->stats().cache_hits, 1000u);
-  EXPECT_GT((*first)->use_until, absl::Now() + absl::Minutes(50));  // 55 min left, minus 30 s
+  // Until its watch has delivered, a token is used for unwatched_recheck at most; the watched
+  // copy is used until its end (55 min left, minus the 30 s margin).
+  EXPECT_LE((*first)->use_until, absl::Now() + absl::Minutes(1));
+  ASSERT_TRUE(Eventually([&] { return client_->stats().watch_updates >= 1; }));
+  EXPECT_GT((*client_->Get(testing::kActiveId))->use_until, absl::Now() + absl::Minutes(50));
+  EXPECT_EQ(client_->stats().rpcs, 1u);
+}
+
+TEST_F(ClientTest, ConcurrentMissesShareOneGetTokenThatWaitsForTheRefresh) {
+  // 2 s before the broker's promise runs out (its scheduled refresh), less than the margin.
+  auto current = Admin()->GetToken(testing::kActiveId);
+  ASSERT_TRUE(current.ok()) << current.status();
+  clock_.Advance(absl::Seconds(current->valid_for().seconds()) - absl::Seconds(2));
+  tokenbroker::ClientOptions o = Options();
+  o.margin = absl::Seconds(3);
+  o.rpc_timeout = absl::Seconds(20);
+  o.watch = false;
+  std::unique_ptr<tokenbroker::Client> client = NewClient(o);
+  ASSERT_NE(client, nullptr);
+  const core::Grant next = Fresh(clock_, absl::Hours(1));
+  parts_.provider.NextRefreshReturns(next);
+  parts_.provider.NextRefreshReturns(next);  // RunDue refreshes the seeded expired-co too
+  std::vector<absl::StatusOr<std::shared_ptr<const tokenbroker::Token>>> got(8);
+  std::vector<std::thread> callers;
+  for (auto& g : got) {
+    callers.emplace_back([&client, &g] { g = client->Get(testing::kActiveId); });
+  }
+  // One GetToken, waiting at the broker for the refresh (not yet due); the others wait for it.
+  const bool all_joined =
+      Eventually([&] { return client->stats().rpcs == 1 && client->stats().shared == 7; });
+  EXPECT_EQ(parts_.provider.refresh_calls(), 0);
+  clock_.Advance(absl::Seconds(3));
+  parts_.refresher.RunDue();  // the scheduled refresh
+  for (auto& t : callers) {
+    t.join();
+  }
+  ASSERT_TRUE(all_joined) << "rpcs " << client->stats().rpcs << " shared "
+                          << client->stats().shared;
+  for (const auto& g : got) {
+    ASSERT_TRUE(g.ok()) << g.status();
+    EXPECT_EQ((*g)->generation, 2u);  // not generation 1, 2 s from its end
+    EXPECT_EQ((*g)->access_token, next.access_token.Reveal());
+  }
+  EXPECT_EQ(client->stats().rpcs, 1u);
+}
+
+TEST_F(ClientTest, ARevocationDropsTheCachedTokenThroughTheWatch) {
+  ASSERT_TRUE(client_->Get(testing::kActiveId).ok());
+  ASSERT_TRUE(Eventually([&] { return client_->stats().watch_updates >= 1; }));
+  ASSERT_TRUE(Admin()->Revoke(testing::kActiveId).ok());
+  absl::Status last;
+  EXPECT_TRUE(Eventually([&] {
+    last = client_->Get(testing::kActiveId).status();
+    return last.code() == absl::StatusCode::kFailedPrecondition;
+  })) << last;
+  EXPECT_EQ(tb::client::ErrorReason(last), "REVOKED");
+}
+
+TEST_F(ClientTest, AConnectionDeletedAndCreatedAgainServesItsNewToken) {
+  ASSERT_TRUE(broker_.Activate(testing::kActiveId, Fresh(clock_, absl::Hours(1))).ok());
+  auto old = client_->Get(testing::kActiveId);
+  ASSERT_TRUE(old.ok()) << old.status();
+  ASSERT_EQ((*old)->generation, 2u);
+  ASSERT_TRUE(Eventually([&] { return client_->stats().watch_updates >= 1; }));
+  ASSERT_TRUE(Admin()->DeleteConnection(testing::kActiveId).ok());
+  ASSERT_TRUE(broker_.CreatePending(testing::kActiveId, "zendesk", {{"subdomain", "acme"}}).ok());
+  const core::Grant fresh = Fresh(clock_, absl::Hours(1));
+  ASSERT_TRUE(broker_.Activate(testing::kActiveId, fresh).ok());  // generation 1 again
+  EXPECT_TRUE(Eventually([&] {
+    auto t = client_->Get(testing::kActiveId);
+    return t.ok() && (*t)->access_token == fresh.access_token.Reveal();
+  }));
+}
+
+TEST_F(ClientTest, AnUnwatchedTokenIsRecheckedSoARevocationReachesIt) {
+  testing::FakeClock local;  // this process's clock, apart from the broker's
+  tokenbroker::ClientOptions o = Options();
+  o.watch = false;
+  o.unwatched_recheck = absl::Seconds(60);
+  o.clock = &local;
+  std::unique_ptr<tokenbroker::Client> client = NewClient(o);
+  ASSERT_NE(client, nullptr);
+  auto first = client->Get(testing::kForeverId);  // never expires: only the recheck ends it
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ((*first)->use_until, local.Now() + absl::Seconds(60));
+  local.Advance(absl::Seconds(59));
+  ASSERT_TRUE(client->Get(testing::kForeverId).ok());
+  EXPECT_EQ(client->stats().rpcs, 1u);
+  ASSERT_TRUE(Admin()->Revoke(testing::kForeverId).ok());
+  local.Advance(absl::Seconds(2));
+  auto after = client->Get(testing::kForeverId);
+  EXPECT_EQ(client->stats().rpcs, 2u);
+  EXPECT_EQ(after.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(tb::client::ErrorReason(after.status()), "REVOKED");
+}
+
+TEST_F(ClientTest, ConnectionsPastMaxWatchesAreRecheckedInstead) {
+  testing::FakeClock local;
+  tokenbroker::ClientOptions o = Options();
+  o.max_watches = 1;
+  o.clock = &local;
+  std::unique_ptr<tokenbroker::Client> client = NewClient(o);
+  ASSERT_NE(client, nullptr);
+  ASSERT_TRUE(client->Get(testing::kActiveId).ok());
+  ASSERT_TRUE(Eventually([&] { return client->stats().watch_updates >= 1; }));
+  auto watched = client->Get(testing::kActiveId);
+  EXPECT_GT((*watched)->use_until, local.Now() + absl::Minutes(50));
+  auto other = client->Get(testing::kForeverId);
+  ASSERT_TRUE(other.ok()) << other.status();
+  EXPECT_EQ(client->stats().watches, 1u);
+  EXPECT_EQ((*other)->use_until, local.Now() + o.unwatched_recheck);
+}
+
+TEST_F(ClientTest, ATokenThatCannotLiveTheMarginIsCachedForHalfOfWhatIsLeft) {
+  core::Grant last = Fresh(clock_, absl::Hours(1));
+  last.refresh_token.reset();  // not refreshable: no token of it will ever live 30 s more
+  ASSERT_TRUE(broker_.Activate(testing::kActiveId, last).ok());
+  clock_.Advance(absl::Hours(1) - absl::Seconds(20));  // 20 s left
+  testing::FakeClock local;
+  tokenbroker::ClientOptions o = Options();
+  o.clock = &local;
+  std::unique_ptr<tokenbroker::Client> client = NewClient(o);
+  ASSERT_NE(client, nullptr);
+  auto t = client->Get(testing::kActiveId);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->access_token, last.access_token.Reveal());
+  EXPECT_EQ((*t)->use_until, local.Now() + absl::Seconds(10));
+  EXPECT_EQ(client->stats().rpcs, 2u);  // min_ttl 30 s: OUT_OF_RANGE; then min_ttl 0
+  local.Advance(absl::Seconds(9));
+  ASSERT_TRUE(client->Get(testing::kActiveId).ok());
+  EXPECT_EQ(client->stats().rpcs, 2u);
+  local.Advance(absl::Seconds(2));
+  ASSERT_TRUE(client->Get(testing::kActiveId).ok());
+  EXPECT_EQ(client->stats().rpcs, 4u);
+}
+
+TEST_F(ClientTest, BadOptionsAreRefused) {
+  tokenbroker::ClientOptions o = Options();
+  o.broker.target.clear();
+  EXPECT_EQ(tokenbroker::Client::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
+  o = Options();
+  o.margin = absl::Seconds(-1);
+  EXPECT_EQ(tokenbroker::Client::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
+  o = Options();
+  o.rpc_timeout = absl::ZeroDuration();
+  EXPECT_EQ(tokenbroker::Client::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(ClientTest, NewGenerationsArriveThroughTheWatchWithoutAnRpc) {
@@ -126,6 +284,25 @@ TEST_F(ClientTest, InvalidateAfterA401GetsANewerGenerationThroughRefresh) {
   EXPECT_EQ((*again)->generation, (*fresh)->generation);
   EXPECT_EQ(parts_.provider.refresh_calls(), 1);
   EXPECT_EQ((*client_->Get(testing::kActiveId))->generation, (*fresh)->generation);
+}
+
+TEST_F(ClientTest, InvalidatingAnOlderGenerationThanTheCachedOneMakesNoRpc) {
+  ASSERT_TRUE(client_->Get(testing::kActiveId).ok());
+  ASSERT_TRUE(broker_.Activate(testing::kActiveId, Fresh(clock_, absl::Hours(1))).ok());
+  ASSERT_TRUE(Eventually([&] { return (*client_->Get(testing::kActiveId))->generation == 2; }));
+  const uint64_t rpcs = client_->stats().rpcs;
+  auto t = client_->Invalidate(testing::kActiveId, 1);  // a call that began with generation 1
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->generation, 2u);
+  EXPECT_EQ(client_->stats().rpcs, rpcs);
+  EXPECT_EQ(parts_.provider.refresh_calls(), 0);
+}
+
+TEST_F(ClientTest, InvalidatingGenerationZeroIsRefused) {
+  ASSERT_TRUE(client_->Get(testing::kActiveId).ok());
+  EXPECT_EQ(client_->Invalidate(testing::kActiveId, 0).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(parts_.provider.refresh_calls(), 0);  // Refresh(0) would have refreshed
 }
 
 TEST_F(ClientTest, ErrorsKeepTheBrokersCodeAndReason) {
