@@ -2,9 +2,9 @@
 // offers here, built the way the broker's main port is built, that does no work of its own:
 //   - completion-queue async API, one CQ and one thread per core, 64 calls armed per CQ (as
 //     server/src/grpc/token_service.cc);
-//   - the same channel arguments (GRPC_ARG_ALLOW_REUSEPORT 0) and, with --tls_cert/--tls_key,
-//     the same server credentials (TlsServerCredentials over a FileWatcherCertificateProvider,
-//     no client certificate requested);
+//   - the same channel arguments (no SO_REUSEPORT, the keepalive policy) and, with
+//     --tls_cert/--tls_key, the same server credentials (TlsServerCredentials over a
+//     FileWatcherCertificateProvider, no client certificate requested);
 //   - tokenbroker.v1.TokenBroker/GetToken with the real messages: every answer is a Token whose
 //     access_token is --token_bytes long (1 KB: a Zendesk JWT) with the fields the broker fills,
 //     so both servers put the same bytes on the wire and one load generator drives both.
@@ -205,7 +205,12 @@ int main(int argc, char** argv) {
   Service service;
   grpc::EnableDefaultHealthCheckService(false);
   grpc::ServerBuilder builder;
-  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);  // the broker's only channel argument
+  // The broker's channel arguments, at its defaults (server/src/grpc/grpc_server.cc).
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10'000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 60'000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 20'000);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
   int port = 0;
   builder.AddListeningPort(absl::GetFlag(FLAGS_listen), Credentials(), &port);
   builder.RegisterService(&service);

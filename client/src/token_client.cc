@@ -3,6 +3,7 @@
 #include <grpcpp/client_context.h>
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
+#include <grpcpp/support/channel_arguments.h>
 
 #include <cstdint>
 #include <fstream>
@@ -52,6 +53,12 @@ void TokenClient::SetDeadline(grpc::ClientContext& ctx, absl::Duration timeout) 
 }
 
 absl::StatusOr<std::unique_ptr<TokenClient>> TokenClient::Create(const ClientOptions& options) {
+  if (options.keepalive < absl::ZeroDuration() ||
+      (options.keepalive > absl::ZeroDuration() &&
+       options.keepalive_timeout <= absl::ZeroDuration())) {
+    return absl::InvalidArgumentError(
+        "keepalive must not be negative, and keepalive_timeout must be positive");
+  }
   std::shared_ptr<grpc::ChannelCredentials> creds;
   if (options.tls || !options.ca_file.empty() || !options.cert_file.empty()) {
     grpc::SslCredentialsOptions ssl;
@@ -78,7 +85,19 @@ absl::StatusOr<std::unique_ptr<TokenClient>> TokenClient::Create(const ClientOpt
   } else {
     creds = grpc::InsecureChannelCredentials();
   }
-  auto client = std::make_unique<TokenClient>(grpc::CreateChannel(options.target, creds));
+  grpc::ChannelArguments args;
+  if (options.keepalive > absl::ZeroDuration()) {
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS,
+                static_cast<int>(absl::ToInt64Milliseconds(options.keepalive)));
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
+                static_cast<int>(absl::ToInt64Milliseconds(options.keepalive_timeout)));
+    // Only while calls are open (an idle channel needs no pings), but then without limit: by
+    // default gRPC stops after two pings with no data, and a watch stream is quiet for hours.
+    args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 0);
+    args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  }
+  auto client =
+      std::make_unique<TokenClient>(grpc::CreateCustomChannel(options.target, creds, args));
   client->api_key_ = options.api_key;
   return client;
 }

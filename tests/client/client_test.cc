@@ -17,6 +17,7 @@
 #include "server/src/core/provider_presets.h"
 #include "server/src/grpc/grpc_server.h"
 #include "server/src/store/in_memory_token_store.h"
+#include "tests/client/blackhole_proxy.h"
 #include "tests/fakes/fake_clock.h"
 #include "tests/support/flow_parts.h"
 #include "tests/support/seed.h"
@@ -80,7 +81,7 @@ class ClientTest : public ::testing::Test {
   }
 
   void StartServer(const std::string& listen) {
-    grpc_api::GrpcServerOptions options;
+    grpc_api::GrpcServerOptions options = server_options_;
     options.listen = listen;
     auto server = grpc_api::GrpcServer::Start(
         options, {broker_, cache_, parts_.flow, parts_.refresher, parts_.run_blocking()});
@@ -94,6 +95,7 @@ class ClientTest : public ::testing::Test {
   cache::ConnectionCache cache_;
   oauth::Broker broker_{clock_, store_, cache_, testing::TrackedBy(&parts_)};
   testing::FlowParts parts_{clock_, broker_};
+  grpc_api::GrpcServerOptions server_options_;  // of the next StartServer
   std::unique_ptr<grpc_api::GrpcServer> server_;
   int port_ = 0;
   std::unique_ptr<tokenbroker::Client> client_;
@@ -325,6 +327,78 @@ TEST_F(ClientTest, TheWatchComesBackAfterTheServerRestarts) {
     auto t = client_->Get(testing::kActiveId);
     return t.ok() && (*t)->generation == 2;
   }));
+}
+
+// Keepalive, both ways, through a proxy that can make a connection go silent as a vanished
+// peer does. The server is restarted with fast pings allowed (the defaults are 10 s and 1 min).
+class KeepaliveTest : public ClientTest {
+ protected:
+  void Restart(absl::Duration min_client_ping_interval, absl::Duration server_keepalive) {
+    server_->Shutdown(absl::Now() + absl::Seconds(5));
+    server_.reset();
+    server_options_.min_client_ping_interval = min_client_ping_interval;
+    server_options_.keepalive = server_keepalive;
+    server_options_.keepalive_timeout = absl::Milliseconds(500);
+    StartServer("127.0.0.1:0");
+  }
+  std::unique_ptr<tokenbroker::Client> ClientVia(const testing::BlackholeProxy& proxy,
+                                                 absl::Duration keepalive) {
+    tokenbroker::ClientOptions o = Options();
+    o.broker.target = absl::StrCat("127.0.0.1:", proxy.port());
+    o.broker.keepalive = keepalive;
+    o.broker.keepalive_timeout = absl::Milliseconds(500);
+    return NewClient(o);
+  }
+};
+
+TEST_F(KeepaliveTest, AWatchOverAConnectionThatWentSilentIsReopened) {
+  Restart(/*min_client_ping_interval=*/absl::Milliseconds(100),
+          /*server_keepalive=*/absl::Hours(1));
+  testing::BlackholeProxy proxy(port_);
+  std::unique_ptr<tokenbroker::Client> client = ClientVia(proxy, absl::Seconds(1));
+  ASSERT_NE(client, nullptr);
+  ASSERT_TRUE(client->Get(testing::kActiveId).ok());
+  ASSERT_TRUE(Eventually([&] { return client->stats().watch_updates >= 1; }));
+  // The server takes pings this often on a quiet stream: no GOAWAY, no second stream. (Under
+  // gRPC's default policy the third ping within 5 min gets GOAWAY too_many_pings: at 1 s
+  // apart, about 4 s in.)
+  std::this_thread::sleep_for(std::chrono::seconds(6));
+  EXPECT_EQ(client->stats().watch_updates, 1u);
+  EXPECT_EQ(proxy.accepted(), 1);
+
+  proxy.SwallowOpenConnections();
+  ASSERT_TRUE(broker_.Activate(testing::kActiveId, Fresh(clock_, absl::Hours(1))).ok());
+  // Unanswered pings end the stream; the new one (a new connection) brings generation 2.
+  EXPECT_TRUE(Eventually([&] {
+    auto t = client->Get(testing::kActiveId);
+    return t.ok() && (*t)->generation == 2;
+  }));
+  EXPECT_GE(proxy.accepted(), 2);
+  EXPECT_EQ(client->stats().rpcs, 1u);
+}
+
+TEST_F(KeepaliveTest, TheServerDropsTheStreamsOfAClientThatWentSilent) {
+  server_options_.max_watch_streams = 1;
+  Restart(/*min_client_ping_interval=*/absl::Seconds(10),
+          /*server_keepalive=*/absl::Milliseconds(300));
+  testing::BlackholeProxy proxy(port_);
+  // A client that never pings: only the server can find out that it is gone.
+  std::unique_ptr<tokenbroker::Client> gone = ClientVia(proxy, absl::ZeroDuration());
+  ASSERT_NE(gone, nullptr);
+  ASSERT_TRUE(gone->Get(testing::kActiveId).ok());
+  ASSERT_TRUE(Eventually([&] { return gone->stats().watch_updates >= 1; }));
+  std::unique_ptr<tb::client::TokenClient> other = Admin();
+  const auto watch_once = [&] {
+    return other->Watch(testing::kForeverId, [](const auto&) { return false; });
+  };
+  // max_watch_streams is 1, and the silent client holds it.
+  EXPECT_EQ(watch_once().code(), absl::StatusCode::kResourceExhausted);
+  proxy.SwallowOpenConnections();
+  absl::Status last;
+  EXPECT_TRUE(Eventually([&] {
+    last = watch_once();
+    return last.ok();
+  })) << last;
 }
 
 }  // namespace

@@ -30,6 +30,17 @@ namespace tb::grpc_api {
 
 namespace {
 
+// The keepalive policy GrpcServerOptions describes, as channel arguments (the echo server of
+// bench/ sets the same ones).
+void AddKeepalive(const GrpcServerOptions& o, grpc::ServerBuilder& builder) {
+  const auto ms = [](absl::Duration d) { return static_cast<int>(absl::ToInt64Milliseconds(d)); };
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+                             ms(o.min_client_ping_interval));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, ms(o.keepalive));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, ms(o.keepalive_timeout));
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+}
+
 // Takes server reflection off one builder. gRPC registers its reflection plugin for every
 // server in the process (InitProtoReflectionServerBuilderPlugin, and a static initializer in
 // libgrpc++_reflection); the probe port must serve health alone.
@@ -119,6 +130,7 @@ class GrpcServer::Impl {
     // gRPC sets SO_REUSEPORT by default, which would let a second broker bind the same port
     // and silently share its traffic; a taken port must be a start-up error instead.
     builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+    AddKeepalive(options_, builder);
     if (!options_.reflection) {
       builder.SetOption(std::make_unique<WithoutReflection>());
     }

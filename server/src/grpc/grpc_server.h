@@ -38,6 +38,14 @@ struct GrpcServerOptions {
   // Open WatchToken streams at most, in all and per caller.
   size_t max_watch_streams = 10'000;
   size_t max_watch_streams_per_caller = 1'000;
+  // Keepalive on the main port. Clients may ping this often while calls are open (tokenbroker
+  // clients ping every 30 s, so a quiet WatchToken stream over a dead connection fails); faster
+  // pings are answered with GOAWAY. The server itself pings every `keepalive` while calls are
+  // open and drops a client that has not answered within `keepalive_timeout`, so the streams
+  // of a vanished client stop counting against max_watch_streams.
+  absl::Duration min_client_ping_interval = absl::Seconds(10);
+  absl::Duration keepalive = absl::Minutes(1);
+  absl::Duration keepalive_timeout = absl::Seconds(20);
 };
 
 // Health service names.

@@ -56,6 +56,12 @@ struct ClientOptions {
   std::string key_file;
   // Sent as `authorization: Bearer <key>` on every call. A secret: never logged.
   std::string api_key;
+  // While a call or stream is open, ping the broker this often; a broker that does not answer
+  // within keepalive_timeout is given up on, so a WatchToken stream over a connection that
+  // died silently (a node gone, a NAT entry dropped) fails and is reopened instead of hanging.
+  // The broker accepts pings down to 10 s apart. Zero: no pings.
+  absl::Duration keepalive = absl::Seconds(30);
+  absl::Duration keepalive_timeout = absl::Seconds(10);
 };
 
 // One client over one channel: TokenBroker, ConnectionAdmin and grpc.health.v1.Health.
