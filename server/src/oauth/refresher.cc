@@ -334,7 +334,7 @@ bool Refresher::Join(const core::ConnectionId& id, Trigger trigger, Done&& done,
 void Refresher::Finish(const core::ConnectionId& id, const absl::StatusOr<TokenView>& result) {
   // Read before taking mu_: no lock is held across a call into another component.
   const absl::Time now = clock_.Now();
-  std::optional<Due> retry;
+  std::optional<std::pair<uint64_t, absl::Time>> retry;  // generation, when
   if (!result.ok() && IsLeaseHeld(result.status())) {
     FinishLeaseHeld(id, now, LeaseHeldGeneration(result.status()));
     return;
@@ -356,7 +356,7 @@ void Refresher::Finish(const core::ConnectionId& id, const absl::StatusOr<TokenV
       // the token keeps being served. The retry itself is scheduled here, at next_try exactly:
       // the store may not take the new refresh_at, and a Retry-After may lie past the expiry.
       (void)broker_.Reschedule(id, c->generation(), next_try);
-      retry = Due{next_try, id, c->generation(), Job::kRefresh};
+      retry.emplace(c->generation(), next_try);
     }
   }
   std::vector<Done> waiters;
@@ -366,10 +366,9 @@ void Refresher::Finish(const core::ConnectionId& id, const absl::StatusOr<TokenV
     in_flight_.erase(id);
     scheduled_in_flight_.erase(id);
     if (retry) {
-      const std::pair<uint64_t, absl::Time> entry{retry->generation, retry->at};
-      if (const auto it = tracked_.find(id); it == tracked_.end() || it->second != entry) {
-        tracked_[id] = entry;  // supersedes the entry Reschedule's publish made
-        due_.push(*retry);
+      if (const Schedule* s = LiveSchedule(id);
+          s == nullptr || s->generation != retry->first || s->at != retry->second) {
+        ScheduleLocked(id, retry->first, retry->second);  // supersedes Reschedule's publish's
       }
     }
     if (transient) {
@@ -402,8 +401,7 @@ void Refresher::FinishLeaseHeld(const core::ConnectionId& id, absl::Time now, ui
       // If the holder dies, its lease expires: look again then and take over. (If its result is
       // already here, the new grant's own schedule applies.)
       const absl::Time again = now + options_.provider_timeout + 2 * options_.lease_margin;
-      tracked_[id] = {generation, again};
-      due_.push(Due{again, id, generation, Job::kRefresh});
+      ScheduleLocked(id, generation, again);
     }
   }
   wake_.SignalAll();
@@ -600,7 +598,33 @@ void Refresher::QueueRevocation(const core::ConnectionId& id, absl::Time at) {
     return;
   }
   st.queued = true;
-  due_.push(Due{at, id, 0, Job::kRevoke});
+  revoke_due_.push(RevokeDue{at, id});
+}
+
+void Refresher::ScheduleLocked(const core::ConnectionId& id, uint64_t generation, absl::Time at) {
+  Tracked::value_type& node = *tracked_.try_emplace(id).first;
+  node.second.generation = generation;
+  node.second.at = at;
+  node.second.live = true;
+  ++node.second.queued;
+  due_.push(Due{at, &node, generation});
+}
+
+void Refresher::UntrackLocked(const core::ConnectionId& id) {
+  const auto it = tracked_.find(id);
+  if (it == tracked_.end()) {
+    return;
+  }
+  if (it->second.queued == 0) {
+    tracked_.erase(it);
+  } else {
+    it->second.live = false;  // RunDue erases it when it pops the last entry pointing here
+  }
+}
+
+const Refresher::Schedule* Refresher::LiveSchedule(const core::ConnectionId& id) const {
+  const auto it = tracked_.find(id);
+  return it != tracked_.end() && it->second.live ? &it->second : nullptr;
 }
 
 void Refresher::Revoke(const core::ConnectionId& id, RevokeDone done) {
@@ -667,22 +691,17 @@ void Refresher::RunRevocations(const core::ConnectionId& id, const absl::StatusO
 void Refresher::TrackLocked(const std::shared_ptr<const core::Connection>& c,
                             const core::ConnectionId& id, absl::Time now) {
   if (!Active(c) || !c->grant->refresh_at) {
-    tracked_.erase(id);
+    UntrackLocked(id);
     not_before_.erase(id);
     lease_held_until_.erase(id);
   } else {
-    const std::pair<uint64_t, absl::Time> entry{c->generation(), *c->grant->refresh_at};
-    const auto it = tracked_.find(id);
-    if (it == tracked_.end() || it->second.first != entry.first ||
-        (it->second.second != entry.second && it->second.second <= entry.second)) {
+    const uint64_t generation = c->generation();
+    const absl::Time at = *c->grant->refresh_at;
+    if (const Schedule* s = LiveSchedule(id);
+        s == nullptr || s->generation != generation || (s->at != at && s->at <= at)) {
       // A new grant, or the same grant's refresh moved later (Reschedule). A schedule entry
       // already later than refresh_at (a retry, an idle connection's keep-alive) stays.
-      if (it == tracked_.end()) {
-        tracked_.emplace(id, entry);
-      } else {
-        it->second = entry;
-      }
-      due_.push(Due{entry.second, id, entry.first, Job::kRefresh});
+      ScheduleLocked(id, generation, at);
     }
   }
   if (c != nullptr && !c->to_revoke.empty()) {
@@ -716,9 +735,11 @@ void Refresher::ProvidersChanged(const std::vector<std::string>& names) {
     }
     // Due entries already run (and refused: no provider, rejected credentials) are in no heap
     // any more; a duplicate of one still queued is harmless (single-flight).
-    for (const auto& [id, entry] : tracked_) {
-      if (entry.second <= now && !in_flight_.contains(id)) {
-        due_.push(Due{entry.second, id, entry.first, Job::kRefresh});
+    for (Tracked::value_type& node : tracked_) {
+      const Schedule& s = node.second;
+      if (s.live && s.at <= now && !in_flight_.contains(node.first)) {
+        ++node.second.queued;
+        due_.push(Due{s.at, &node, s.generation});
       }
     }
   }
@@ -728,7 +749,12 @@ void Refresher::ProvidersChanged(const std::vector<std::string>& names) {
 absl::Time Refresher::RunDue() {
   const absl::Time now = clock_.Now();
   std::vector<std::shared_ptr<Waiter>> expired;
-  std::vector<Due> ready;
+  struct Ready {
+    core::ConnectionId id;
+    uint64_t generation;
+    absl::Time at;
+  };
+  std::vector<Ready> ready;
   std::vector<core::ConnectionId> revoke;
   {
     MutexLock lock(&mu_);
@@ -739,27 +765,30 @@ absl::Time Refresher::RunDue() {
         expired.push_back(it->second);
       }
     }
-    while (!due_.empty() && due_.top().at <= now) {
-      const Due d = due_.top();
-      if (d.job == Job::kRevoke) {
-        due_.pop();
-        RevokeState& st = revocations_[d.id];
-        st.queued = false;
-        if (!st.running) {
-          st.running = true;
-          revoke.push_back(d.id);
-        }
-        continue;
+    while (!revoke_due_.empty() && revoke_due_.top().at <= now) {
+      const core::ConnectionId id = revoke_due_.top().id;
+      revoke_due_.pop();
+      RevokeState& st = revocations_[id];
+      st.queued = false;
+      if (!st.running) {
+        st.running = true;
+        revoke.push_back(id);
       }
+    }
+    while (!due_.empty() && due_.top().at <= now) {
       if (scheduled_in_flight_.size() + ready.size() >= options_.max_concurrent) {
         break;
       }
+      const Due d = due_.top();
       due_.pop();
-      const auto it = tracked_.find(d.id);
-      if (it == tracked_.end() || it->second != std::make_pair(d.generation, d.at)) {
-        continue;  // superseded
+      Schedule& s = d.node->second;
+      --s.queued;
+      if (s.live && s.generation == d.generation && s.at == d.at) {
+        ready.push_back(Ready{d.node->first, d.generation, d.at});
+      } else if (!s.live && s.queued == 0) {
+        tracked_.erase(tracked_.find(d.node->first));  // untracked, and this was the last entry
       }
-      ready.push_back(d);
+      // else superseded by a later entry of the same node
     }
   }
   for (const std::shared_ptr<Waiter>& w : expired) {
@@ -772,7 +801,7 @@ absl::Time Refresher::RunDue() {
   for (const core::ConnectionId& id : revoke) {
     run_blocking_([this, id] { RunRevocations(id, nullptr); });
   }
-  for (const Due& d : ready) {
+  for (const Ready& d : ready) {
     // Stale entries (refreshed, reconnected, revoked since) are dropped here.
     std::shared_ptr<const core::Connection> c = broker_.GetConnection(d.id).value_or(nullptr);
     if (!Active(c) || c->generation() != d.generation) {
@@ -784,10 +813,9 @@ absl::Time Refresher::RunDue() {
       const std::optional<absl::Time> keep_alive = core::KeepAliveAt(*c->grant);
       if (keep_alive && *keep_alive > now) {
         MutexLock lock(&mu_);
-        const auto it = tracked_.find(d.id);
-        if (it != tracked_.end() && it->second == std::make_pair(d.generation, d.at)) {
-          it->second.second = *keep_alive;
-          due_.push(Due{*keep_alive, d.id, d.generation, Job::kRefresh});
+        if (const Schedule* s = LiveSchedule(d.id);
+            s != nullptr && s->generation == d.generation && s->at == d.at) {
+          ScheduleLocked(d.id, d.generation, *keep_alive);
         }
         continue;
       }
@@ -801,6 +829,9 @@ absl::Time Refresher::RunDue() {
   absl::Time next = absl::InfiniteFuture();
   if (!due_.empty()) {
     next = due_.top().at;
+  }
+  if (!revoke_due_.empty()) {
+    next = std::min(next, revoke_due_.top().at);
   }
   if (!deadlines_.empty()) {
     next = std::min(next, deadlines_.top().first);

@@ -164,13 +164,30 @@ class Refresher {
   Stats stats() const;
 
  private:
-  enum class Job { kRefresh, kRevoke };
+  // A refreshable connection's schedule: its one live refresh entry (generation, time), and
+  // how many heap entries point at it. Heap entries that differ from the live one are stale
+  // and dropped, so repeated notifications for one grant never refresh it twice.
+  struct Schedule {
+    uint64_t generation = 0;
+    absl::Time at;
+    uint32_t queued = 0;  // entries of due_ that point here: the node lives while any do
+    bool live = false;    // false: no longer tracked, kept only for those entries
+  };
+  // A node map: it holds every refreshable connection, and at a million a flat map's slots
+  // (half empty after it doubles) cost about 120 bytes per connection, the nodes about 80.
+  // Nodes also keep their address, so heap entries point at them instead of copying the id
+  // (a UUID is a 48-byte allocation: another 80 MB at a million).
+  using Tracked = absl::node_hash_map<core::ConnectionId, Schedule>;
   struct Due {
     absl::Time at;
-    core::ConnectionId id;
-    uint64_t generation;  // kRefresh: the grant it is for
-    Job job;
+    Tracked::value_type* node;  // pinned by Schedule::queued
+    uint64_t generation;        // the grant it is for
     bool operator>(const Due& o) const { return at > o.at; }
+  };
+  struct RevokeDue {
+    absl::Time at;
+    core::ConnectionId id;
+    bool operator>(const RevokeDue& o) const { return at > o.at; }
   };
   struct Waiter {
     uint64_t handle = 0;
@@ -227,6 +244,14 @@ class Refresher {
                    absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void QueueRevocation(const core::ConnectionId& id, absl::Time at)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Makes (generation, at) the live refresh entry of `id` and queues it.
+  void ScheduleLocked(const core::ConnectionId& id, uint64_t generation, absl::Time at)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Stops tracking `id`; its node goes when no heap entry points at it.
+  void UntrackLocked(const core::ConnectionId& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The live schedule of `id`, or null.
+  const Schedule* LiveSchedule(const core::ConnectionId& id) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Duration RevokeBackoff(int attempts) const;
 
   void Event(absl::string_view event, const core::ConnectionId& id, const absl::Status& s) const;
@@ -256,12 +281,9 @@ class Refresher {
   // Transient failures in a row, per connection (for the backoff).
   absl::flat_hash_map<core::ConnectionId, int> failures_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_set<std::string> misconfigured_ ABSL_GUARDED_BY(mu_);
+  Tracked tracked_ ABSL_GUARDED_BY(mu_);
   std::priority_queue<Due, std::vector<Due>, std::greater<Due>> due_ ABSL_GUARDED_BY(mu_);
-  // The one live refresh entry per connection (generation, time); heap entries that differ
-  // are stale and dropped, so repeated notifications for one grant never refresh it twice.
-  // A node map: it holds every refreshable connection, and at a million a flat map's slots
-  // (half empty after it doubles) cost about 120 bytes per connection, the nodes about 80.
-  absl::node_hash_map<core::ConnectionId, std::pair<uint64_t, absl::Time>> tracked_
+  std::priority_queue<RevokeDue, std::vector<RevokeDue>, std::greater<RevokeDue>> revoke_due_
       ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<core::ConnectionId, RevokeState> revocations_ ABSL_GUARDED_BY(mu_);
 

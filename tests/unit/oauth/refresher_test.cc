@@ -140,6 +140,27 @@ TEST_F(RefresherTest, ScheduledRefreshHappensAtRefreshAtAndNeverBefore) {
   EXPECT_FALSE(store_.Load("acme")->refresh_intent.has_value());
 }
 
+TEST_F(RefresherTest, ADeletedConnectionsQueuedRefreshIsDroppedAndItsNewIncarnationKeepsItsOwn) {
+  Connect("acme", absl::Minutes(30));  // queued for 25 min
+  Connect("other", absl::Minutes(30));
+  ASSERT_TRUE(broker_.Delete("acme").ok());
+  ASSERT_TRUE(broker_.Delete("other").ok());
+  Connect("acme", absl::Minutes(60));  // generation 1 again, due at 55 min
+  clock_.Advance(absl::Minutes(25));
+  refresher_->RunDue();  // both old entries pop: one superseded, one untracked
+  work_.Drain();
+  EXPECT_EQ(provider_.refresh_calls(), 0);
+
+  Connect("other", absl::Minutes(30));  // tracked afresh after its old schedule went
+  clock_.Advance(absl::Minutes(30));    // 55 min: acme's; other's at 25 min after its reconnect
+  provider_.NextRefreshReturns(NewGrant(absl::Minutes(30)));
+  provider_.NextRefreshReturns(NewGrant(absl::Minutes(30)));
+  RunDueAndAwait(2);
+  EXPECT_EQ(broker_.GetToken("acme")->grant().generation, 2u);
+  EXPECT_EQ(broker_.GetToken("other")->grant().generation, 2u);
+  EXPECT_EQ(provider_.refresh_calls(), 2);
+}
+
 TEST_F(RefresherTest, FailedScheduledRefreshIsRetriedLaterWhileTheOldTokenServes) {
   Connect("acme", absl::Hours(1));
   provider_.NextRefreshReturns(absl::UnavailableError("provider down"));
