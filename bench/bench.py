@@ -613,24 +613,34 @@ def print_rpc(result):
 
 # ===================================== scale ====================================================
 
+# Connection ids as services often name them: UUIDs (36 bytes, past std::string's 15-byte
+# inline buffer, so every copy of an id is a heap allocation).
+UUID_ID_FORMAT = "%08d-0000-4000-8000-000000000000"
+
+
 def cmd_scale(args):
     env = Env(args.build, keep=args.keep)
     result = {"kind": "scale", "machine": machine(), "runs": []}
+    plan = [(tb, "bench-%06d") for tb in args.token_bytes]
+    plan += [(tb, UUID_ID_FORMAT) for tb in args.uuid_token_bytes]
     try:
-        for token_bytes in args.token_bytes:
-            cfg, ports = env.config(f"scale-{token_bytes}", env.path(f"scale-{token_bytes}.db"))
-            log(f"scale: seeding {args.count} connections with {token_bytes}-byte access tokens")
-            seed = env.seed(cfg, env.path(f"scale-{token_bytes}.db"), args.count,
-                            token_bytes=token_bytes)
-            db_bytes = os.path.getsize(env.path(f"scale-{token_bytes}.db"))
+        for token_bytes, id_format in plan:
+            name = f"scale-{token_bytes}-{len(id_format % 0)}"
+            id_bytes = len(id_format % 0)
+            db = env.path(f"{name}.db")
+            cfg, ports = env.config(name, db)
+            log(f"scale: seeding {args.count} connections with {token_bytes}-byte access tokens "
+                f"and {id_bytes}-byte ids")
+            seed = env.seed(cfg, db, args.count, id_format=id_format, token_bytes=token_bytes)
+            db_bytes = os.path.getsize(db)
             # Warm the page cache as the seeding left it, then start the real broker.
-            with open(env.path(f"scale-{token_bytes}.db"), "rb") as f:
+            with open(db, "rb") as f:
                 while f.read(1 << 24):
                     pass
             before = loadavg()
             ticks0 = cpu_ticks()
-            broker = env.start_broker(f"scale-{token_bytes}", cfg, ports)
-            load_s = broker_load_seconds(env.path(f"scale-{token_bytes}-broker.log"))
+            broker = env.start_broker(name, cfg, ports)
+            load_s = broker_load_seconds(env.path(f"{name}-broker.log"))
             rss_ready = broker.status("VmRSS")
             hwm = broker.status("VmHWM")
             cpu_ready = broker.cpu()
@@ -638,11 +648,13 @@ def cmd_scale(args):
             rss_idle = broker.status("VmRSS")
             # It serves: a short cached GetToken run over all connections.
             probe = env.load(ports["grpc"], broker, label="scale probe", channels=1, inflight=16,
-                             duration="2s", warmup="1s", connections=args.count)
+                             duration="2s", warmup="1s", connections=args.count,
+                             id_format=id_format)
             broker.stop()
             steal = steal_pct(ticks0)
             run = {
                 "connections": args.count, "token_bytes": token_bytes, "refresh_token_bytes": 64,
+                "id_format": id_format, "id_bytes": id_bytes,
                 "seed": seed, "db_bytes": db_bytes, "load_before": before,
                 "ready_after_s": round(broker.ready_after, 2), "load_s": load_s,
                 "load_rate_per_s": round(args.count / load_s) if load_s else None,
@@ -651,11 +663,11 @@ def cmd_scale(args):
                 "rss_per_connection_bytes": round(rss_idle / max(1, args.count)),
                 "probe_rps": probe["rps"], "probe_errors": probe["errors"], "steal_pct": steal,
             }
-            log(f"  {token_bytes} B tokens: ready after {run['ready_after_s']} s "
+            log(f"  {token_bytes} B tokens, {id_bytes} B ids: ready after {run['ready_after_s']} s "
                 f"(load {load_s} s: {run['load_rate_per_s']}/s), RSS {rss_idle / 2**20:.0f} MiB "
                 f"(peak {hwm / 2**20:.0f} MiB), probe {probe['rps']:.0f} RPS")
             result["runs"].append(run)
-            os.remove(env.path(f"scale-{token_bytes}.db"))
+            os.remove(db)
         if not args.smoke:
             save("scale", result)
         return result
@@ -921,7 +933,7 @@ def cmd_smoke(args):
     a.churn_connections, a.churn_lifetime, a.attempts = 20, 4, 1
     a.quiet_wait, a.quiet_load, a.quiet_steal, a.void_steal, a.void_below = 0, 99, 100, 100, 0
     rpc = cmd_rpc(a)
-    a.count, a.token_bytes = 2000, [1024]
+    a.count, a.token_bytes, a.uuid_token_bytes = 2000, [1024], [64]
     cmd_scale(a)
     a.count, a.lifetime, a.margin, a.jitter, a.max_concurrent = 40, 4, "1s", "1s", 16
     a.seed_threads, a.settle, a.window, a.verify_rate = 2, 1, 4, 200
@@ -985,6 +997,8 @@ def main():
     s = sub.add_parser("scale")
     s.add_argument("--count", type=int, default=1_000_000)
     s.add_argument("--token_bytes", type=int, nargs="+", default=[1024, 64])
+    s.add_argument("--uuid_token_bytes", type=int, nargs="*", default=[64],
+                   help="token sizes run again with 36-byte UUID-shaped ids")
     s.set_defaults(func=cmd_scale, smoke=False)
 
     c = sub.add_parser("churn")

@@ -95,11 +95,15 @@ def write(results, out_path):
         for run in scale["runs"]:
             if run["connections"] >= 1_000_000:
                 tb = run["token_bytes"]
-                lines.append(f"| 1M connections ({tb} B access tokens): RSS <= 1 GiB after "
+                if run.get("id_bytes", 12) != 12:
+                    tb = f"{tb} B access tokens, {run['id_bytes']}-byte ids"
+                else:
+                    tb = f"{tb} B access tokens"
+                lines.append(f"| 1M connections ({tb}): RSS <= 1 GiB after "
                              f"loading | **{run['rss_after_5s_bytes'] / GIB:.2f} GiB** | "
                              f"{yes(run['rss_after_5s_bytes'] <= GIB)} |")
                 rate = run.get("load_rate_per_s") or 0
-                lines.append(f"| 1M connections ({tb} B access tokens): load >= 200k/s from "
+                lines.append(f"| 1M connections ({tb}): load >= 200k/s from "
                              f"SQLite | **{rate / 1000:.0f}k/s** ({run['load_s']} s) | "
                              f"{yes(rate >= 200_000)} |")
     if churn:
@@ -148,7 +152,7 @@ def write(results, out_path):
               "--benchmark_min_time=0.5, metrics_bench",
               "bash scripts/bench.sh rpc      # --reps 3 --window 5s --warmup 1s "
               "--connections 1000 --watchers 1000",
-              "bash scripts/bench.sh scale    # --count 1000000 --token_bytes 1024 64",
+              "bash scripts/bench.sh scale    # --count 1000000 --token_bytes 1024 64 --uuid_token_bytes 64",
               "bash scripts/bench.sh churn    # --count 100000 --lifetime 60 --margin 10s "
               "--jitter 6s",
               "bash scripts/bench.sh report   # this file", "```", "",
@@ -206,12 +210,13 @@ def write(results, out_path):
                   "the last listener line before `Broker::Load` to `token-broker ready` in its "
                   "log (store read, decryption, cache, refresh schedule). RSS from "
                   "/proc/PID/status 5 s after ready.", "",
-                  "| connections | access token | DB file | ready after | load | load rate | RSS | "
-                  "peak RSS | RSS per connection | probe GetToken RPS |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| connections | id | access token | DB file | ready after | load | load rate | "
+                  "RSS | peak RSS | RSS per connection | probe GetToken RPS |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in scale["runs"]:
             lines.append(
-                f"| {r['connections']} | {r['token_bytes']} B | {r['db_bytes'] / MIB:.0f} MiB | "
+                f"| {r['connections']} | {r.get('id_bytes', 12)} B | {r['token_bytes']} B | "
+                f"{r['db_bytes'] / MIB:.0f} MiB | "
                 f"{r['ready_after_s']} s | {r['load_s']} s | "
                 f"{(r['load_rate_per_s'] or 0) / 1000:.0f}k/s | "
                 f"{r['rss_after_5s_bytes'] / MIB:.0f} MiB | {r['rss_peak_bytes'] / MIB:.0f} MiB | "
