@@ -61,6 +61,9 @@ absl::Time ConnectionCache::LastUsed(const core::ConnectionId& id) const {
 std::vector<ConnectionCache::Watcher> ConnectionCache::WatchersOf(const Shard& shard,
                                                                   const core::ConnectionId& id) {
   std::vector<Watcher> out;
+  if (shard.watchers.empty()) {
+    return out;  // the common case, and at load always: no hash of the id
+  }
   const auto it = shard.watchers.find(id);
   if (it != shard.watchers.end()) {
     out.reserve(it->second.size());

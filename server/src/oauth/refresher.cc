@@ -602,7 +602,10 @@ void Refresher::QueueRevocation(const core::ConnectionId& id, absl::Time at) {
 }
 
 void Refresher::ScheduleLocked(const core::ConnectionId& id, uint64_t generation, absl::Time at) {
-  Tracked::value_type& node = *tracked_.try_emplace(id).first;
+  QueueLocked(*tracked_.try_emplace(id).first, generation, at);
+}
+
+void Refresher::QueueLocked(Tracked::value_type& node, uint64_t generation, absl::Time at) {
   node.second.generation = generation;
   node.second.at = at;
   node.second.live = true;
@@ -697,11 +700,13 @@ void Refresher::TrackLocked(const std::shared_ptr<const core::Connection>& c,
   } else {
     const uint64_t generation = c->generation();
     const absl::Time at = *c->grant->refresh_at;
-    if (const Schedule* s = LiveSchedule(id);
-        s == nullptr || s->generation != generation || (s->at != at && s->at <= at)) {
+    // One lookup (a million of them at start, hashing ids that may be UUIDs).
+    Tracked::value_type& node = *tracked_.try_emplace(id).first;
+    const Schedule& s = node.second;
+    if (!s.live || s.generation != generation || (s.at != at && s.at <= at)) {
       // A new grant, or the same grant's refresh moved later (Reschedule). A schedule entry
       // already later than refresh_at (a retry, an idle connection's keep-alive) stays.
-      ScheduleLocked(id, generation, at);
+      QueueLocked(node, generation, at);
     }
   }
   if (c != nullptr && !c->to_revoke.empty()) {

@@ -247,6 +247,9 @@ class Refresher {
   // Makes (generation, at) the live refresh entry of `id` and queues it.
   void ScheduleLocked(const core::ConnectionId& id, uint64_t generation, absl::Time at)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The same for a node of tracked_.
+  void QueueLocked(Tracked::value_type& node, uint64_t generation, absl::Time at)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Stops tracking `id`; its node goes when no heap entry points at it.
   void UntrackLocked(const core::ConnectionId& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The live schedule of `id`, or null.
