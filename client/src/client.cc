@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/hash/hash.h"
 #include "absl/random/distributions.h"
 #include "absl/random/random.h"
@@ -58,7 +59,9 @@ class Client::Watch {
 
  private:
   void Run() {
-    absl::Duration delay = kFirstReconnectDelay;
+    const absl::Duration first =
+        std::min(kFirstReconnectDelay, client_.options_.max_reconnect_delay);
+    absl::Duration delay = first;
     absl::BitGen random;
     for (;;) {
       grpc::ClientContext ctx;
@@ -73,9 +76,9 @@ class Client::Watch {
       const absl::Status s = client_.rpc_->Watch(
           id_,
           [&](const v1::Token& t) {
-            client_.watch_updates_.fetch_add(1, std::memory_order_relaxed);
             client_.Put(client_.FromProto(t, /*watched=*/true, /*short_lived=*/false));
             live_.store(true, std::memory_order_release);
+            client_.watch_updates_.fetch_add(1, std::memory_order_release);
             return true;
           },
           ctx);
@@ -86,7 +89,7 @@ class Client::Watch {
         return;
       }
       if (EndsTheConnection(s.code())) {
-        client_.Drop(id_);
+        client_.Drop(id_, s.code());
         finished_.store(true, std::memory_order_release);
         return;
       }
@@ -94,7 +97,7 @@ class Client::Watch {
       // more before Get asks the broker again.
       client_.CapUnwatched(id_);
       if (absl::Now() - opened >= kHealthyStream) {
-        delay = kFirstReconnectDelay;
+        delay = first;
       } else {
         delay = std::min(delay * 2, client_.options_.max_reconnect_delay);
       }
@@ -124,8 +127,12 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(ClientOptions options) {
   if (options.broker.target.empty()) {
     return absl::InvalidArgumentError("broker.target is empty: set the broker's host:port");
   }
-  if (options.margin < absl::ZeroDuration()) {
-    return absl::InvalidArgumentError("margin must not be negative");
+  if (options.margin < absl::ZeroDuration() || options.margin > absl::Hours(1)) {
+    return absl::InvalidArgumentError(
+        "margin must be between 0 and 1h (the broker's largest min_ttl)");
+  }
+  if (options.rpc_timeout == absl::InfiniteDuration()) {
+    return absl::InvalidArgumentError("rpc_timeout must be finite: every RPC has a deadline");
   }
   if (options.rpc_timeout <= absl::ZeroDuration() ||
       options.max_reconnect_delay <= absl::ZeroDuration() ||
@@ -207,11 +214,15 @@ void Client::Put(const TokenPtr& t) {
   }
 }
 
-void Client::Drop(absl::string_view id) {
+void Client::Drop(absl::string_view id, absl::StatusCode why) {
   Shard& shard = ShardFor(id);
   tb::WriterLock lock(&shard.mu);
   if (const auto it = shard.entries.find(id); it != shard.entries.end()) {
-    shard.entries.erase(it);
+    if (why == absl::StatusCode::kNotFound) {
+      shard.entries.erase(it);  // deleted: a connection created again counts from 1
+    } else {
+      it->second.token = nullptr;  // it may serve again, and its refused generations stay so
+    }
   }
 }
 
@@ -246,14 +257,21 @@ absl::StatusOr<Client::TokenPtr> Client::Shared(
     }
     it->second = flight = std::make_shared<Flight>();
   }
-  absl::StatusOr<TokenPtr> result = rpc();
+  // However rpc() ends (it may throw: std::thread in EnsureWatch, bad_alloc), the flight is
+  // answered and forgotten, or its followers and every later call of the key would hang.
+  absl::StatusOr<TokenPtr> result = absl::InternalError("the call ended by an exception");
   {
-    tb::MutexLock lock(&flights_mu_);
-    flight->result = result;
-    flight->done = true;
-    flights_.erase(key);
-  }
-  flights_cv_.SignalAll();
+    absl::Cleanup finish = [&] {
+      {
+        tb::MutexLock lock(&flights_mu_);
+        flight->result = result;
+        flight->done = true;
+        flights_.erase(key);
+      }
+      flights_cv_.SignalAll();
+    };
+    result = rpc();
+  }  // answered here, before `result` can be moved into the return value
   return result;
 }
 
@@ -287,14 +305,11 @@ absl::StatusOr<Client::TokenPtr> Client::Fetch(absl::string_view connection_id) 
   }
   if (!t.ok()) {
     if (EndsTheConnection(t.status().code())) {
-      Drop(connection_id);  // also forgets refused generations: a recreated one starts at 1
+      Drop(connection_id, t.status().code());
     }
     return t.status();
   }
-  const bool watched = options_.watch && EnsureWatch(connection_id);
-  TokenPtr token = FromProto(*t, watched, short_lived);
-  Put(token);
-  return token;
+  return Store(connection_id, *t, short_lived);
 }
 
 absl::StatusOr<std::shared_ptr<const Token>> Client::Invalidate(absl::string_view connection_id,
@@ -322,16 +337,41 @@ absl::StatusOr<std::shared_ptr<const Token>> Client::Invalidate(absl::string_vie
                   absl::StatusOr<v1::Token> t =
                       rpc_->Refresh(connection_id, generation, options_.rpc_timeout);
                   if (!t.ok()) {
-                    if (EndsTheConnection(t.status().code())) {
-                      Drop(connection_id);
+                    // Only a deletion drops anything here: FAILED_PRECONDITION from Refresh
+                    // (not refreshable, provider misconfigured) does not end serving.
+                    if (t.status().code() == absl::StatusCode::kNotFound) {
+                      Drop(connection_id, absl::StatusCode::kNotFound);
                     }
                     return t.status();
                   }
-                  TokenPtr token = FromProto(*t, options_.watch && EnsureWatch(connection_id),
-                                             /*short_lived=*/false);
-                  Put(token);
-                  return token;
+                  if (t->generation() <= generation) {
+                    // Older than the refused one: the connection was deleted and created
+                    // again, and counts from 1. Its refused generations are another's.
+                    ForgetRefused(connection_id);
+                  }
+                  return Store(connection_id, *t, /*short_lived=*/false);
                 });
+}
+
+Client::TokenPtr Client::Store(absl::string_view connection_id, const v1::Token& t,
+                               bool short_lived) {
+  const bool watched = options_.watch && EnsureWatch(connection_id);
+  TokenPtr token = FromProto(t, watched, short_lived);
+  Put(token);
+  // The stream may have ended between EnsureWatch and Put (revoked: it dropped the entry
+  // before our Put). Then the token just cached must not be used as if watched.
+  if (watched && !EnsureWatch(connection_id)) {
+    CapUnwatched(connection_id);
+  }
+  return token;
+}
+
+void Client::ForgetRefused(absl::string_view id) {
+  Shard& shard = ShardFor(id);
+  tb::WriterLock lock(&shard.mu);
+  if (const auto it = shard.entries.find(id); it != shard.entries.end()) {
+    it->second.refused_through = 0;
+  }
 }
 
 bool Client::EnsureWatch(absl::string_view connection_id) {

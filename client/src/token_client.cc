@@ -5,6 +5,8 @@
 #include <grpcpp/security/credentials.h>
 #include <grpcpp/support/channel_arguments.h>
 
+#include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <fstream>
 #include <sstream>
@@ -87,10 +89,12 @@ absl::StatusOr<std::unique_ptr<TokenClient>> TokenClient::Create(const ClientOpt
   }
   grpc::ChannelArguments args;
   if (options.keepalive > absl::ZeroDuration()) {
-    args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS,
-                static_cast<int>(absl::ToInt64Milliseconds(options.keepalive)));
-    args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
-                static_cast<int>(absl::ToInt64Milliseconds(options.keepalive_timeout)));
+    // gRPC takes int milliseconds: clamp, so that a huge value means "rarely", not a wrap.
+    const auto ms = [](absl::Duration d) {
+      return static_cast<int>(std::clamp<int64_t>(absl::ToInt64Milliseconds(d), 1, INT_MAX));
+    };
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, ms(options.keepalive));
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, ms(options.keepalive_timeout));
     // Only while calls are open (an idle channel needs no pings), but then without limit: by
     // default gRPC stops after two pings with no data, and a watch stream is quiet for hours.
     args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 0);

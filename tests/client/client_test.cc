@@ -300,6 +300,111 @@ TEST_F(ClientTest, InvalidatingAnOlderGenerationThanTheCachedOneMakesNoRpc) {
   EXPECT_EQ(parts_.provider.refresh_calls(), 0);
 }
 
+TEST_F(ClientTest, ARefusedGenerationIsNeverCachedAgainWhenTheRefreshCannotHappen) {
+  core::Grant last = Fresh(clock_, absl::Hours(1));
+  last.refresh_token.reset();  // Refresh answers FAILED_PRECONDITION NOT_REFRESHABLE
+  ASSERT_TRUE(broker_.Activate(testing::kActiveId, last).ok());
+  auto t = client_->Get(testing::kActiveId);
+  ASSERT_TRUE(t.ok()) << t.status();
+  auto refreshed = client_->Invalidate(testing::kActiveId, (*t)->generation);
+  EXPECT_EQ(refreshed.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(tb::client::ErrorReason(refreshed.status()), "NOT_REFRESHABLE");
+  // The broker still has only the refused token: each Get asks it again, none is a hit.
+  const uint64_t rpcs = client_->stats().rpcs;
+  for (int i = 0; i < 3; ++i) {
+    auto again = client_->Get(testing::kActiveId);
+    ASSERT_TRUE(again.ok()) << again.status();
+    EXPECT_EQ((*again)->generation, (*t)->generation);
+  }
+  EXPECT_EQ(client_->stats().rpcs, rpcs + 3);
+}
+
+// The system clock, except that once armed for a thread, that thread's next Now() waits until
+// Release(): a way to stop a call between two of its steps.
+class ParkingClock final : public Clock {
+ public:
+  absl::Time Now() const override {
+    MutexLock lock(&mu_);
+    if (armed_ && std::this_thread::get_id() == thread_) {
+      armed_ = false;
+      parked_ = true;
+      while (!released_) {
+        cv_.Wait(&mu_);
+      }
+    }
+    return absl::Now();
+  }
+  void ArmForThisThread() {
+    MutexLock lock(&mu_);
+    armed_ = true;
+    thread_ = std::this_thread::get_id();
+  }
+  bool parked() const {
+    MutexLock lock(&mu_);
+    return parked_;
+  }
+  void Release() {
+    {
+      MutexLock lock(&mu_);
+      released_ = true;
+    }
+    cv_.SignalAll();
+  }
+
+ private:
+  mutable Mutex mu_;
+  mutable CondVar cv_;
+  mutable bool armed_ ABSL_GUARDED_BY(mu_) = false;
+  mutable bool parked_ ABSL_GUARDED_BY(mu_) = false;
+  bool released_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread::id thread_ ABSL_GUARDED_BY(mu_);
+};
+
+TEST_F(ClientTest, ARevocationDuringAnInvalidateIsNotUndoneByItsAnswer) {
+  ParkingClock parking;
+  tokenbroker::ClientOptions o = Options();
+  o.clock = &parking;
+  std::unique_ptr<tokenbroker::Client> client = NewClient(o);
+  ASSERT_NE(client, nullptr);
+  ASSERT_TRUE(client->Get(testing::kActiveId).ok());
+  ASSERT_TRUE(Eventually([&] { return client->stats().watch_updates >= 1; }));
+  parts_.provider.NextRefreshReturns(Fresh(clock_, absl::Hours(1)));
+  // The Invalidate gets generation 2 and sees the watch live, then stops before caching it
+  // (its first clock reading); meanwhile the connection is revoked and the watch ends.
+  std::thread invalidator([&] {
+    parking.ArmForThisThread();
+    EXPECT_TRUE(client->Invalidate(testing::kActiveId, 1).ok());
+  });
+  ASSERT_TRUE(Eventually([&] { return parking.parked(); }));
+  ASSERT_TRUE(Admin()->Revoke(testing::kActiveId).ok());
+  ASSERT_TRUE(Eventually([&] { return client->stats().watches == 0; }));
+  parking.Release();
+  invalidator.join();
+  absl::Status last;
+  EXPECT_TRUE(Eventually([&] {
+    last = client->Get(testing::kActiveId).status();
+    return last.code() == absl::StatusCode::kFailedPrecondition;
+  })) << last;
+}
+
+TEST_F(ClientTest, ATokenWhoseWatchBrokeIsRecheckedInsteadOfTrusted) {
+  testing::FakeClock local;
+  tokenbroker::ClientOptions o = Options();
+  o.clock = &local;
+  o.max_reconnect_delay = absl::Seconds(30);  // the stream stays down for the assertion
+  std::unique_ptr<tokenbroker::Client> client = NewClient(o);
+  ASSERT_NE(client, nullptr);
+  ASSERT_TRUE(client->Get(testing::kActiveId).ok());
+  ASSERT_TRUE(Eventually([&] { return client->stats().watch_updates >= 1; }));
+  EXPECT_GT((*client->Get(testing::kActiveId))->use_until, local.Now() + absl::Minutes(50));
+  server_->Shutdown(absl::Now() + absl::Seconds(5));  // the stream ends UNAVAILABLE
+  server_.reset();
+  EXPECT_TRUE(Eventually([&] {
+    auto t = client->Get(testing::kActiveId);
+    return t.ok() && (*t)->use_until <= local.Now() + o.unwatched_recheck;
+  }));
+}
+
 TEST_F(ClientTest, InvalidatingGenerationZeroIsRefused) {
   ASSERT_TRUE(client_->Get(testing::kActiveId).ok());
   EXPECT_EQ(client_->Invalidate(testing::kActiveId, 0).status().code(),
@@ -317,10 +422,10 @@ TEST_F(ClientTest, ErrorsKeepTheBrokersCodeAndReason) {
 TEST_F(ClientTest, TheWatchComesBackAfterTheServerRestarts) {
   ASSERT_TRUE(client_->Get(testing::kActiveId).ok());
   ASSERT_TRUE(Eventually([&] { return client_->stats().watch_updates >= 1; }));
+  const uint64_t before = client_->stats().watch_updates;
   server_->Shutdown(absl::Now() + absl::Seconds(5));
   server_.reset();
   StartServer(absl::StrCat("127.0.0.1:", port_));  // same address: the client reconnects
-  const uint64_t before = client_->stats().watch_updates;
   ASSERT_TRUE(Eventually([&] { return client_->stats().watch_updates > before; }));
   ASSERT_TRUE(broker_.Activate(testing::kActiveId, Fresh(clock_, absl::Hours(1))).ok());
   EXPECT_TRUE(Eventually([&] {
@@ -338,7 +443,7 @@ class KeepaliveTest : public ClientTest {
     server_.reset();
     server_options_.min_client_ping_interval = min_client_ping_interval;
     server_options_.keepalive = server_keepalive;
-    server_options_.keepalive_timeout = absl::Milliseconds(500);
+    server_options_.keepalive_timeout = absl::Seconds(2);  // generous: sanitizer builds
     StartServer("127.0.0.1:0");
   }
   std::unique_ptr<tokenbroker::Client> ClientVia(const testing::BlackholeProxy& proxy,
@@ -346,7 +451,7 @@ class KeepaliveTest : public ClientTest {
     tokenbroker::ClientOptions o = Options();
     o.broker.target = absl::StrCat("127.0.0.1:", proxy.port());
     o.broker.keepalive = keepalive;
-    o.broker.keepalive_timeout = absl::Milliseconds(500);
+    o.broker.keepalive_timeout = absl::Seconds(2);
     return NewClient(o);
   }
 };

@@ -75,8 +75,8 @@ struct ClientOptions {
 
 class Client {
  public:
-  // Errors: INVALID_ARGUMENT (options: no target, a negative margin, a non-positive timeout,
-  // delay or recheck; unreadable TLS files...).
+  // Errors: INVALID_ARGUMENT (options: no target, a margin outside 0..1h, a non-positive or
+  // infinite timeout, a non-positive delay or recheck; unreadable TLS files...).
   static absl::StatusOr<std::unique_ptr<Client>> Create(ClientOptions options);
   ~Client();  // ends every watch stream
   Client(const Client&) = delete;
@@ -94,7 +94,8 @@ class Client {
   // The provider refused the token of `generation` (a 401): forget it and get a newer one
   // (Refresh(if_generation); callers reporting the same generation share that RPC). If a newer
   // generation is cached or at the broker, that one comes back. Until the broker has a newer
-  // one, the refused generation is never served from the cache again. Errors: INVALID_ARGUMENT
+  // one, the refused generation is never served from the cache again (Get asks the broker
+  // each time, and returns what it has). Errors: INVALID_ARGUMENT
   // (generation 0); as Get; RESOURCE_EXHAUSTED (refreshed on request moments ago: retry later).
   absl::StatusOr<std::shared_ptr<const Token>> Invalidate(absl::string_view connection_id,
                                                           uint64_t generation)
@@ -136,8 +137,14 @@ class Client {
   // usable longer) is cached and still usable. An older one replaces a newer one that is not:
   // the connection was deleted and created again, and counts generations from 1.
   void Put(const TokenPtr& t);
-  // Forgets `id` entirely (it stopped serving).
-  void Drop(absl::string_view id);
+  // Drops the cached token of `id` (it stopped serving, for reason `why`). A deletion
+  // (NOT_FOUND) forgets the refused generations too.
+  void Drop(absl::string_view id, absl::StatusCode why);
+  // Forgets the refused generations of `id` (it was deleted and created again).
+  void ForgetRefused(absl::string_view id);
+  // Caches the broker's answer `t` for `connection_id` and returns it.
+  TokenPtr Store(absl::string_view connection_id, const tokenbroker::v1::Token& t, bool short_lived)
+      ABSL_LOCKS_EXCLUDED(watch_mu_);
   // Caps the cached token of `id` at now + unwatched_recheck (its watch stream broke).
   void CapUnwatched(absl::string_view id);
   // `watched`: a live stream will push the next generation or the end of this one.
