@@ -224,6 +224,46 @@ TEST_F(ClientTest, ConnectionsPastMaxWatchesAreRecheckedInstead) {
   EXPECT_EQ((*other)->use_until, local.Now() + o.unwatched_recheck);
 }
 
+TEST_F(ClientTest, AFinishedWatchFreesItsPlaceUnderMaxWatches) {
+  tokenbroker::ClientOptions o = Options();
+  o.max_watches = 1;
+  std::unique_ptr<tokenbroker::Client> client = NewClient(o);
+  ASSERT_NE(client, nullptr);
+  ASSERT_TRUE(client->Get(testing::kActiveId).ok());
+  ASSERT_TRUE(Eventually([&] { return client->stats().watch_updates >= 1; }));
+  ASSERT_TRUE(Admin()->Revoke(testing::kActiveId).ok());  // its watch ends for good
+  ASSERT_TRUE(Eventually([&] { return client->stats().watches == 0; }));
+  ASSERT_TRUE(client->Get(testing::kForeverId).ok());
+  EXPECT_EQ(client->stats().watches, 1u);
+  // Watched, its never-expiring token is used without a recheck.
+  EXPECT_TRUE(Eventually([&] {
+    auto t = client->Get(testing::kForeverId);
+    return t.ok() && (*t)->use_until == absl::InfiniteFuture();
+  }));
+}
+
+TEST_F(ClientTest, AnUnwatchedConnectionCreatedAgainReplacesItsOldHigherGeneration) {
+  testing::FakeClock local;
+  tokenbroker::ClientOptions o = Options();
+  o.watch = false;
+  o.clock = &local;
+  std::unique_ptr<tokenbroker::Client> client = NewClient(o);
+  ASSERT_NE(client, nullptr);
+  ASSERT_TRUE(broker_.Activate(testing::kActiveId, Fresh(clock_, absl::Hours(1))).ok());
+  ASSERT_EQ((*client->Get(testing::kActiveId))->generation, 2u);
+  ASSERT_TRUE(Admin()->DeleteConnection(testing::kActiveId).ok());
+  ASSERT_TRUE(broker_.CreatePending(testing::kActiveId, "zendesk", {{"subdomain", "acme"}}).ok());
+  const core::Grant fresh = Fresh(clock_, absl::Hours(1));
+  ASSERT_TRUE(broker_.Activate(testing::kActiveId, fresh).ok());  // generation 1
+  local.Advance(o.unwatched_recheck + absl::Seconds(1));  // generation 2 is due for a recheck
+  auto t = client->Get(testing::kActiveId);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->access_token, fresh.access_token.Reveal());
+  const uint64_t rpcs = client->stats().rpcs;
+  ASSERT_TRUE(client->Get(testing::kActiveId).ok());
+  EXPECT_EQ(client->stats().rpcs, rpcs);  // generation 1 was cached over the old generation 2
+}
+
 TEST_F(ClientTest, ATokenThatCannotLiveTheMarginIsCachedForHalfOfWhatIsLeft) {
   core::Grant last = Fresh(clock_, absl::Hours(1));
   last.refresh_token.reset();  // not refreshable: no token of it will ever live 30 s more
