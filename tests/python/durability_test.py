@@ -316,6 +316,20 @@ providers:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def start_broker(state, attempts=3):
+    """Broker(state).wait_ready(), on new ports again if one was taken between free_port()'s
+    check and the broker's bind (a process of a test running in parallel may bind it meanwhile;
+    it failed a CI run with "bind: Address already in use")."""
+    for attempt in range(attempts):
+        broker = Broker(state)
+        try:
+            return broker.wait_ready()
+        except RuntimeError as e:
+            broker.stop()
+            if "Address already in use" not in str(e) or attempt == attempts - 1:
+                raise
+
+
 class Broker:
     """token-broker in a child process on free ports (new ones for every process, so a restart
     never depends on the killed process's ports being free again) and the state's store."""
@@ -439,7 +453,7 @@ class RestartTest(unittest.TestCase):
                 self.assertNotIn(value, data, f"{name} in plaintext in {path} ({when})")
 
     def test_restart_serves_the_stored_token_without_a_provider_call(self):
-        self.broker = Broker(self.state).wait_ready()
+        self.broker = start_broker(self.state)
         page = self.broker.connect(self.fake, "acme", "zd", {"subdomain": "acme"})
         self.assertIn("acme", page)
         first = self.broker.get_token("acme")
@@ -467,7 +481,7 @@ class RestartTest(unittest.TestCase):
         self.broker = None
         self.assert_no_secret_on_disk(secrets, "after SIGTERM")
 
-        self.broker = Broker(self.state).wait_ready()
+        self.broker = start_broker(self.state)
         again = self.broker.get_token("acme")
         self.assertEqual(again.access_token, first.access_token)
         self.assertEqual(again.generation, first.generation)
@@ -555,7 +569,7 @@ class CrashSafetyTest(unittest.TestCase):
               f"{SHORT_LIFETIME_S}-second tokens, seed {seed} (TB_CRASH_SEED)", flush=True)
         ids = [f"crash-{i}" for i in range(CONNECTIONS)]
         started = time.monotonic()
-        self.broker = Broker(self.state).wait_ready()
+        self.broker = start_broker(self.state)
         for cid in ids:
             self.broker.connect(self.fake, cid, "short")
         # Highest generation handed out per connection, and the token of every generation.
@@ -623,7 +637,7 @@ class CrashSafetyTest(unittest.TestCase):
                 kills_in_refresh += 1
 
             t0 = time.monotonic()
-            self.broker = Broker(self.state).wait_ready()
+            self.broker = start_broker(self.state)
             start_times.append(time.monotonic() - t0)
 
             outcome = {}

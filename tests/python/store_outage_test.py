@@ -296,7 +296,7 @@ class StoreOutageTest(unittest.TestCase):
         self.fail(f"{what} within {timeout} s")
 
     def test_postgres_stopped_and_started_again_serves_valid_tokens_and_recovers(self):
-        self.broker = dt.Broker(self.state).wait_ready()
+        self.broker = dt.start_broker(self.state)
         short = [f"short-{i}" for i in range(SHORT)]
         long_ = [f"long-{i}" for i in range(LONG)]
         for cid in short:
