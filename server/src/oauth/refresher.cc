@@ -743,8 +743,7 @@ void Refresher::ProvidersChanged(const std::vector<std::string>& names) {
     for (Tracked::value_type& node : tracked_) {
       const Schedule& s = node.second;
       if (s.live && s.at <= now && !in_flight_.contains(node.first)) {
-        ++node.second.queued;
-        due_.push(Due{s.at, &node, s.generation});
+        QueueLocked(node, s.generation, s.at);
       }
     }
   }
