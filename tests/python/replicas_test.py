@@ -557,11 +557,11 @@ class Load:
             t.join(60)
         self.stopped = time.time()
 
-    def kill(self, index):
+    def kill(self, index, killed_at):
         """Takes a replica out of the rotation (as the load balancer would) as it is killed."""
         with self.lock:
             self.alive = [i for i in self.alive if i != index]
-            self.killed_at[index] = time.time()
+            self.killed_at[index] = killed_at
 
     def add(self, index):
         with self.lock:
@@ -969,7 +969,7 @@ class LeaseHolderKillTest(ReplicaTestBase):
             ports = tcp_ports_of(b.pid, urllib.parse.urlsplit(c.db.url).port)
             b.proc.send_signal(signal.SIGKILL)
             killed_at = time.time()
-            self.load.kill(victim)
+            self.load.kill(victim, killed_at)
             b.proc.wait()
             # Statements the replica wrote to its sockets before the signal still run: the
             # database reads them before it sees the connection close. A lease release among
@@ -1067,11 +1067,16 @@ class LeaseHolderKillTest(ReplicaTestBase):
         takeover = {cid: t[0] - killed_at for cid, t in taken.items()}
         after_expiry = {cid: t[0] - held[cid] for cid, t in taken.items()}
         # Errors the survivors gave for connections the dead replica did not hold (or for its
-        # connections before the kill), and any error the dead replica answered before it was
-        # killed (calls in flight at the kill fail by the kill).
-        bad_errors = [e for e in sorted(self.load.errors, key=lambda e: e.t_send)
-                      if (e.replica != victim and (e.cid not in held or e.t_recv < killed_at)) or
-                      (e.replica == victim and e.t_recv < killed_at)]
+        # connections before the kill), and any error a killed replica answered before it was
+        # killed. Calls in flight at a kill fail by the kill: the lease holder's, and those of
+        # an earlier replica killed when it held no lease (kill_a_lease_holder's missed tries).
+        def bad(e):
+            replica_killed_at = self.load.killed_at.get(e.replica)
+            if replica_killed_at is not None:
+                return e.t_recv < replica_killed_at
+            return e.cid not in held or e.t_recv < killed_at
+
+        bad_errors = [e for e in sorted(self.load.errors, key=lambda e: e.t_send) if bad(e)]
         held_errors = collections.Counter(e.code for e in self.load.errors
                                           if e.replica != victim and e.cid in held)
         for line in report + self.refresh_report(c.brokers):
