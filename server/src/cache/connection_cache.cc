@@ -1,6 +1,7 @@
 #include "server/src/cache/connection_cache.h"
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <utility>
 #include <vector>
@@ -116,6 +117,18 @@ void ConnectionCache::Publish(Entry next) {
   }
 }
 
+void ConnectionCache::Reserve(size_t connections) {
+  // Ids spread over the shards binomially: the mean plus four standard deviations covers every
+  // shard but about one in 30 000 loads, and that one grows once.
+  const double mean = static_cast<double>(connections) / kShards;
+  const size_t per_shard =
+      connections == 0 ? 0 : static_cast<size_t>(mean + 4 * std::sqrt(mean)) + 1;
+  for (Shard& shard : shards_) {
+    WriterLock lock(&shard.mu);
+    shard.entries.reserve(shard.entries.size() + per_shard);
+  }
+}
+
 bool ConnectionCache::EraseIf(const core::ConnectionId& id, const Entry& expected) {
   Shard& shard = ShardFor(id);
   std::vector<Watcher> to_notify;
@@ -140,6 +153,15 @@ size_t ConnectionCache::size() const {
   for (const Shard& shard : shards_) {
     ReaderLock lock(&shard.mu);
     n += shard.entries.size();
+  }
+  return n;
+}
+
+size_t ConnectionCache::capacity() const {
+  size_t n = 0;
+  for (const Shard& shard : shards_) {
+    ReaderLock lock(&shard.mu);
+    n += shard.entries.capacity();
   }
   return n;
 }

@@ -65,6 +65,10 @@ class TokenStore {
     }
     return absl::OkStatus();
   }
+  // About how many connections LoadEach() will hand out, so that the cache makes room for
+  // them once instead of growing (and rehashing every id) twenty times on the way to a million;
+  // 0 when the store cannot tell cheaply. A hint only: a load never relies on it.
+  virtual size_t ConnectionCountHint() { return 0; }
   virtual absl::StatusOr<Connection> Load(const ConnectionId& id) = 0;
 
   // Inserts a connection that must not exist yet.

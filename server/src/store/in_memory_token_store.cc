@@ -6,6 +6,11 @@
 
 namespace tb::store {
 
+size_t InMemoryTokenStore::ConnectionCountHint() {
+  MutexLock lock(&mu_);
+  return rows_.size();
+}
+
 absl::StatusOr<std::vector<core::Connection>> InMemoryTokenStore::LoadAll() {
   MutexLock lock(&mu_);
   if (down_) {

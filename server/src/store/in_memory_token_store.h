@@ -16,6 +16,7 @@ namespace tb::store {
 class InMemoryTokenStore final : public core::TokenStore {
  public:
   absl::StatusOr<std::vector<core::Connection>> LoadAll() override ABSL_LOCKS_EXCLUDED(mu_);
+  size_t ConnectionCountHint() override ABSL_LOCKS_EXCLUDED(mu_);
   absl::StatusOr<core::Connection> Load(const core::ConnectionId& id) override
       ABSL_LOCKS_EXCLUDED(mu_);
   absl::Status Create(const core::Connection& c) override ABSL_LOCKS_EXCLUDED(mu_);

@@ -121,6 +121,7 @@ class PostgresStore final : public core::TokenStore, public core::FlowStore {
   // core::TokenStore. A row whose secrets do not open, or whose metadata is unreadable,
   // comes back with Connection::data_loss set and without secrets; it never fails LoadAll.
   absl::StatusOr<std::vector<core::Connection>> LoadAll() override;
+  size_t ConnectionCountHint() override;
   absl::StatusOr<core::Connection> Load(const core::ConnectionId& id) override;
   absl::Status Create(const core::Connection& c) override;
   // Compare-and-set on the stored revision, in one statement; with `fence`, in the same

@@ -355,7 +355,8 @@ absl::StatusOr<int> LockFile(const std::string& db_path) {
 struct SqliteStore::Statements {
   StmtPtr begin, commit, rollback;
   StmtPtr savepoint, release_savepoint, rollback_to_savepoint;
-  StmtPtr load_page, load, insert_connection, update_connection, delete_connection;
+  StmtPtr load_page, count_connections, load, insert_connection, update_connection,
+      delete_connection;
   StmtPtr put_link, get_link, rewrite_link;
   StmtPtr put_authorization, take_authorization, purge_authorizations, count_authorizations;
   StmtPtr insert_key_check;
@@ -457,6 +458,7 @@ absl::Status SqliteStore::Init() {
                              absl::StrCat("SELECT ", kConnectionColumns,
                                           " FROM connections WHERE id > ?1 ORDER BY id LIMIT ?2"),
                              &s->load_page));
+  TB_RETURN_IF_ERROR(Prepare(db_, "SELECT count(*) FROM connections", &s->count_connections));
   TB_RETURN_IF_ERROR(
       Prepare(db_, absl::StrCat("SELECT ", kConnectionColumns, " FROM connections WHERE id = ?1"),
               &s->load));
@@ -700,6 +702,14 @@ absl::Status SqliteStore::LoadEach(const std::function<void(core::Connection&&)>
     after = rows.back().id;
     decoding = std::async(std::launch::async, decode, std::move(rows));
   }
+}
+
+size_t SqliteStore::ConnectionCountHint() {
+  MutexLock lock(&mu_);
+  Query q(db_, stmts_->count_connections);
+  absl::StatusOr<bool> row = q.Step("count connections");
+  // An error here is the load's to report (it reads the same table next).
+  return row.ok() && *row ? static_cast<size_t>(std::max<int64_t>(0, q.ColInt(0))) : 0;
 }
 
 absl::StatusOr<core::Connection> SqliteStore::Load(const core::ConnectionId& id) {

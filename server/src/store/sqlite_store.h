@@ -109,6 +109,8 @@ class SqliteStore final : public core::TokenStore, public core::FlowStore {
   absl::StatusOr<std::vector<core::Connection>> LoadAll() override ABSL_LOCKS_EXCLUDED(mu_);
   absl::Status LoadEach(const std::function<void(core::Connection&&)>& sink) override
       ABSL_LOCKS_EXCLUDED(mu_);
+  // count(*): a scan of the smallest index, about 10 ms at a million rows.
+  size_t ConnectionCountHint() override ABSL_LOCKS_EXCLUDED(mu_);
   absl::StatusOr<core::Connection> Load(const core::ConnectionId& id) override
       ABSL_LOCKS_EXCLUDED(mu_);
   absl::Status Create(const core::Connection& c) override ABSL_LOCKS_EXCLUDED(mu_);

@@ -180,6 +180,15 @@ TEST_P(TokenStoreContractTest, DeleteRemovesAndASecondDeleteIsNotFound) {
   EXPECT_TRUE(tokens().Create(PendingConnection("acme")).ok());
 }
 
+TEST_P(TokenStoreContractTest, TheCountHintIsTheNumberOfStoredConnections) {
+  EXPECT_EQ(tokens().ConnectionCountHint(), 0u);
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(tokens().Create(FullConnection(absl::StrCat("count-", i))).ok());
+  }
+  ASSERT_TRUE(tokens().Delete("count-1").ok());
+  EXPECT_EQ(tokens().ConnectionCountHint(), 2u);
+}
+
 TEST_P(TokenStoreContractTest, LoadAllReturnsEveryConnection) {
   std::vector<core::Connection> written;
   for (int i = 0; i < 5; ++i) {

@@ -77,6 +77,25 @@ TEST(ConnectionCacheTest, EntriesAndTheirLastUseSurviveTheTableGrowing) {
   EXPECT_EQ(cache.LastUsed("c101"), absl::InfinitePast());
 }
 
+TEST(ConnectionCacheTest, ReserveMakesRoomForALoadOfThatManyWithoutGrowingATable) {
+  ConnectionCache cache;
+  const Entry before = Make("before", 1);
+  cache.Publish(before);
+  constexpr int kLoad = 50'000;
+  cache.Reserve(kLoad);
+  const size_t reserved = cache.capacity();
+  EXPECT_GE(reserved, static_cast<size_t>(kLoad) + 1);
+  EXPECT_EQ(cache.Get("before"), before);  // what was there stays
+  for (int i = 0; i < kLoad; ++i) {
+    cache.Publish(Make(absl::StrCat("load-", i), 1));
+  }
+  EXPECT_EQ(cache.size(), static_cast<size_t>(kLoad) + 1);
+  EXPECT_EQ(cache.capacity(), reserved);  // no shard grew
+  EXPECT_EQ(cache.Get("load-49999")->id, "load-49999");
+  cache.Reserve(0);  // nothing to make room for: nothing changes
+  EXPECT_EQ(cache.capacity(), reserved);
+}
+
 TEST(ConnectionCacheTest, PublishIfRejectsAStaleWriter) {
   ConnectionCache cache;
   Entry v1 = Make("acme", 1);
