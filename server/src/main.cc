@@ -538,6 +538,11 @@ int main(int argc, char** argv) {
     return Fail(public_http.status());
   }
 
+  // Every change reaches the refresher as it is published, from the load on: the loaded
+  // connections are tracked by the loading thread as it publishes them (while its second thread
+  // decodes the next page), and a connect flow finishing during the load is tracked too.
+  refresher.Reserve(store.ConnectionCountHint());
+  refresher_hook.store(&refresher, std::memory_order_release);
   if (absl::Status s = broker.Load(); !s.ok()) {
     return Fail(s);
   }
@@ -550,11 +555,7 @@ int main(int argc, char** argv) {
       }
     });
   });
-  // Changes from here on reach the refresher as they happen; Start() tracks everything already
-  // in the cache, including what changed during the load (Track is idempotent). Not hooked
-  // during the load itself, so that a million loaded connections are tracked once, not twice.
-  refresher_hook.store(&refresher, std::memory_order_release);
-  refresher.Start();
+  refresher.Start(tb::oauth::Refresher::Backlog::kAlreadyTracked);
   grpc->SetReady(true);
   spdlog::info(
       "token-broker ready: {} connections ({} unreadable), {} providers, store {}, OAuth "

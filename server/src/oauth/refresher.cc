@@ -720,12 +720,22 @@ void Refresher::TrackLocked(const std::shared_ptr<const core::Connection>& c,
 void Refresher::Track(const std::shared_ptr<const core::Connection>& c,
                       const core::ConnectionId& id) {
   const absl::Time now = clock_.Now();
+  bool waiters = false;
   {
     MutexLock lock(&mu_);
     TrackLocked(c, id, now);
+    // Nobody waits during a load: no second lock and hash of the id per loaded connection.
+    waiters = !waiting_.empty();
   }
   wake_.SignalAll();
-  NotifyWaiters(id, nullptr);
+  if (waiters) {
+    NotifyWaiters(id, nullptr);
+  }
+}
+
+void Refresher::Reserve(size_t connections) {
+  MutexLock lock(&mu_);
+  tracked_.reserve(tracked_.size() + connections);
 }
 
 void Refresher::ProvidersChanged(const std::vector<std::string>& names) {
@@ -843,11 +853,13 @@ absl::Time Refresher::RunDue() {
   return next;
 }
 
-void Refresher::Start() {
+void Refresher::Start(Backlog backlog) {
   // Every connection in the cache, under one lock and with room made for all of them at once:
   // at a million connections, a lock, a signal and a rehash now and then per connection were a
   // tenth of the start.
-  const std::vector<std::shared_ptr<const core::Connection>> all = broker_.Snapshot();
+  const std::vector<std::shared_ptr<const core::Connection>> all =
+      backlog == Backlog::kTrackTheCache ? broker_.Snapshot()
+                                         : std::vector<std::shared_ptr<const core::Connection>>();
   const absl::Time now = clock_.Now();
   std::vector<core::ConnectionId> waited;
   {

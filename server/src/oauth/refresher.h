@@ -139,7 +139,16 @@ class Refresher {
   void Track(const std::shared_ptr<const core::Connection>& c, const core::ConnectionId& id)
       ABSL_LOCKS_EXCLUDED(mu_);
   absl::Time RunDue() ABSL_LOCKS_EXCLUDED(mu_);
-  void Start() ABSL_LOCKS_EXCLUDED(mu_);
+  // What Start() does about the connections already in the cache. kTrackTheCache: tracks them
+  // all. kAlreadyTracked: nothing, because Track() was the broker's on_change hook before the
+  // cache was loaded, so every connection loaded or changed was tracked as it was published.
+  // The second is how the binary starts: at a million connections, tracking inside the load
+  // uses the time the loading thread would wait for the decoding thread anyway, where a second
+  // pass over the cache after the load took a third of the start.
+  enum class Backlog { kTrackTheCache, kAlreadyTracked };
+  void Start(Backlog backlog = Backlog::kTrackTheCache) ABSL_LOCKS_EXCLUDED(mu_);
+  // Makes room for `connections` more tracked connections (before a load of that many).
+  void Reserve(size_t connections) ABSL_LOCKS_EXCLUDED(mu_);
   // Stops the scheduling thread (in-flight refreshes finish on the work pool).
   void Stop() ABSL_LOCKS_EXCLUDED(mu_);
   ~Refresher();

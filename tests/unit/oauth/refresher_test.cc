@@ -80,7 +80,11 @@ class RefresherTest : public ::testing::Test {
   }
   BrokerOptions TrackingOptions() {
     BrokerOptions o;
-    o.on_change = [this](const auto& c, const auto& id) { refresher_->Track(c, id); };
+    o.on_change = [this](const auto& c, const auto& id) {
+      if (hooked_) {
+        refresher_->Track(c, id);
+      }
+    };
     return o;
   }
 
@@ -97,6 +101,7 @@ class RefresherTest : public ::testing::Test {
     work_.Drain();  // the flight's write happens before the assertions
   }
 
+  bool hooked_ = true;  // false: changes do not reach the refresher (as during a load)
   testing::FakeClock clock_;
   store::InMemoryTokenStore store_;
   cache::ConnectionCache cache_;
@@ -138,6 +143,33 @@ TEST_F(RefresherTest, ScheduledRefreshHappensAtRefreshAtAndNeverBefore) {
   EXPECT_EQ(after->grant().access_token, next.access_token);
   EXPECT_EQ(store_.Load("acme")->grant->access_token, next.access_token);  // stored
   EXPECT_FALSE(store_.Load("acme")->refresh_intent.has_value());
+}
+
+TEST_F(RefresherTest, StartTracksTheCacheUnlessEveryConnectionWasTrackedAsItWasPublished) {
+  Connect("acme", absl::Minutes(30));  // through the hook, due at 25 min
+  hooked_ = false;
+  Connect("loaded", absl::Minutes(30));  // in the cache, never tracked
+  hooked_ = true;
+
+  // Told that everything was tracked as it was published: "loaded" is not looked for. (The
+  // provider's answers are queued before Start: its thread may run what is due at any time.)
+  provider_.NextRefreshReturns(NewGrant(absl::Minutes(30)));
+  refresher_->Start(Refresher::Backlog::kAlreadyTracked);
+  clock_.Advance(absl::Minutes(25));
+  RunDueAndAwait(1);
+  refresher_->RunDue();
+  work_.Drain();
+  EXPECT_EQ(provider_.refresh_calls(), 1);
+  EXPECT_EQ(broker_.GetToken("acme")->grant().generation, 2u);
+  EXPECT_EQ(cache_.Get("loaded")->generation(), 1u);  // not refreshed
+
+  // The default walks the cache: "loaded", overdue, is refreshed at once.
+  UseOptions({});
+  provider_.NextRefreshReturns(NewGrant(absl::Minutes(30)));
+  refresher_->Start();
+  RunDueAndAwait(2);
+  EXPECT_EQ(broker_.GetToken("loaded")->grant().generation, 2u);
+  EXPECT_EQ(broker_.GetToken("acme")->grant().generation, 2u);  // not due again yet
 }
 
 TEST_F(RefresherTest, ADeletedConnectionsQueuedRefreshIsDroppedAndItsNewIncarnationKeepsItsOwn) {
