@@ -208,17 +208,20 @@ def write(results, out_path):
                   "Activate into an encrypted SQLite file (on /dev/shm, then copied to disk); "
                   "the real token-broker then starts on it (warm page cache). Load time: from "
                   "the last listener line before `Broker::Load` to `token-broker ready` in its "
-                  "log (store read, decryption, cache, refresh schedule). RSS from "
+                  "log (store read, decryption, cache, refresh schedule). The broker starts "
+                  "on each file a few times (the machine's speed wanders): the load is the "
+                  "median, the other columns are the last start's. RSS from "
                   "/proc/PID/status 5 s after ready.", "",
                   "| connections | id | access token | DB file | ready after | load | load rate | "
-                  "RSS | peak RSS | RSS per connection | probe GetToken RPS |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "loads (s) | RSS | peak RSS | RSS per connection | probe GetToken RPS |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in scale["runs"]:
             lines.append(
                 f"| {r['connections']} | {r.get('id_bytes', 12)} B | {r['token_bytes']} B | "
                 f"{r['db_bytes'] / MIB:.0f} MiB | "
                 f"{r['ready_after_s']} s | {r['load_s']} s | "
                 f"{(r['load_rate_per_s'] or 0) / 1000:.0f}k/s | "
+                f"{', '.join(str(x) for x in r.get('load_s_runs', [r['load_s']]))} | "
                 f"{r['rss_after_5s_bytes'] / MIB:.0f} MiB | {r['rss_peak_bytes'] / MIB:.0f} MiB | "
                 f"{r['rss_per_connection_bytes']} B | {r['probe_rps']:.0f} |")
         lines.append("")
