@@ -264,9 +264,9 @@ int main(int argc, char** argv) {
   tb::cache::ConnectionCache cache;
   // Prometheus metrics, served on the admin port's /metrics.
   tb::metrics::Registry metrics;
-  // The refresh scheduler follows every published change once the store is loaded (set just
-  // before Refresher::Start, which tracks what the load published); read by writers on any
-  // thread.
+  // The refresh scheduler follows every published change from the store's load on (set just
+  // before Broker::Load, so the load's publishes are tracked as they happen); read by writers
+  // on any thread.
   std::atomic<tb::oauth::Refresher*> refresher_hook{nullptr};
   tb::oauth::BrokerOptions broker_options;
   broker_options.refresh.margin = config->refresh.margin;
