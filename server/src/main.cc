@@ -538,10 +538,13 @@ int main(int argc, char** argv) {
     return Fail(public_http.status());
   }
 
-  // Every change reaches the refresher as it is published, from the load on: the loaded
-  // connections are tracked by the loading thread as it publishes them (while its second thread
-  // decodes the next page), and a connect flow finishing during the load is tracked too.
-  refresher.Reserve(store.ConnectionCountHint());
+  // Room for the whole store, counted once, in the cache and in the refresher. Every change
+  // reaches the refresher as it is published, from the load on: the loaded connections are
+  // tracked by the loading thread as it publishes them (while its second thread decodes the next
+  // page), and a connect flow finishing during the load is tracked too.
+  const size_t stored = store.ConnectionCountHint();
+  cache.Reserve(stored);
+  refresher.Reserve(stored);
   refresher_hook.store(&refresher, std::memory_order_release);
   if (absl::Status s = broker.Load(); !s.ok()) {
     return Fail(s);

@@ -56,7 +56,6 @@ absl::StatusOr<core::RotationProgress> Broker::RotateKeys(size_t batch) {
 
 absl::Status Broker::Load() {
   // One at a time: a million connections are never held twice (a vector and the cache).
-  cache_.Reserve(store_.ConnectionCountHint());
   return store_.LoadEach([this](core::Connection&& c) {
     if (!c.data_loss.empty()) {
       data_loss_.fetch_add(1, std::memory_order_relaxed);

@@ -1138,6 +1138,20 @@ absl::StatusOr<std::vector<core::Connection>> PostgresStore::LoadAll() {
   return out;
 }
 
+size_t PostgresStore::ConnectionCountHint() {
+  // An error here is the load's to report (it reads the same table next).
+  absl::StatusOr<Pool::Handle> conn = pool_->Get();
+  if (!conn.ok()) {
+    return 0;
+  }
+  absl::StatusOr<Result> r = Exec(**conn, kCountConnectionsSql, Params(), "count connections");
+  if (!r.ok()) {
+    return 0;
+  }
+  const Rows rows(r->get());
+  return rows.size() > 0 ? static_cast<size_t>(std::max<int64_t>(0, rows.Int(0, 0))) : 0;
+}
+
 absl::StatusOr<core::Connection> PostgresStore::Load(const core::ConnectionId& id) {
   Result r;
   {
@@ -1368,20 +1382,6 @@ absl::StatusOr<core::PendingAuthorization> PostgresStore::TakeAuthorization(absl
 }
 
 // ---- Key rotation --------------------------------------------------------------------------
-
-size_t PostgresStore::ConnectionCountHint() {
-  // An error here is the load's to report (it reads the same table next).
-  absl::StatusOr<Pool::Handle> conn = pool_->Get();
-  if (!conn.ok()) {
-    return 0;
-  }
-  absl::StatusOr<Result> r = Exec(**conn, kCountConnectionsSql, Params(), "count connections");
-  if (!r.ok()) {
-    return 0;
-  }
-  const Rows rows(r->get());
-  return rows.size() > 0 ? static_cast<size_t>(std::max<int64_t>(0, rows.Int(0, 0))) : 0;
-}
 
 absl::StatusOr<size_t> PostgresStore::CountNotUnderCurrentKey() {
   TB_ASSIGN_OR_RETURN(Pool::Handle conn, pool_->Get());
