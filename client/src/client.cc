@@ -76,7 +76,8 @@ class Client::Watch {
       const absl::Status s = client_.rpc_->Watch(
           id_,
           [&](const v1::Token& t) {
-            client_.Put(client_.FromProto(t, /*watched=*/true, /*short_lived=*/false));
+            client_.Put(client_.FromProto(t, /*watched=*/true, /*short_lived=*/false),
+                        /*asked_after=*/0);
             live_.store(true, std::memory_order_release);
             client_.watch_updates_.fetch_add(1, std::memory_order_release);
             return true;
@@ -136,9 +137,11 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(ClientOptions options) {
   }
   if (options.rpc_timeout <= absl::ZeroDuration() ||
       options.max_reconnect_delay <= absl::ZeroDuration() ||
-      options.unwatched_recheck <= absl::ZeroDuration()) {
+      options.unwatched_recheck <= absl::ZeroDuration() ||
+      options.refused_recheck <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError(
-        "rpc_timeout, max_reconnect_delay and unwatched_recheck must be positive");
+        "rpc_timeout, max_reconnect_delay, unwatched_recheck and refused_recheck must be "
+        "positive");
   }
   absl::StatusOr<std::unique_ptr<tb::client::TokenClient>> rpc =
       tb::client::TokenClient::Create(options.broker);
@@ -198,20 +201,36 @@ Client::TokenPtr Client::Cached(absl::string_view id) const {
   return nullptr;
 }
 
-void Client::Put(const TokenPtr& t) {
+Client::TokenPtr Client::Put(const TokenPtr& t, uint64_t asked_after) {
   Shard& shard = ShardFor(t->connection_id);
   tb::WriterLock lock(&shard.mu);
   Entry& e = shard.entries[t->connection_id];
+  const absl::Time now = clock_.Now();
+  TokenPtr token = t;
   if (t->generation <= e.refused_through) {
-    return;
+    if (t->generation < e.refused_through && e.refused_seq <= asked_after) {
+      // The broker's current generation, asked for after the refusal, is older than the
+      // refused one: the connection was deleted and created again, and counts from 1.
+      e.refused_through = 0;
+      e.refused_seq = 0;
+      e.token = t;
+      return t;
+    }
+    // The broker still serves the refused generation (it could not refresh yet), or this
+    // answer left before the refusal: use it briefly, then ask again.
+    if (const absl::Time hold = now + options_.refused_recheck; t->use_until > hold) {
+      auto held = std::make_shared<Token>(*t);
+      held->use_until = hold;
+      token = std::move(held);
+    }
   }
   // Of two copies of one generation (one from GetToken, one from the watch), the one usable
   // longer wins: an unwatched copy must not cut short the watched one.
-  if (e.token == nullptr || clock_.Now() >= e.token->use_until ||
-      e.token->generation < t->generation ||
-      (e.token->generation == t->generation && t->use_until >= e.token->use_until)) {
-    e.token = t;
+  if (e.token == nullptr || now >= e.token->use_until || e.token->generation < token->generation ||
+      (e.token->generation == token->generation && token->use_until >= e.token->use_until)) {
+    e.token = token;
   }
+  return token;
 }
 
 void Client::Drop(absl::string_view id, absl::StatusCode why) {
@@ -294,6 +313,7 @@ absl::StatusOr<Client::TokenPtr> Client::Fetch(absl::string_view connection_id) 
   // Ask for a token that lives past the margin. If the current one does not, the broker waits
   // for its scheduled refresh, so that call gets `margin` more time.
   bool short_lived = false;
+  const uint64_t asked_after = refusals_.load(std::memory_order_acquire);
   absl::StatusOr<v1::Token> t =
       rpc_->GetToken(connection_id, options_.margin, options_.rpc_timeout + options_.margin);
   if (t.status().code() == absl::StatusCode::kOutOfRange) {
@@ -309,7 +329,7 @@ absl::StatusOr<Client::TokenPtr> Client::Fetch(absl::string_view connection_id) 
     }
     return t.status();
   }
-  return Store(connection_id, *t, short_lived);
+  return Store(connection_id, *t, short_lived, asked_after);
 }
 
 absl::StatusOr<std::shared_ptr<const Token>> Client::Invalidate(absl::string_view connection_id,
@@ -321,12 +341,15 @@ absl::StatusOr<std::shared_ptr<const Token>> Client::Invalidate(absl::string_vie
     Shard& shard = ShardFor(connection_id);
     tb::WriterLock lock(&shard.mu);
     Entry& e = shard.entries[connection_id];
-    if (e.token != nullptr && e.token->generation > generation &&
+    if (e.token != nullptr && e.token->generation > std::max(generation, e.refused_through) &&
         clock_.Now() < e.token->use_until) {
       hits_.fetch_add(1, std::memory_order_relaxed);
-      return e.token;  // a newer generation has arrived already
+      return e.token;  // a newer generation, not refused, has arrived already
     }
-    e.refused_through = std::max(e.refused_through, generation);
+    if (generation >= e.refused_through) {
+      e.refused_through = generation;
+      e.refused_seq = refusals_.fetch_add(1, std::memory_order_acq_rel) + 1;
+    }
     if (e.token != nullptr && e.token->generation <= generation) {
       e.token = nullptr;
     }
@@ -334,6 +357,7 @@ absl::StatusOr<std::shared_ptr<const Token>> Client::Invalidate(absl::string_vie
   return Shared(absl::StrCat("refresh/", generation, "/", connection_id),
                 [&]() -> absl::StatusOr<TokenPtr> {
                   rpcs_.fetch_add(1, std::memory_order_relaxed);
+                  const uint64_t asked_after = refusals_.load(std::memory_order_acquire);
                   absl::StatusOr<v1::Token> t =
                       rpc_->Refresh(connection_id, generation, options_.rpc_timeout);
                   if (!t.ok()) {
@@ -349,15 +373,14 @@ absl::StatusOr<std::shared_ptr<const Token>> Client::Invalidate(absl::string_vie
                     // again, and counts from 1. Its refused generations are another's.
                     ForgetRefused(connection_id);
                   }
-                  return Store(connection_id, *t, /*short_lived=*/false);
+                  return Store(connection_id, *t, /*short_lived=*/false, asked_after);
                 });
 }
 
 Client::TokenPtr Client::Store(absl::string_view connection_id, const v1::Token& t,
-                               bool short_lived) {
+                               bool short_lived, uint64_t asked_after) {
   const bool watched = options_.watch && EnsureWatch(connection_id);
-  TokenPtr token = FromProto(t, watched, short_lived);
-  Put(token);
+  TokenPtr token = Put(FromProto(t, watched, short_lived), asked_after);
   // The stream may have ended between EnsureWatch and Put (revoked: it dropped the entry
   // before our Put). Then the token just cached must not be used as if watched.
   if (watched && !EnsureWatch(connection_id)) {
@@ -371,6 +394,7 @@ void Client::ForgetRefused(absl::string_view id) {
   tb::WriterLock lock(&shard.mu);
   if (const auto it = shard.entries.find(id); it != shard.entries.end()) {
     it->second.refused_through = 0;
+    it->second.refused_seq = 0;
   }
 }
 

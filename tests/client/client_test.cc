@@ -297,6 +297,9 @@ TEST_F(ClientTest, BadOptionsAreRefused) {
   o = Options();
   o.rpc_timeout = absl::ZeroDuration();
   EXPECT_EQ(tokenbroker::Client::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
+  o = Options();
+  o.refused_recheck = absl::ZeroDuration();
+  EXPECT_EQ(tokenbroker::Client::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(ClientTest, NewGenerationsArriveThroughTheWatchWithoutAnRpc) {
@@ -340,23 +343,97 @@ TEST_F(ClientTest, InvalidatingAnOlderGenerationThanTheCachedOneMakesNoRpc) {
   EXPECT_EQ(parts_.provider.refresh_calls(), 0);
 }
 
-TEST_F(ClientTest, ARefusedGenerationIsNeverCachedAgainWhenTheRefreshCannotHappen) {
+TEST_F(ClientTest, ARefusedGenerationTheBrokerStillServesIsAskedForOncePerRecheck) {
   core::Grant last = Fresh(clock_, absl::Hours(1));
   last.refresh_token.reset();  // Refresh answers FAILED_PRECONDITION NOT_REFRESHABLE
   ASSERT_TRUE(broker_.Activate(testing::kActiveId, last).ok());
-  auto t = client_->Get(testing::kActiveId);
+  testing::FakeClock local;
+  tokenbroker::ClientOptions o = Options();
+  o.clock = &local;
+  o.refused_recheck = absl::Seconds(2);
+  std::unique_ptr<tokenbroker::Client> client = NewClient(o);
+  ASSERT_NE(client, nullptr);
+  auto t = client->Get(testing::kActiveId);
   ASSERT_TRUE(t.ok()) << t.status();
-  auto refreshed = client_->Invalidate(testing::kActiveId, (*t)->generation);
+  ASSERT_TRUE(Eventually([&] { return client->stats().watch_updates >= 1; }));
+  auto refreshed = client->Invalidate(testing::kActiveId, (*t)->generation);
   EXPECT_EQ(refreshed.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(tb::client::ErrorReason(refreshed.status()), "NOT_REFRESHABLE");
-  // The broker still has only the refused token: each Get asks it again, none is a hit.
-  const uint64_t rpcs = client_->stats().rpcs;
+  // The broker still has only the refused token: the first Get asks it, the next ones use
+  // that answer for refused_recheck, not for the hour the token has left.
+  const uint64_t rpcs = client->stats().rpcs;
   for (int i = 0; i < 3; ++i) {
-    auto again = client_->Get(testing::kActiveId);
+    auto again = client->Get(testing::kActiveId);
     ASSERT_TRUE(again.ok()) << again.status();
     EXPECT_EQ((*again)->generation, (*t)->generation);
+    EXPECT_EQ((*again)->use_until, local.Now() + o.refused_recheck);
   }
-  EXPECT_EQ(client_->stats().rpcs, rpcs + 3);
+  EXPECT_EQ(client->stats().rpcs, rpcs + 1);
+  local.Advance(absl::Seconds(1));
+  ASSERT_TRUE(client->Get(testing::kActiveId).ok());
+  EXPECT_EQ(client->stats().rpcs, rpcs + 1);
+  local.Advance(absl::Seconds(1));  // refused_recheck is over
+  auto later = client->Get(testing::kActiveId);
+  ASSERT_TRUE(later.ok()) << later.status();
+  EXPECT_EQ((*later)->generation, (*t)->generation);
+  EXPECT_EQ(client->stats().rpcs, rpcs + 2);
+}
+
+TEST_F(ClientTest, AnUnwatchedConnectionCreatedAgainAfterAnInvalidateCachesItsNewToken) {
+  testing::FakeClock local;
+  tokenbroker::ClientOptions o = Options();
+  o.watch = false;
+  o.clock = &local;
+  std::unique_ptr<tokenbroker::Client> client = NewClient(o);
+  ASSERT_NE(client, nullptr);
+  ASSERT_TRUE(broker_.Activate(testing::kActiveId, Fresh(clock_, absl::Hours(1))).ok());
+  ASSERT_EQ((*client->Get(testing::kActiveId))->generation, 2u);
+  parts_.provider.NextRefreshReturns(Fresh(clock_, absl::Hours(1)));
+  auto refreshed = client->Invalidate(testing::kActiveId, 2);  // generation 2 refused
+  ASSERT_TRUE(refreshed.ok()) << refreshed.status();
+  ASSERT_EQ((*refreshed)->generation, 3u);
+  ASSERT_TRUE(Admin()->DeleteConnection(testing::kActiveId).ok());
+  ASSERT_TRUE(broker_.CreatePending(testing::kActiveId, "zendesk", {{"subdomain", "acme"}}).ok());
+  const core::Grant fresh = Fresh(clock_, absl::Hours(1));
+  ASSERT_TRUE(broker_.Activate(testing::kActiveId, fresh).ok());  // generation 1
+  local.Advance(o.unwatched_recheck + absl::Seconds(1));  // generation 3 is due for a recheck
+  auto t = client->Get(testing::kActiveId);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->access_token, fresh.access_token.Reveal());
+  const uint64_t rpcs = client->stats().rpcs;
+  // Generation 1 is below the refused 2, and the broker gave it when asked after the refusal:
+  // it is the new connection's token, cached for unwatched_recheck, not refused_recheck.
+  local.Advance(o.refused_recheck + absl::Seconds(1));
+  auto cached = client->Get(testing::kActiveId);
+  ASSERT_TRUE(cached.ok()) << cached.status();
+  EXPECT_EQ((*cached)->access_token, fresh.access_token.Reveal());
+  EXPECT_EQ(client->stats().rpcs, rpcs);
+}
+
+TEST_F(ClientTest, AGetTokenThatWaitsForTheRefreshHasTheMarginMoreThanRpcTimeout) {
+  // 2 s before the broker's promise runs out, less than the 30 s margin: the GetToken waits
+  // at the broker for the scheduled refresh.
+  auto current = Admin()->GetToken(testing::kActiveId);
+  ASSERT_TRUE(current.ok()) << current.status();
+  clock_.Advance(absl::Seconds(current->valid_for().seconds()) - absl::Seconds(2));
+  tokenbroker::ClientOptions o = Options();
+  o.rpc_timeout = absl::Milliseconds(500);
+  o.watch = false;
+  std::unique_ptr<tokenbroker::Client> client = NewClient(o);
+  ASSERT_NE(client, nullptr);
+  const core::Grant next = Fresh(clock_, absl::Hours(1));
+  parts_.provider.NextRefreshReturns(next);
+  parts_.provider.NextRefreshReturns(next);  // RunDue refreshes the seeded expired-co too
+  absl::StatusOr<std::shared_ptr<const tokenbroker::Token>> got;
+  std::thread caller([&] { got = client->Get(testing::kActiveId); });
+  // Three times rpc_timeout: a deadline of rpc_timeout alone would have ended the call.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  clock_.Advance(absl::Seconds(3));
+  parts_.refresher.RunDue();
+  caller.join();
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ((*got)->access_token, next.access_token.Reveal());
+  EXPECT_EQ(client->stats().rpcs, 1u);
 }
 
 // The system clock, except that once armed for a thread, that thread's next Now() waits until

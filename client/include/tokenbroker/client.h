@@ -68,6 +68,9 @@ struct ClientOptions {
   size_t max_watches = 256;  // connections watched at most; the others are rechecked
   // How long a token that is not watched is used before the broker is asked again.
   absl::Duration unwatched_recheck = absl::Minutes(1);
+  // How long a generation passed to Invalidate, that the broker still serves because it could
+  // not refresh yet, is used before the broker is asked again.
+  absl::Duration refused_recheck = absl::Seconds(1);
   absl::Duration max_reconnect_delay = absl::Seconds(30);  // backoff cap of a broken stream
   // The clock use_until is measured on; nullptr: the system clock. Must outlive the client.
   const tb::Clock* clock = nullptr;
@@ -94,8 +97,10 @@ class Client {
   // The provider refused the token of `generation` (a 401): forget it and get a newer one
   // (Refresh(if_generation); callers reporting the same generation share that RPC). If a newer
   // generation is cached or at the broker, that one comes back. Until the broker has a newer
-  // one, the refused generation is never served from the cache again (Get asks the broker
-  // each time, and returns what it has). Errors: INVALID_ARGUMENT
+  // one, Get returns what it has, the refused generation, cached for `refused_recheck` at a
+  // time: the broker is asked about once per refused_recheck, not on every Get. A connection
+  // deleted and created again counts from 1: a generation below the refused one, asked for
+  // after the refusal, is its new token and cached as usual. Errors: INVALID_ARGUMENT
   // (generation 0); as Get; RESOURCE_EXHAUSTED (refreshed on request moments ago: retry later).
   absl::StatusOr<std::shared_ptr<const Token>> Invalidate(absl::string_view connection_id,
                                                           uint64_t generation)
@@ -116,7 +121,8 @@ class Client {
   using TokenPtr = std::shared_ptr<const Token>;
   struct Entry {
     TokenPtr token;                // null: none usable
-    uint64_t refused_through = 0;  // Invalidate was called for this generation: never cache it
+    uint64_t refused_through = 0;  // Invalidate was called for this generation and older ones
+    uint64_t refused_seq = 0;      // refusals_ when refused_through was last set
   };
   struct Shard {
     mutable tb::SharedMutex mu;
@@ -133,18 +139,22 @@ class Client {
   Shard& ShardFor(absl::string_view id) const;
   // The cached token of `id` if it is usable now, else null.
   TokenPtr Cached(absl::string_view id) const;
-  // Caches `t` unless its generation was refused, or a newer generation (or the same one,
-  // usable longer) is cached and still usable. An older one replaces a newer one that is not:
-  // the connection was deleted and created again, and counts generations from 1.
-  void Put(const TokenPtr& t);
+  // Caches `t` unless a newer generation (or the same one, usable longer) is cached and still
+  // usable. An older one replaces a newer one that is not: the connection was deleted and
+  // created again, and counts generations from 1. A refused generation is cached for
+  // refused_recheck at most, unless `t` answers a request sent after the refusal
+  // (`asked_after`: refusals_ when it was sent; 0 for a watch push) and is older than it: then
+  // the connection was created again, and its refused generations are forgotten. Returns `t`,
+  // or its copy with the shorter use_until of a refused generation.
+  TokenPtr Put(const TokenPtr& t, uint64_t asked_after);
   // Drops the cached token of `id` (it stopped serving, for reason `why`). A deletion
   // (NOT_FOUND) forgets the refused generations too.
   void Drop(absl::string_view id, absl::StatusCode why);
   // Forgets the refused generations of `id` (it was deleted and created again).
   void ForgetRefused(absl::string_view id);
   // Caches the broker's answer `t` for `connection_id` and returns it.
-  TokenPtr Store(absl::string_view connection_id, const tokenbroker::v1::Token& t, bool short_lived)
-      ABSL_LOCKS_EXCLUDED(watch_mu_);
+  TokenPtr Store(absl::string_view connection_id, const tokenbroker::v1::Token& t, bool short_lived,
+                 uint64_t asked_after) ABSL_LOCKS_EXCLUDED(watch_mu_);
   // Caps the cached token of `id` at now + unwatched_recheck (its watch stream broke).
   void CapUnwatched(absl::string_view id);
   // `watched`: a live stream will push the next generation or the end of this one.
@@ -166,6 +176,7 @@ class Client {
   std::atomic<uint64_t> rpcs_{0};
   std::atomic<uint64_t> shared_{0};
   std::atomic<uint64_t> watch_updates_{0};
+  std::atomic<uint64_t> refusals_{0};  // Invalidate calls that set a refused_through
 
   tb::Mutex flights_mu_;
   tb::CondVar flights_cv_;
