@@ -211,14 +211,10 @@ Client::TokenPtr Client::Put(const TokenPtr& t, uint64_t asked_after) {
     if (t->generation < e.refused_through && e.refused_seq <= asked_after) {
       // The broker's current generation, asked for after the refusal, is older than the
       // refused one: the connection was deleted and created again, and counts from 1.
-      e.refused_through = 0;
-      e.refused_seq = 0;
-      e.token = t;
-      return t;
-    }
-    // The broker still serves the refused generation (it could not refresh yet), or this
-    // answer left before the refusal: use it briefly, then ask again.
-    if (const absl::Time hold = now + options_.refused_recheck; t->use_until > hold) {
+      e.ForgetRefusals();
+    } else if (const absl::Time hold = now + options_.refused_recheck; t->use_until > hold) {
+      // The broker still serves the refused generation (it could not refresh yet), or this
+      // answer left before the refusal: use it briefly, then ask again.
       auto held = std::make_shared<Token>(*t);
       held->use_until = hold;
       token = std::move(held);
@@ -346,6 +342,15 @@ absl::StatusOr<std::shared_ptr<const Token>> Client::Invalidate(absl::string_vie
       hits_.fetch_add(1, std::memory_order_relaxed);
       return e.token;  // a newer generation, not refused, has arrived already
     }
+    if (generation <= e.refused_through && !e.refresh_failed.ok() &&
+        clock_.Now() < e.failed_until) {
+      // Refresh past a refused generation failed moments ago: the broker would say the same
+      // (RESOURCE_EXHAUSTED, NOT_REFRESHABLE...). A caller's every 401 is not another RPC.
+      return e.refresh_failed;
+    }
+    if (generation > e.refused_through) {
+      e.refresh_failed = absl::OkStatus();
+    }
     if (generation >= e.refused_through) {
       e.refused_through = generation;
       e.refused_seq = refusals_.fetch_add(1, std::memory_order_acq_rel) + 1;
@@ -365,14 +370,13 @@ absl::StatusOr<std::shared_ptr<const Token>> Client::Invalidate(absl::string_vie
                     // (not refreshable, provider misconfigured) does not end serving.
                     if (t.status().code() == absl::StatusCode::kNotFound) {
                       Drop(connection_id, absl::StatusCode::kNotFound);
+                    } else {
+                      RefreshFailed(connection_id, generation, t.status());
                     }
                     return t.status();
                   }
-                  if (t->generation() <= generation) {
-                    // Older than the refused one: the connection was deleted and created
-                    // again, and counts from 1. Its refused generations are another's.
-                    ForgetRefused(connection_id);
-                  }
+                  // Older than the refused one, asked after the refusal: Put takes it for
+                  // the token of a connection deleted and created again.
                   return Store(connection_id, *t, /*short_lived=*/false, asked_after);
                 });
 }
@@ -389,12 +393,13 @@ Client::TokenPtr Client::Store(absl::string_view connection_id, const v1::Token&
   return token;
 }
 
-void Client::ForgetRefused(absl::string_view id) {
+void Client::RefreshFailed(absl::string_view id, uint64_t generation, const absl::Status& why) {
   Shard& shard = ShardFor(id);
   tb::WriterLock lock(&shard.mu);
-  if (const auto it = shard.entries.find(id); it != shard.entries.end()) {
-    it->second.refused_through = 0;
-    it->second.refused_seq = 0;
+  if (const auto it = shard.entries.find(id);
+      it != shard.entries.end() && it->second.refused_through == generation) {
+    it->second.refresh_failed = why;
+    it->second.failed_until = clock_.Now() + options_.refused_recheck;
   }
 }
 

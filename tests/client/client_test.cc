@@ -355,19 +355,29 @@ TEST_F(ClientTest, ARefusedGenerationTheBrokerStillServesIsAskedForOncePerRechec
   ASSERT_NE(client, nullptr);
   auto t = client->Get(testing::kActiveId);
   ASSERT_TRUE(t.ok()) << t.status();
+  const uint64_t refused = (*t)->generation;
+  ASSERT_GE(refused, 2u);
   ASSERT_TRUE(Eventually([&] { return client->stats().watch_updates >= 1; }));
-  auto refreshed = client->Invalidate(testing::kActiveId, (*t)->generation);
-  EXPECT_EQ(refreshed.status().code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_EQ(tb::client::ErrorReason(refreshed.status()), "NOT_REFRESHABLE");
+  const auto not_refreshable = [](const absl::Status& s) {
+    return s.code() == absl::StatusCode::kFailedPrecondition &&
+           tb::client::ErrorReason(s) == "NOT_REFRESHABLE";
+  };
+  EXPECT_TRUE(not_refreshable(client->Invalidate(testing::kActiveId, refused).status()));
   // The broker still has only the refused token: the first Get asks it, the next ones use
   // that answer for refused_recheck, not for the hour the token has left.
   const uint64_t rpcs = client->stats().rpcs;
   for (int i = 0; i < 3; ++i) {
     auto again = client->Get(testing::kActiveId);
     ASSERT_TRUE(again.ok()) << again.status();
-    EXPECT_EQ((*again)->generation, (*t)->generation);
+    EXPECT_EQ((*again)->generation, refused);
     EXPECT_EQ((*again)->use_until, local.Now() + o.refused_recheck);
   }
+  EXPECT_EQ(client->stats().rpcs, rpcs + 1);
+  // Each 401 on it, or on an older generation, gets the refresh's failure again, no RPC.
+  EXPECT_TRUE(not_refreshable(client->Invalidate(testing::kActiveId, refused).status()));
+  EXPECT_TRUE(not_refreshable(client->Invalidate(testing::kActiveId, refused).status()));
+  EXPECT_TRUE(not_refreshable(client->Invalidate(testing::kActiveId, refused - 1).status()));
+  ASSERT_TRUE(client->Get(testing::kActiveId).ok());
   EXPECT_EQ(client->stats().rpcs, rpcs + 1);
   local.Advance(absl::Seconds(1));
   ASSERT_TRUE(client->Get(testing::kActiveId).ok());
@@ -375,8 +385,12 @@ TEST_F(ClientTest, ARefusedGenerationTheBrokerStillServesIsAskedForOncePerRechec
   local.Advance(absl::Seconds(1));  // refused_recheck is over
   auto later = client->Get(testing::kActiveId);
   ASSERT_TRUE(later.ok()) << later.status();
-  EXPECT_EQ((*later)->generation, (*t)->generation);
+  EXPECT_EQ((*later)->generation, refused);
   EXPECT_EQ(client->stats().rpcs, rpcs + 2);
+  // Now the broker is asked again, and says it tried moments ago (its clock did not move).
+  EXPECT_EQ(client->Invalidate(testing::kActiveId, refused).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(client->stats().rpcs, rpcs + 3);
 }
 
 TEST_F(ClientTest, AnUnwatchedConnectionCreatedAgainAfterAnInvalidateCachesItsNewToken) {
@@ -502,6 +516,36 @@ TEST_F(ClientTest, ARevocationDuringAnInvalidateIsNotUndoneByItsAnswer) {
     last = client->Get(testing::kActiveId).status();
     return last.code() == absl::StatusCode::kFailedPrecondition;
   })) << last;
+}
+
+TEST_F(ClientTest, AnAnswerSentBeforeTheRefusalIsNotTakenForARecreatedConnection) {
+  ParkingClock parking;
+  tokenbroker::ClientOptions o = Options();
+  o.watch = false;
+  o.clock = &parking;
+  std::unique_ptr<tokenbroker::Client> client = NewClient(o);
+  ASSERT_NE(client, nullptr);
+  // The Get has generation 1 from the broker and stops before caching it (its first clock
+  // reading); meanwhile generation 2 arrives and is refused.
+  std::thread getter([&] {
+    parking.ArmForThisThread();
+    auto t = client->Get(testing::kActiveId);
+    ASSERT_TRUE(t.ok()) << t.status();
+    EXPECT_EQ((*t)->generation, 1u);
+  });
+  ASSERT_TRUE(Eventually([&] { return parking.parked(); }));
+  core::Grant last = Fresh(clock_, absl::Hours(1));
+  last.refresh_token.reset();
+  ASSERT_TRUE(broker_.Activate(testing::kActiveId, last).ok());  // generation 2
+  EXPECT_EQ(client->Invalidate(testing::kActiveId, 2).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  parking.Release();
+  getter.join();
+  // Generation 1 is below the refused 2 but was asked for before the refusal: it is held
+  // briefly like a refused one, not cached for unwatched_recheck as a new connection's.
+  auto t = client->Get(testing::kActiveId);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_LE((*t)->use_until, absl::Now() + o.refused_recheck);
 }
 
 TEST_F(ClientTest, ATokenWhoseWatchBrokeIsRecheckedInsteadOfTrusted) {

@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
@@ -98,9 +99,11 @@ class Client {
   // (Refresh(if_generation); callers reporting the same generation share that RPC). If a newer
   // generation is cached or at the broker, that one comes back. Until the broker has a newer
   // one, Get returns what it has, the refused generation, cached for `refused_recheck` at a
-  // time: the broker is asked about once per refused_recheck, not on every Get. A connection
-  // deleted and created again counts from 1: a generation below the refused one, asked for
-  // after the refusal, is its new token and cached as usual. Errors: INVALID_ARGUMENT
+  // time, and an Invalidate of it within refused_recheck of a failed Refresh returns that
+  // failure again without an RPC: the broker is asked about once per refused_recheck, not on
+  // every Get and every 401. A connection deleted and created again counts from 1: a
+  // generation below the refused one, asked for after the refusal, is its new token and
+  // cached as usual. Errors: INVALID_ARGUMENT
   // (generation 0); as Get; RESOURCE_EXHAUSTED (refreshed on request moments ago: retry later).
   absl::StatusOr<std::shared_ptr<const Token>> Invalidate(absl::string_view connection_id,
                                                           uint64_t generation)
@@ -123,6 +126,15 @@ class Client {
     TokenPtr token;                // null: none usable
     uint64_t refused_through = 0;  // Invalidate was called for this generation and older ones
     uint64_t refused_seq = 0;      // refusals_ when refused_through was last set
+    // How the last Refresh past refused_through failed: Invalidate answers so, without an
+    // RPC, until failed_until.
+    absl::Status refresh_failed;
+    absl::Time failed_until;
+    void ForgetRefusals() {
+      refused_through = 0;
+      refused_seq = 0;
+      refresh_failed = absl::OkStatus();
+    }
   };
   struct Shard {
     mutable tb::SharedMutex mu;
@@ -144,15 +156,16 @@ class Client {
   // created again, and counts generations from 1. A refused generation is cached for
   // refused_recheck at most, unless `t` answers a request sent after the refusal
   // (`asked_after`: refusals_ when it was sent; 0 for a watch push) and is older than it: then
-  // the connection was created again, and its refused generations are forgotten. Returns `t`,
-  // or its copy with the shorter use_until of a refused generation.
+  // the connection was created again, and its refusals are forgotten. Returns `t`, or its
+  // copy with the shorter use_until of a refused generation.
   TokenPtr Put(const TokenPtr& t, uint64_t asked_after);
   // Drops the cached token of `id` (it stopped serving, for reason `why`). A deletion
   // (NOT_FOUND) forgets the refused generations too.
   void Drop(absl::string_view id, absl::StatusCode why);
-  // Forgets the refused generations of `id` (it was deleted and created again).
-  void ForgetRefused(absl::string_view id);
-  // Caches the broker's answer `t` for `connection_id` and returns it.
+  // Records that Refresh past the refused `generation` of `id` failed with `why`.
+  void RefreshFailed(absl::string_view id, uint64_t generation, const absl::Status& why);
+  // Caches the broker's answer `t` for `connection_id` and returns it as cached (see Put).
+  // `asked_after`: refusals_ when the request was sent.
   TokenPtr Store(absl::string_view connection_id, const tokenbroker::v1::Token& t, bool short_lived,
                  uint64_t asked_after) ABSL_LOCKS_EXCLUDED(watch_mu_);
   // Caps the cached token of `id` at now + unwatched_recheck (its watch stream broke).
