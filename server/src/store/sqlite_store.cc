@@ -660,11 +660,11 @@ absl::StatusOr<std::vector<core::Connection>> SqliteStore::LoadAll() {
 }
 
 absl::Status SqliteStore::LoadEach(const std::function<void(core::Connection&&)>& sink) {
-  // A page of rows is read (under the lock, keyset on id) while a second thread decodes the
-  // page before it, and this thread then hands that one to `sink`: decoding (AES-GCM, two
-  // protobuf parses, the allocations) is about as much work as reading and publishing, so a
-  // load of a million connections takes both cores. The lock is held per page, never while
-  // `sink` runs.
+  // A second thread decodes one page (AES-GCM, two protobuf parses, the allocations) while
+  // this one reads the next page (under the lock, keyset on id) and hands the page decoded
+  // before to `sink`: decoding costs about as much as reading and publishing together, so a
+  // load of a million connections keeps both cores busy. The lock is held per page, never
+  // while `sink` runs.
   constexpr int kPage = 2048;
   const auto decode = [this](std::vector<ConnectionRow> rows) {
     std::vector<core::Connection> page;
@@ -691,16 +691,21 @@ absl::Status SqliteStore::LoadEach(const std::function<void(core::Connection&&)>
         rows.push_back(ReadConnectionRow(q));
       }
     }
+    std::vector<core::Connection> decoded;
     if (decoding.valid()) {
-      for (core::Connection& c : decoding.get()) {
-        sink(std::move(c));
-      }
+      decoded = decoding.get();
     }
-    if (rows.empty()) {
+    const bool last = rows.empty();
+    if (!last) {
+      after = rows.back().id;
+      decoding = std::async(std::launch::async, decode, std::move(rows));
+    }
+    for (core::Connection& c : decoded) {  // while the next page decodes
+      sink(std::move(c));
+    }
+    if (last) {
       return absl::OkStatus();
     }
-    after = rows.back().id;
-    decoding = std::async(std::launch::async, decode, std::move(rows));
   }
 }
 
