@@ -983,7 +983,7 @@ def main():
 
     r = sub.add_parser("rpc")
     r.add_argument("--connections", type=int, default=1000)
-    r.add_argument("--reps", type=int, default=3)
+    r.add_argument("--reps", type=int, default=5)
     r.add_argument("--window", default="5s")
     r.add_argument("--warmup", default="1s")
     r.add_argument("--watchers", type=int, default=1000)

@@ -146,11 +146,12 @@ def write(results, out_path):
             lines.append(f"- `{name}`: run {mm.get('date')} at commit {mm.get('commit')}"
                          f"{' (plus uncommitted changes)' if mm.get('dirty') else ''}; "
                          f"1/5/15-minute load average before: {load_before}; {stolen(r, name)}")
+    reps = (rpc or {}).get("settings", {}).get("reps", 5)
     lines += ["", "## Commands", "", "```sh",
               "bash scripts/bench.sh all      # = client, rpc, scale, churn, report",
               "bash scripts/bench.sh client   # build/bench/bench/client_bench "
               "--benchmark_min_time=0.5, metrics_bench",
-              "bash scripts/bench.sh rpc      # --reps 3 --window 5s --warmup 1s "
+              "bash scripts/bench.sh rpc      # --reps 5 --window 5s --warmup 1s "
               "--connections 1000 --watchers 1000",
               "bash scripts/bench.sh scale    # --count 1000000 --token_bytes 1024 64 --uuid_token_bytes 64",
               "bash scripts/bench.sh churn    # --count 100000 --lifetime 60 --margin 10s "
@@ -160,8 +161,8 @@ def write(results, out_path):
               "`load_gen --target=127.0.0.1:PORT --ca_file=ca.pem --api_key_file=key "
               "--channels=C --inflight=N --duration=5s --warmup=1s --connections=1000 "
               "--threads=2` (TLS, `authorization: Bearer`, a 5 s deadline per call), run "
-              "alternately against echo_server and token-broker, three times each; the "
-              "figures are medians. Server CPU per call is the server's utime+stime over "
+              f"alternately against echo_server and token-broker, {reps} times each in the "
+              "run above; the figures are medians. Server CPU per call is the server's utime+stime over "
               "load_gen's measured window divided by the calls in it. CPU stolen is the share "
               "of the machine's CPU time that the hypervisor gave to other guests meanwhile "
               "(`steal` in /proc/stat), which the load average does not show; an `rpc` "
