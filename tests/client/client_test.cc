@@ -69,6 +69,19 @@ class ClientTest : public ::testing::Test {
     EXPECT_TRUE(c.ok()) << c.status();
     return c.ok() ? *std::move(c) : nullptr;
   }
+  // Moves the broker's clock to 2 s before the active connection's token runs out (its
+  // scheduled refresh) and queues the grant that refresh will get, which it returns.
+  core::Grant NearTheScheduledRefresh() {
+    auto current = Admin()->GetToken(testing::kActiveId);
+    EXPECT_TRUE(current.ok()) << current.status();
+    if (current.ok()) {
+      clock_.Advance(absl::Seconds(current->valid_for().seconds()) - absl::Seconds(2));
+    }
+    const core::Grant next = Fresh(clock_, absl::Hours(1));
+    parts_.provider.NextRefreshReturns(next);
+    parts_.provider.NextRefreshReturns(next);  // RunDue refreshes the seeded expired-co too
+    return next;
+  }
   // The operators' view of the same server (Revoke, DeleteConnection).
   std::unique_ptr<tb::client::TokenClient> Admin() const {
     return tb::client::TokenClient::Insecure(absl::StrCat("127.0.0.1:", port_));
@@ -121,18 +134,13 @@ TEST_F(ClientTest, CachedGetsMakeNoRpc) {
 
 TEST_F(ClientTest, ConcurrentMissesShareOneGetTokenThatWaitsForTheRefresh) {
   // 2 s before the broker's promise runs out (its scheduled refresh), less than the margin.
-  auto current = Admin()->GetToken(testing::kActiveId);
-  ASSERT_TRUE(current.ok()) << current.status();
-  clock_.Advance(absl::Seconds(current->valid_for().seconds()) - absl::Seconds(2));
+  const core::Grant next = NearTheScheduledRefresh();
   tokenbroker::ClientOptions o = Options();
   o.margin = absl::Seconds(3);
   o.rpc_timeout = absl::Seconds(20);
   o.watch = false;
   std::unique_ptr<tokenbroker::Client> client = NewClient(o);
   ASSERT_NE(client, nullptr);
-  const core::Grant next = Fresh(clock_, absl::Hours(1));
-  parts_.provider.NextRefreshReturns(next);
-  parts_.provider.NextRefreshReturns(next);  // RunDue refreshes the seeded expired-co too
   std::vector<absl::StatusOr<std::shared_ptr<const tokenbroker::Token>>> got(8);
   std::vector<std::thread> callers;
   for (auto& g : got) {
@@ -427,17 +435,12 @@ TEST_F(ClientTest, AnUnwatchedConnectionCreatedAgainAfterAnInvalidateCachesItsNe
 TEST_F(ClientTest, AGetTokenThatWaitsForTheRefreshHasTheMarginMoreThanRpcTimeout) {
   // 2 s before the broker's promise runs out, less than the 30 s margin: the GetToken waits
   // at the broker for the scheduled refresh.
-  auto current = Admin()->GetToken(testing::kActiveId);
-  ASSERT_TRUE(current.ok()) << current.status();
-  clock_.Advance(absl::Seconds(current->valid_for().seconds()) - absl::Seconds(2));
+  const core::Grant next = NearTheScheduledRefresh();
   tokenbroker::ClientOptions o = Options();
   o.rpc_timeout = absl::Milliseconds(500);
   o.watch = false;
   std::unique_ptr<tokenbroker::Client> client = NewClient(o);
   ASSERT_NE(client, nullptr);
-  const core::Grant next = Fresh(clock_, absl::Hours(1));
-  parts_.provider.NextRefreshReturns(next);
-  parts_.provider.NextRefreshReturns(next);  // RunDue refreshes the seeded expired-co too
   absl::StatusOr<std::shared_ptr<const tokenbroker::Token>> got;
   std::thread caller([&] { got = client->Get(testing::kActiveId); });
   // Three times rpc_timeout: a deadline of rpc_timeout alone would have ended the call.
