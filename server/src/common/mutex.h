@@ -96,6 +96,7 @@ class CondVar {
     lock.release();
     return notified;
   }
+  void Signal() { cv_.notify_one(); }  // wakes one waiter, if any
   void SignalAll() { cv_.notify_all(); }
 
  private:

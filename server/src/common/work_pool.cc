@@ -26,14 +26,14 @@ bool WorkPool::Post(std::function<void()> task) {
     }
     queue_.push_back(std::move(task));
   }
-  cv_.SignalAll();
+  work_.Signal();
   return true;
 }
 
 void WorkPool::Drain() {
   MutexLock lock(&mu_);
   while (!queue_.empty() || running_ > 0) {
-    cv_.Wait(&mu_);
+    idle_.Wait(&mu_);
   }
 }
 
@@ -42,7 +42,7 @@ void WorkPool::Stop() {
     MutexLock lock(&mu_);
     stopping_ = true;
   }
-  cv_.SignalAll();
+  work_.SignalAll();
   for (std::thread& t : threads_) {
     if (t.joinable()) {
       t.join();
@@ -56,7 +56,7 @@ void WorkPool::Run() {
     {
       MutexLock lock(&mu_);
       while (queue_.empty() && !stopping_) {
-        cv_.Wait(&mu_);
+        work_.Wait(&mu_);
       }
       if (queue_.empty()) {
         return;  // stopping and drained
@@ -66,11 +66,14 @@ void WorkPool::Run() {
       ++running_;
     }
     task();
+    bool idle;
     {
       MutexLock lock(&mu_);
-      --running_;
+      idle = --running_ == 0 && queue_.empty();
     }
-    cv_.SignalAll();  // for Drain()
+    if (idle) {
+      idle_.SignalAll();  // for Drain()
+    }
   }
 }
 
