@@ -76,7 +76,7 @@ TEST(WorkPoolTest, APostWakesOneIdleThreadNotTheWholePool) {
   constexpr int kThreads = 16;
   constexpr int kTasks = 200;
   WorkPool pool(kThreads, "wp-wake-test");
-  pool.Drain();  // every thread has started and waits
+  // A thread that has not reached its first wait yet adds one sleep: kThreads at most.
   const int64_t before = SleepsOfThreadsNamed("wp-wake-test");
   for (int i = 0; i < kTasks; ++i) {
     // tb::Mutex, not absl::Notification: this test also runs under ThreadSanitizer.
